@@ -1,0 +1,476 @@
+"""The small-vlm model: a LLaVA-style vision-language model in one file.
+
+Read top to bottom, this is the path of an image and a prompt through the model:
+  1. VLMConfig        - what the model is made of (encoder, connector, LLM, image token).
+  2. vision encoder   - a CLIP/SigLIP vision tower; we take the hidden states of one layer.
+  3. connector        - maps vision features (N, P, D_vision) to LLM embeddings (N, P, D_llm).
+  4. the splice       - the processor wrote one <image> token per visual token; the model
+                        overwrites exactly those embedding positions with the connector output.
+  5. the loss         - next-token cross-entropy computed only at supervised positions.
+  6. generation       - transformers' GenerationMixin; images are encoded once, at prefill.
+  7. VLMProcessor     - tokenizer + image transform; expands each <image> to N image tokens.
+  8. build_vlm        - assembles a new model from a pretrained encoder and LLM.
+  9. tiny backbones   - small random CLIP/SigLIP + Llama/Qwen2 + tokenizer for tests and the demo.
+
+This file imports only torch, transformers, PIL and numpy, so push.py can ship it verbatim as
+the remote code of a Hub repo (`trust_remote_code=True`).
+"""
+import re
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+from transformers.configuration_utils import SubConfigSpec
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_base import ImageProcessingMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and padding positions)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+
+
+class VLMConfig(PretrainedConfig):
+    """Everything needed to rebuild the model offline: both backbone configs are stored nested."""
+
+    model_type = "small_vlm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PretrainedConfig | None = None
+    text_config: dict | PretrainedConfig | None = None
+    vision_model: str = ""  # Hub name or folder the encoder came from (for the model card)
+    llm: str = ""  # Hub name or folder the LLM came from
+    vision_feature_layer: int = -2  # hidden-states index; -2 = second-to-last layer (LLaVA)
+    drop_cls: bool = True  # drop the CLS token (CLIP has one, SigLIP has none)
+    connector: str = "mlp2x_gelu"  # identity | linear | mlp{N}x_{gelu,relu,silu}
+    image_token: str = IMAGE_TOKEN
+    image_token_id: int = -1  # id of <image> in the tokenizer
+    num_image_tokens: int = 0  # visual tokens per image = tokens the processor writes per <image>
+    tie_word_embeddings: bool = False  # the LLM ties (or not) its own embeddings
+
+
+def vision_has_cls(vision_config):
+    """CLIP-style towers prepend a CLS token; SigLIP-style towers do not."""
+    return vision_config.model_type.startswith("clip")
+
+
+def count_image_tokens(vision_config, drop_cls):
+    """Tokens one image becomes: one per patch (+ CLS when the tower has it and we keep it)."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return patches + int(vision_has_cls(vision_config) and not drop_cls)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Vision encoder
+
+
+def load_vision_tower(name_or_path, **kwargs):
+    """A CLIP/SigLIP vision tower from the Hub or a folder; a full CLIP/SigLIP checkpoint yields its
+    vision half (its `vision_model.*` weights are the same keys the vision-only model expects)."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    config = getattr(config, "vision_config", config)
+    if not re.match(r"(clip|siglip|siglip2)_vision_model$", config.model_type):
+        raise ValueError(
+            f"vision_model={name_or_path!r} is a {config.model_type!r} model; small-vlm supports "
+            "CLIP and SigLIP vision towers (e.g. openai/clip-vit-large-patch14-336, "
+            "google/siglip-so400m-patch14-384)."
+        )
+    return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Connector
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+def build_connector(name, vision_dim, llm_dim):
+    """`identity`, `linear`, or `mlp{N}x_{act}`: N Linear layers with `act` between them
+    (LLaVA-1.5's `mlp2x_gelu` = Linear(vision_dim, llm_dim), GELU, Linear(llm_dim, llm_dim))."""
+    if name == "identity":
+        if vision_dim != llm_dim:
+            raise ValueError(f"connector='identity' needs equal widths, got vision {vision_dim} and LLM {llm_dim}")
+        return nn.Identity()
+    if name == "linear":
+        return nn.Linear(vision_dim, llm_dim)
+    match = re.fullmatch(r"mlp(\d+)x_(\w+)", name)
+    if match and int(match[1]) >= 1 and match[2] in ACTIVATIONS:
+        layers = [nn.Linear(vision_dim, llm_dim)]
+        for _ in range(int(match[1]) - 1):
+            layers += [ACTIVATIONS[match[2]](), nn.Linear(llm_dim, llm_dim)]
+        return nn.Sequential(*layers)
+    raise ValueError(
+        f"unknown connector {name!r}; valid: identity, linear, mlp{{N}}x_{{act}} with N >= 1 and act in "
+        f"{sorted(ACTIVATIONS)} (e.g. mlp2x_gelu, LLaVA-1.5's)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-6. The model
+
+
+class VLMForCausalLM(PreTrainedModel, GenerationMixin):
+    config: VLMConfig
+    config_class = VLMConfig
+    base_model_prefix = "vlm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(self, config, vision_tower=None, language_model=None):
+        """Builds random backbones from `config`, or takes already loaded ones (build_vlm)."""
+        super().__init__(config)
+        self.vision_tower = vision_tower or AutoModel.from_config(config.vision_config)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.connector = build_connector(
+            config.connector, config.vision_config.hidden_size, config.text_config.hidden_size
+        )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def get_image_features(self, pixel_values):
+        """(N, 3, H, W) images -> (N, P, D_llm) LLM-space features, P = config.num_image_tokens."""
+        frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # no graph when frozen
+            pixel_values = pixel_values.to(self.vision_tower.dtype)
+            out = self.vision_tower(pixel_values, output_hidden_states=True)
+            features = out.hidden_states[self.config.vision_feature_layer]  # (N, P(+1), D_vision)
+        if self.config.drop_cls and vision_has_cls(self.config.vision_config):
+            features = features[:, 1:]
+        return self.connector(features)  # (N, P, D_llm)
+
+    def merge_image_features(self, input_ids, inputs_embeds, image_features):
+        """The splice. The processor wrote one image-token id per visual token, so position k of
+        the image tokens (row-major over the batch) receives visual token k of the images in
+        order. input_ids (B, T), inputs_embeds (B, T, D), image_features (N, P, D) -> (B, T, D)."""
+        image_positions = input_ids == self.config.image_token_id  # (B, T)
+        n_tokens = int(image_positions.sum())
+        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"image tokens and image features do not match: {n_tokens} <image> tokens in input_ids, "
+                f"{n_features} features from the images. Build inputs with the processor, which writes "
+                f"{self.config.num_image_tokens} tokens per image."
+            )
+        if n_tokens == 0:
+            return inputs_embeds
+        features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_positions.unsqueeze(-1), features)
+
+    def embed_inputs(self, input_ids, pixel_values):
+        """Token embeddings with image features spliced in: (B, T) -> (B, T, D)."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = self.get_image_features(pixel_values) if pixel_values is not None else None
+        inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        if pixel_values is None and self.training:
+            # A text-only batch still runs the vision tower and connector on one blank image with
+            # weight 0: every rank then runs the same modules, so ZeRO-3's parameter gathers
+            # (and DDP's gradient reductions) never wait on a rank that skipped them.
+            size = self.config.vision_config.image_size
+            blank = inputs_embeds.new_zeros(1, 3, size, size)
+            inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(blank).sum()
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        labels=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        """With `labels`: loss over supervised positions only (logits only there, too).
+        Without: logits of the last `logits_to_keep` positions (0 = all), for generation."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        if labels is None:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+            return CausalLMOutputWithPast(logits=out.logits, past_key_values=out.past_key_values)
+        hidden = self.language_model.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, D)
+        loss, logits = self.supervised_loss(hidden, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def supervised_loss(self, hidden, labels):
+        """Next-token cross-entropy where labels != -100. Position t predicts token t+1, so hidden
+        (B, T, D) is paired with labels shifted left. Only the K supervised rows go through the LM
+        head: (K, D) -> (K, V) instead of (B, T, V), e.g. 40 of 620 positions in pretraining."""
+        targets = labels[:, 1:]  # (B, T-1)
+        supervised = targets != IGNORE_INDEX
+        logits = self.get_output_embeddings()(hidden[:, :-1][supervised])  # (K, V)
+        if logits.shape[0] == 0:  # nothing supervised: a zero that keeps the graph connected
+            return hidden.sum() * 0.0, logits
+        return F.cross_entropy(logits.float(), targets[supervised]), logits
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Processor: image transform + tokenizer
+
+
+class VLMImageProcessor(ImageProcessingMixin):
+    """PIL image -> (3, size, size) normalized tensor.
+    aspect `pad`: paste centred on a square canvas of the mean colour (LLaVA's expand2square), then
+    resize; `resize`: resize the short side to `size`, then centre-crop (CLIP's own transform)."""
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, size=336, image_mean=CLIP_MEAN, image_std=CLIP_STD, aspect="pad", **kwargs):
+        super().__init__(**kwargs)
+        if aspect not in ("pad", "resize"):
+            raise ValueError(f"image aspect must be 'pad' or 'resize', got {aspect!r}")
+        self.size, self.aspect = int(size), aspect
+        self.image_mean, self.image_std = list(image_mean), list(image_std)
+
+    def transform(self, image):
+        image = image.convert("RGB")
+        if self.aspect == "pad":
+            side = max(image.size)
+            canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in self.image_mean))
+            canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            image = canvas.resize((self.size, self.size), Image.BICUBIC)
+        else:
+            scale = self.size / min(image.size)
+            w, h = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+            image = image.resize((w, h), Image.BICUBIC)
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def __call__(self, images, return_tensors="pt", **kwargs):
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        return BatchFeature({"pixel_values": torch.stack([self.transform(im) for im in images])})
+
+
+class VLMProcessor(ProcessorMixin):
+    """processor(text=[...], images=[...]) -> input_ids, attention_mask, pixel_values.
+    Each <image> in the text becomes `num_image_tokens` image tokens; images are given in the
+    order their <image> markers appear (a flat list, or one list per text)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=0, image_token=IMAGE_TOKEN,
+                 chat_template=None, **kwargs):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @property
+    def image_token_id(self):
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # Our image processor is not in transformers' registry, so load both parts by class.
+        return [
+            VLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
+        ]
+
+    def __call__(self, text=None, images=None, return_tensors="pt", padding=True, padding_side="left", **kwargs):
+        if text is None:
+            raise ValueError("VLMProcessor needs text (use '<image>' where each image goes)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if images is None:
+            images = []
+        elif isinstance(images, Image.Image):
+            images = [images]
+        images = [im for item in images for im in (item if isinstance(item, (list, tuple)) else [item])]
+        n_markers = sum(t.count(self.image_token) for t in texts)
+        if n_markers != len(images):
+            raise ValueError(f"{n_markers} '{self.image_token}' markers in the text but {len(images)} images given")
+        expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+        encoding = self.tokenizer(
+            expanded, return_tensors=return_tensors, padding=padding, padding_side=padding_side, **kwargs
+        )
+        data = dict(encoding)
+        if images:
+            data["pixel_values"] = self.image_processor(images)["pixel_values"]
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Building a new VLM from a pretrained encoder and LLM
+
+
+def add_image_token(tokenizer, image_token=IMAGE_TOKEN):
+    """Adds <image> as a special token (so text never splits it) and a pad token if missing."""
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([image_token], special_tokens=True)
+    if tokenizer.pad_token is None:  # Llama/Vicuna have none; LLaVA pads with unk
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer.convert_tokens_to_ids(image_token)
+
+
+def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2, drop_cls=True,
+              image_aspect="pad", dtype=None, attn_implementation=None):
+    """A new VLM: pretrained encoder + pretrained LLM + fresh connector. Returns (model, processor)."""
+    load = {"dtype": dtype} if dtype is not None else {}
+    if attn_implementation:
+        load["attn_implementation"] = attn_implementation
+    vision_tower = load_vision_tower(vision_model, **load)
+    language_model = AutoModelForCausalLM.from_pretrained(llm, **load)
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    image_token_id = add_image_token(tokenizer)
+    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+        language_model.resize_token_embeddings(len(tokenizer))
+    vision_config = vision_tower.config
+    config = VLMConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=language_model.config.to_dict(),
+        vision_model=str(vision_model),
+        llm=str(llm),
+        vision_feature_layer=vision_feature_layer,
+        drop_cls=drop_cls,
+        connector=connector,
+        image_token_id=image_token_id,
+        num_image_tokens=count_image_tokens(vision_config, drop_cls),
+    )
+    model = VLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
+    model.connector.to(language_model.dtype)
+    processor = build_processor(vision_model, tokenizer, config, image_aspect)
+    return model, processor
+
+
+def build_processor(vision_model, tokenizer, config, image_aspect):
+    """The encoder's own normalization constants, our image transform, and the tokenizer."""
+    from transformers import AutoImageProcessor
+
+    try:
+        reference = AutoImageProcessor.from_pretrained(vision_model)
+        mean, std = reference.image_mean, reference.image_std
+    except (OSError, ValueError):  # a bare vision checkpoint without preprocessor_config.json
+        mean, std = CLIP_MEAN, CLIP_STD
+    image_processor = VLMImageProcessor(
+        size=config.vision_config.image_size, image_mean=mean, image_std=std, aspect=image_aspect
+    )
+    return VLMProcessor(image_processor, tokenizer, num_image_tokens=config.num_image_tokens,
+                        image_token=config.image_token, chat_template=tokenizer.chat_template)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Tiny random backbones, saved to folders, so tests and the demo run the real loading path
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DEFAULT_CORPUS = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT: What is in the "
+    "image? Describe the photo. The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9"
+)
+
+
+def make_tiny_tokenizer(corpus=(DEFAULT_CORPUS,), vocab_size=512):
+    """A byte-level BPE tokenizer trained on `corpus` (decode(encode(x)) == x for any text), with
+    Llama-style <s>/</s>, a pad token, ChatML markers and a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", chat_template=CHATML_TEMPLATE)
+
+
+def make_tiny_backbones(out_dir, vision="clip", llm="llama", image_size=32, patch_size=8, vision_width=32,
+                        llm_width=64, layers=2, corpus=(DEFAULT_CORPUS,), vocab_size=512, seed=0):
+    """Saves a random vision tower and a random LLM + tokenizer under out_dir; returns both paths.
+    vision: 'clip' (full CLIPModel, as openai/clip-* ships), 'clip_vision' or 'siglip';
+    llm: 'llama' or 'qwen2'."""
+    import os
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
+                              LlamaConfig, Qwen2Config, SiglipVisionConfig, SiglipVisionModel)
+
+    torch.manual_seed(seed)
+    tower = dict(image_size=image_size, patch_size=patch_size, hidden_size=vision_width,
+                 intermediate_size=2 * vision_width, num_hidden_layers=layers, num_attention_heads=4)
+    if vision == "clip":
+        text = dict(vocab_size=64, hidden_size=vision_width, intermediate_size=2 * vision_width,
+                    num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16)
+        vision_model = CLIPModel(CLIPConfig(vision_config=tower, text_config=text, projection_dim=vision_width))
+    elif vision == "clip_vision":
+        vision_model = CLIPVisionModel(CLIPVisionConfig(**tower))
+    elif vision == "siglip":
+        vision_model = SiglipVisionModel(SiglipVisionConfig(**tower))
+    else:
+        raise ValueError(f"unknown tiny vision tower {vision!r}; valid: clip, clip_vision, siglip")
+    vision_dir = os.path.join(out_dir, f"tiny-{vision}")
+    vision_model.save_pretrained(vision_dir)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size).save_pretrained(vision_dir)
+
+    tokenizer = make_tiny_tokenizer(corpus, vocab_size)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=llm_width, intermediate_size=2 * llm_width,
+                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if llm == "llama":
+        config = LlamaConfig(**shape, tie_word_embeddings=False)
+    elif llm == "qwen2":
+        config = Qwen2Config(**shape, tie_word_embeddings=True)
+    else:
+        raise ValueError(f"unknown tiny LLM {llm!r}; valid: llama, qwen2")
+    llm_dir = os.path.join(out_dir, f"tiny-{llm}")
+    AutoModelForCausalLM.from_config(config).save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    return vision_dir, llm_dir
