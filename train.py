@@ -1,0 +1,635 @@
+"""Train a small-vlm with an explicit DeepSpeed loop.
+
+    deepspeed train.py configs/demo.py                       # the demo, on CPU
+    deepspeed --num_gpus 8 train.py configs/llava_pretrain.py lr_connector=2e-3
+    python train.py configs/llava_finetune.py --dry-run      # print the resolved config
+
+Read top to bottom: settings, config parsing, checks, model, param groups, DeepSpeed, data,
+learning-rate schedule, checkpoints, the loop, the final inference folder.
+"""
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Settings: every key a config file or `key=value` can set. The README's table mirrors this.
+
+
+@dataclass
+class Config:
+    # model
+    vision_model: str = "openai/clip-vit-large-patch14-336"  # CLIP/SigLIP, Hub name or folder
+    vision_layer: int = -2  # hidden-states index the connector reads (-2: second to last)
+    drop_cls: bool = True  # drop the CLS token (ignored for SigLIP, which has none)
+    connector: str = "mlp2x_gelu"  # identity | linear | mlp{N}x_{gelu,relu,silu}
+    llm: str = "lmsys/vicuna-7b-v1.5"  # any AutoModelForCausalLM, Hub name or folder
+    init_from: str = ""  # a stage-1 run or final folder: its connector weights start this run
+    # data
+    template: str = "plain"  # plain (stage 1) | vicuna_v1 (stage 2, Vicuna) | chat (tokenizer's own)
+    data_path: str = ""  # LLaVA JSON/JSONL file(s), comma-separated, or a Hub dataset id
+    image_folder: str = ""  # image paths in the data are relative to this folder
+    image_aspect: str = "pad"  # pad (square canvas in the mean colour) | resize (resize + centre crop)
+    max_seq_len: int = 2048  # tokens per sample, image tokens included
+    skip_bad_samples: bool = False  # skip and count bad records instead of stopping
+    group_by_length: bool = True  # LLaVA's modality-aware length grouping (less padding)
+    num_workers: int = 4  # DataLoader worker processes per rank
+    make_demo: bool = False  # create the demo data and tiny backbones at these paths if missing
+    # what trains, and how fast
+    train_vision: bool = False
+    train_connector: bool = True
+    train_lm: bool = False
+    lr_vision: float = 2e-6
+    lr_connector: float = 1e-3
+    lr_lm: float = 2e-5
+    wd_vision: float = 0.0
+    wd_connector: float = 0.0
+    wd_lm: float = 0.0
+    # schedule
+    batch_size: int = 256  # global batch: micro_batch_size x GPUs x accumulation steps
+    micro_batch_size: int = 32  # samples per GPU per forward pass
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
+    warmup_ratio: float = 0.03  # fraction of steps with linear warmup
+    min_lr_ratio: float = 0.0  # cosine decays to this fraction of each group's peak lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    # system
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    offload: bool = False  # ZeRO optimizer state (and stage-3 parameters) in CPU memory
+    precision: str = "bf16"  # bf16 | fp16 | fp32 (fp32 on CPU)
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    seed: int = 0
+    # output
+    out_dir: str = "out/run"
+    log_every: int = 10  # steps between metrics.jsonl lines
+    save_every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    overwrite: bool = False  # start again in an out_dir that holds another run
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "small-vlm"
+
+
+class ConfigError(Exception):
+    """A user mistake in the config: printed as one line, exit code 2."""
+
+
+def parse_value(key, text, default):
+    """'5e-6' -> float for a float field, 'true' -> bool for a bool field, and so on."""
+    kind = type(default)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+    else:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}={text!r}: expected {kind.__name__} (default {default!r})")
+
+
+def check_key(key, where):
+    names = [f.name for f in dataclasses.fields(Config)]
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see the README's config table"
+        raise ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def load_config(argv):
+    """Config file (Python assignments), then key=value overrides. Returns (Config, dry_run)."""
+    parser = argparse.ArgumentParser(description="Train a small-vlm.", usage="%(prog)s [CONFIG.py] [key=value ...]")
+    parser.add_argument("args", nargs="*", help="a config file, then key=value overrides")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the launcher
+    opts = parser.parse_args(argv)
+    cfg = Config()
+    settings = []
+    if opts.args and "=" not in opts.args[0]:
+        path = opts.args.pop(0)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} not found")
+        scope = {}
+        exec(compile(open(path).read(), path, "exec"), scope)
+        settings += [(k, v, path) for k, v in scope.items() if not k.startswith("_") and not callable(v)
+                     and type(v).__name__ != "module"]
+    for arg in opts.args:
+        key, sep, text = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"override {arg!r} is not key=value")
+        check_key(key, "the command line")
+        settings.append((key, parse_value(key, text, getattr(Config, key)), "the command line"))
+    for key, value, where in settings:
+        check_key(key, where)
+        default = getattr(Config, key)
+        if type(default) is float and type(value) is int:
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"{key}={value!r} in {where}: expected {type(default).__name__}")
+        setattr(cfg, key, value)
+    return cfg, opts.dry_run
+
+
+CHOICES = {"template": ("plain", "vicuna_v1", "chat"), "image_aspect": ("pad", "resize"),
+           "precision": ("bf16", "fp16", "fp32"), "zero_stage": (0, 1, 2, 3)}
+
+
+def check_config(cfg, world_size):
+    """Value checks that need no files; returns gradient accumulation steps."""
+    for key, valid in CHOICES.items():
+        if getattr(cfg, key) not in valid:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}: valid values are {', '.join(map(str, valid))}")
+    if not (cfg.train_vision or cfg.train_connector or cfg.train_lm):
+        raise ConfigError("nothing to train: set at least one of train_vision, train_connector, train_lm")
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.micro_batch_size < 1 or cfg.batch_size % per_step:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size ({cfg.micro_batch_size}) x "
+            f"{world_size} processes = {per_step}; pick batch_size = k x {per_step} or another micro_batch_size")
+    if not cfg.data_path:
+        raise ConfigError("data_path is empty: set it in the config file or as data_path=FILE.json")
+    return cfg.batch_size // per_step
+
+
+def check_out_dir(cfg):
+    """Refuse to mix two runs in one folder; returns the checkpoint to resume from (or None)."""
+    saved = os.path.join(cfg.out_dir, "train_config.json")
+    latest = os.path.join(cfg.out_dir, "checkpoints", "latest")
+    if not os.path.exists(saved):
+        if cfg.resume:
+            raise ConfigError(f"resume=True but {cfg.out_dir} holds no run; drop resume=True to start one")
+        return None
+    if cfg.resume:
+        if not os.path.exists(latest):
+            return None  # the run died before its first checkpoint: start it again
+        old = json.load(open(saved))
+        changed = [k for k in ("vision_model", "llm", "connector", "template", "data_path", "batch_size", "seed")
+                   if old.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ConfigError(f"resume=True, but {cfg.out_dir} was trained with different "
+                              f"{', '.join(f'{k}={old.get(k)!r}' for k in changed)}; use another out_dir")
+        return open(latest).read().strip()
+    if cfg.overwrite:
+        return None
+    state = "finished" if os.path.exists(os.path.join(cfg.out_dir, "final")) else "unfinished"
+    raise ConfigError(f"out_dir {cfg.out_dir} already holds a {state} run; pass resume=True to continue it, "
+                      "overwrite=True to start again there, or choose another out_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Param groups: one AdamW group per (component x decay / no decay), each with its own lr and wd.
+
+COMPONENTS = ("vision", "connector", "lm")
+
+
+def component_of(name):
+    return {"vision_tower": "vision", "connector": "connector", "language_model": "lm"}[name.split(".")[0]]
+
+
+def freeze_components(model, cfg):
+    for name, p in model.named_parameters():
+        p.requires_grad_(getattr(cfg, f"train_{component_of(name)}"))
+
+
+def build_param_groups(model, cfg):
+    """Biases and norm weights (1-D tensors) get no weight decay; frozen parameters are left out."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = component_of(name)
+        decay = p.ndim >= 2
+        key = part if decay else f"{part}_no_decay"
+        group = groups.setdefault(key, {"name": key, "params": [], "lr": getattr(cfg, f"lr_{part}"),
+                                        "weight_decay": getattr(cfg, f"wd_{part}") if decay else 0.0})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def format_param_groups(groups):
+    lines = [f"{'group':<20}{'tensors':>8}{'params':>14}{'lr':>10}{'wd':>8}"]
+    for g in groups:
+        n = sum(p.numel() for p in g["params"])
+        lines.append(f"{g['name']:<20}{len(g['params']):>8}{n:>14,}{g['lr']:>10.2e}{g['weight_decay']:>8.3g}")
+    return "\n".join(lines)
+
+
+def deepspeed_config(cfg, accumulation):
+    """Built here from Config, no 'auto' values: what you set is what DeepSpeed runs."""
+    zero = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+    }
+
+
+def make_optimizer(groups, cfg):
+    import deepspeed
+
+    if cfg.offload:  # AdamW on the CPU copy of the optimizer state, vectorized C++
+        return deepspeed.ops.adam.DeepSpeedCPUAdam(groups, adamw_mode=True)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=torch.cuda.is_available())
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate: linear warmup, then cosine to min_lr_ratio, as a factor of each group's peak lr.
+
+
+def lr_factor(step, total_steps, warmup_ratio, min_ratio):
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed accounting
+
+
+def flops_per_token_and_image(model):
+    """Matmul FLOPs of training, as (per LLM position, per image): 2 per parameter per token
+    forward; in backward 2 more for activation gradients where something upstream trains, and 2
+    more for the weight gradients of trainable parameters. Attention's T^2 term is left out."""
+    def count(module, trainable=None):
+        return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+
+    patches = model.config.num_image_tokens
+    vision_trains = count(model.vision_tower, True) > 0
+    upstream_trains = vision_trains or count(model.connector, True) > 0
+    per_image = 2 * count(model.vision_tower) * patches * (3 if vision_trains else 1)
+    per_image += (2 * count(model.connector) + 4 * count(model.connector, True)) * patches
+    per_token = 2 * count(model.language_model) * (2 if upstream_trains else 1)
+    per_token += 4 * count(model.language_model, True)
+    return per_token, per_image
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def device_peak_flops():
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written under a temporary name, renamed when complete, then `latest` is switched.
+# A run killed mid-write leaves the previous checkpoint as the one resume picks.
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, cfg, step, position, rank):
+    import torch.distributed as dist
+
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    tag = f"step{step:08d}"
+    partial_tag = tag + ".partial"
+    if rank == 0:
+        shutil.rmtree(os.path.join(root, partial_tag), ignore_errors=True)
+    dist.barrier()
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
+    engine.save_checkpoint(root, tag=partial_tag, client_state={"step": step, **position}, save_latest=False,
+                           exclude_frozen_parameters=frozen)  # frozen weights come from the base models
+    torch.save(rng_state(), os.path.join(root, partial_tag, f"rng_rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+        os.replace(os.path.join(root, partial_tag), os.path.join(root, tag))
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(tag)
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        done = sorted(d for d in os.listdir(root) if d.startswith("step") and not d.endswith(".partial"))
+        for old in done[:-max(1, cfg.keep_checkpoints)]:
+            shutil.rmtree(os.path.join(root, old))
+    dist.barrier()
+
+
+def load_checkpoint(engine, cfg, tag, rank):
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    path, state = engine.load_checkpoint(root, tag=tag, load_module_strict=False)
+    if path is None:
+        raise ConfigError(f"could not load checkpoint {root}/{tag}; remove it from {root}/latest or set overwrite=True")
+    set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=False))
+    return state
+
+
+def save_final(engine, processor, cfg, rank, summary):
+    """out_dir/final: a folder that VLMForCausalLM/VLMProcessor.from_pretrained load for inference."""
+    import deepspeed
+
+    final, partial_dir = os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "final.partial")
+    model = engine.module
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=cfg.zero_stage == 3):
+        if rank == 0:
+            shutil.rmtree(partial_dir, ignore_errors=True)
+            model.save_pretrained(partial_dir)
+            processor.save_pretrained(partial_dir)
+            json.dump(dataclasses.asdict(cfg), open(os.path.join(partial_dir, "train_config.json"), "w"), indent=1)
+            json.dump(summary, open(os.path.join(partial_dir, "train_summary.json"), "w"), indent=1)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial_dir, final)
+
+
+def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, engine, window, elapsed,
+             metrics, wandb_run):
+    """One line in out_dir/metrics.jsonl (rank 0), a progress line, and wandb if on."""
+    import torch.distributed as dist
+
+    sums = torch.tensor([window["samples"], window["tokens"], window["flops"], window["skipped"]], dtype=torch.float64)
+    dist.all_reduce(sums)
+    samples, tokens, flops, skipped = sums.tolist()
+    peak = device_peak_flops()
+    memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    record = {"step": step, "epoch": epoch, "loss": loss,
+              "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "grad_norm": engine.get_global_grad_norm(),
+              "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+              "mfu": flops / elapsed / (world_size * peak) if peak else None,
+              "data_wait": window["wait"] / elapsed, "skipped": int(skipped), "memory_gb": memory / 2**30}
+    if rank != 0:
+        return
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    eta = elapsed / cfg.log_every * (total_steps - step)
+    print(f"step {step}/{total_steps} | loss {loss:.4f} | {samples / elapsed:.1f} samples/s | "
+          f"data wait {record['data_wait']:.0%} | eta {eta / 60:.1f} min", flush=True)
+    if wandb_run:
+        wandb_run.log({k: v for k, v in record.items() if k != "lr"} |
+                      {f"lr/{k}": v for k, v in record["lr"].items()}, step=step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def prepare_demo(cfg):
+    """The demo's data and tiny backbones, created on first use (there is no download)."""
+    from data import demo_corpus, make_demo_data
+    from model import make_tiny_backbones
+
+    data_dir = os.path.dirname(cfg.data_path.split(",")[0])
+    if not os.path.exists(cfg.data_path.split(",")[0]):
+        make_demo_data(data_dir)
+    if not (os.path.exists(cfg.vision_model) and os.path.exists(cfg.llm)):
+        vision_dir, llm_dir = make_tiny_backbones(os.path.dirname(cfg.llm), corpus=demo_corpus(), image_size=32,
+                                                  patch_size=4, vision_width=96, llm_width=128, layers=2)
+        if (vision_dir, llm_dir) != (cfg.vision_model, cfg.llm):
+            raise ConfigError(f"make_demo wrote {vision_dir} and {llm_dir}; point vision_model and llm there")
+
+
+def load_connector_weights(model, folder):
+    """Stage 2 starts from stage 1's connector (LLaVA's pretrain_mm_mlp_adapter). Loaded before
+    deepspeed.initialize, so it also works under ZeRO-3 (nothing is partitioned yet)."""
+    from safetensors.torch import load_file
+
+    folder = os.path.join(folder, "final") if os.path.isdir(os.path.join(folder, "final")) else folder
+    files = [f for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")] if os.path.isdir(folder) else []
+    if not files:
+        raise ConfigError(f"init_from={folder!r} holds no .safetensors weights; point it at a stage-1 run or final/")
+    weights = {}
+    for f in files:
+        weights.update({k[len("connector."):]: v for k, v in load_file(os.path.join(folder, f)).items()
+                        if k.startswith("connector.")})
+    try:
+        model.connector.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ConfigError(f"init_from={folder!r}: its connector does not fit this model ({e})".splitlines()[0])
+
+
+def prepare_out_dir(cfg, fresh):
+    """Writable, holding this run's resolved config; overwrite=True clears the previous run."""
+    try:
+        if fresh and cfg.overwrite:
+            for stale in ("checkpoints", "final", "metrics.jsonl"):
+                path = os.path.join(cfg.out_dir, stale)
+                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    except OSError as e:
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from None
+
+
+def log_rank0(rank, *args):
+    if rank == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None):
+    cfg, dry_run = load_config(sys.argv[1:] if argv is None else argv)
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    accumulation = check_config(cfg, world_size)
+    log_rank0(rank, json.dumps(dataclasses.asdict(cfg), indent=1))
+    if dry_run:
+        return
+    resume_tag = check_out_dir(cfg)
+
+    import deepspeed
+    import torch.distributed as dist
+    from data import LengthGroupedSampler, VLMDataset, chat_template_for, collate
+    from model import build_vlm
+
+    # --- processes, seeds, output folder
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.precision != "fp32" and device.type == "cpu":
+        raise ConfigError(f"precision={cfg.precision} needs a GPU; use precision=fp32 on CPU")
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    if rank == 0 and cfg.make_demo:
+        prepare_demo(cfg)
+    dist.barrier()
+
+    # --- model: pretrained encoder + LLM + a fresh (or stage-1) connector
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    attn = cfg.attn_implementation if device.type == "cuda" else "sdpa"
+    model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
+                                 cfg.image_aspect, dtype=dtype, attn_implementation=attn)
+    if cfg.init_from:
+        load_connector_weights(model, cfg.init_from)
+    processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
+    freeze_components(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+    # --- data (checked before any GPU work: a bad file fails here, not hours in)
+    try:
+        dataset = VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
+                             cfg.skip_bad_samples)
+    except (ValueError, FileNotFoundError) as e:  # data.py's messages name the file / record
+        raise ConfigError(str(e)) from None
+    if len(dataset) == 0:
+        raise ConfigError(f"data_path={cfg.data_path!r} holds no records")
+    if rank == 0:
+        prepare_out_dir(cfg, fresh=resume_tag is None and not cfg.resume)
+    dist.barrier()
+    sampler = LengthGroupedSampler(dataset.lengths if cfg.group_by_length else [1] * len(dataset), dataset.has_image,
+                                   cfg.micro_batch_size, world_size, rank, cfg.seed,
+                                   group_by_modality=cfg.group_by_length)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
+        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+    steps_per_epoch = len(loader) // accumulation
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(dataset)} records give no full step of batch_size={cfg.batch_size}; lower batch_size")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    # --- optimizer and engine
+    groups = build_param_groups(model, cfg)
+    log_rank0(rank, format_param_groups(groups))
+    peak_lrs = [g["lr"] for g in groups]
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=make_optimizer(groups, cfg), config=deepspeed_config(cfg, accumulation))
+
+    # --- resume
+    step, epoch, batches_done = 0, 0, 0
+    if resume_tag:
+        state = load_checkpoint(engine, cfg, resume_tag, rank)
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        log_rank0(rank, f"resumed from {cfg.out_dir}/checkpoints/{resume_tag} at step {step}")
+
+    # --- pre-emption: SIGTERM asks for a checkpoint at the next step boundary
+    stop = {"signal": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+
+    wandb_run = None
+    if cfg.wandb and rank == 0:
+        import wandb
+
+        wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    peak_flops = device_peak_flops()
+    log_rank0(rank, f"{len(dataset)} records, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+                    f"{world_size} processes x {cfg.micro_batch_size} samples x {accumulation} accumulation")
+
+    # --- the loop
+    flops_per_token, flops_per_image = flops_per_token_and_image(model)
+    step_loss, step_micro, skipped = 0.0, 0, []
+    window = {"samples": 0, "tokens": 0, "flops": 0.0, "wait": 0.0, "skipped": 0}
+    last_loss, t_window, t_wait = float("nan"), time.time(), time.time()
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        sampler.skip(batches_done * cfg.micro_batch_size)
+        for batch in loader:
+            window["wait"] += time.time() - t_wait
+            skipped += batch["skipped"]
+            window["skipped"] += len(batch["skipped"])
+            if not batch["ids"]:  # every sample skipped: an all-masked step keeps ranks in lockstep
+                batch = {"input_ids": torch.tensor([[processor.tokenizer.pad_token_id]]), "labels": torch.tensor([[-100]]),
+                         "attention_mask": torch.ones(1, 1, dtype=torch.long), "pixel_values": None, "ids": []}
+            boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
+            if boundary:
+                factor = lr_factor(step, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+                for g, peak in zip(optimizer.param_groups, peak_lrs):
+                    g["lr"] = peak * factor
+            inputs = {k: batch[k].to(device) if batch[k] is not None else None
+                      for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+            loss = engine(**inputs).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (micro-batch ids {batch['ids']}); "
+                                         "lower the learning rate or check those samples, then resume=True")
+            engine.backward(loss)  # scales by 1/accumulation
+            engine.step()  # steps the optimizer only at the accumulation boundary
+            batches_done += 1
+            step_loss, step_micro = step_loss + loss.item(), step_micro + 1
+            n_tokens = int(inputs["attention_mask"].sum())
+            n_images = 0 if inputs["pixel_values"] is None else len(inputs["pixel_values"])
+            window["samples"] += len(batch["ids"])
+            window["tokens"] += n_tokens
+            window["flops"] += flops_per_token * n_tokens + flops_per_image * n_images
+            t_wait = time.time()
+            if not boundary:
+                continue
+
+            # one optimizer step done: average the loss over micro-batches and ranks
+            step += 1
+            reduced = torch.tensor([step_loss, step_micro, float(stop["signal"])], dtype=torch.float64)
+            dist.all_reduce(reduced)
+            last_loss, step_loss, step_micro = reduced[0].item() / reduced[1].item(), 0.0, 0
+            if step % cfg.log_every == 0 or step == total_steps:
+                log_step(cfg, rank, world_size, step, total_steps, epoch, last_loss, optimizer, engine, window,
+                         time.time() - t_window, metrics, wandb_run)
+                window = dict.fromkeys(window, 0)
+                t_window = time.time()
+            position = {"epoch": epoch, "batches_done": batches_done}
+            if reduced[2].item() > 0:  # some rank got SIGTERM
+                save_checkpoint(engine, cfg, step, position, rank)
+                log_rank0(rank, f"SIGTERM: saved step {step} in {cfg.out_dir}/checkpoints; continue with the same "
+                                f"command plus resume=True")
+                sys.exit(143)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save_checkpoint(engine, cfg, step, position, rank)
+            if step >= total_steps:
+                break
+        else:  # the epoch ran out
+            epoch, batches_done = epoch + 1, 0
+
+    # --- the end: a last checkpoint (to resume or extend) and the inference folder
+    save_checkpoint(engine, cfg, step, {"epoch": epoch, "batches_done": batches_done}, rank)
+    if skipped:
+        log_rank0(rank, f"skipped {len(skipped)} bad samples on rank 0: {skipped[:10]}")
+    save_final(engine, processor, cfg, rank, {"final_loss": last_loss, "steps": step,
+                                              "samples": step * cfg.batch_size, "skipped_rank0": len(skipped)})
+    log_rank0(rank, f"done: {cfg.out_dir}/final (load with VLMForCausalLM.from_pretrained, or python eval.py)")
+    if metrics:
+        metrics.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FloatingPointError) as e:  # user mistakes and diverged runs: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
