@@ -69,6 +69,11 @@ class VLMConfig(PretrainedConfig):
     tie_word_embeddings: bool = False  # the LLM ties (or not) its own embeddings
 
 
+# Registered so that AutoConfig (which AutoTokenizer calls on a saved VLM folder) knows `small_vlm`
+# instead of warning "You are using a model of type `small_vlm` to instantiate a model of type ``".
+AutoConfig.register(VLMConfig.model_type, VLMConfig, exist_ok=True)
+
+
 def vision_has_cls(vision_config):
     """CLIP-style towers prepend a CLS token; SigLIP-style towers do not."""
     return vision_config.model_type.startswith("clip")
@@ -377,6 +382,7 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
         connector=connector,
         image_token_id=image_token_id,
         num_image_tokens=count_image_tokens(vision_config, drop_cls),
+        attn_implementation=attn_implementation,  # None = transformers' default (sdpa)
     )
     model = VLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
     model.connector.to(language_model.dtype)

@@ -1,0 +1,533 @@
+"""Tests for model.py, in the order of the file: parity with transformers' LLaVA, the splice,
+connectors, vision towers, the loss, generation, save/load, the processor and build options.
+
+Tiny random backbones (32x32 images, 8x8 patches -> 16 visual tokens, a 2-layer Llama of width 64),
+built locally; no network."""
+import contextlib
+import glob
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from transformers import CLIPModel, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
+
+from model import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    VLMForCausalLM,
+    VLMImageProcessor,
+    VLMProcessor,
+    build_connector,
+    build_vlm,
+    load_vision_tower,
+    make_tiny_backbones,
+)
+
+RED = Image.new("RGB", (40, 20), (255, 0, 0))  # wide: padding and cropping differ
+GREEN = Image.new("RGB", (24, 32), (0, 255, 0))
+BLUE = Image.new("RGB", (32, 32), (0, 0, 255))
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_backbones):
+    """One (model, processor) shared by the read-only tests of this file (CLIP + Llama, eval mode)."""
+    torch.manual_seed(0)
+    model, processor = build_vlm(*tiny_backbones)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def siglip_backbones(tmp_path_factory):
+    """A SigLIP tower (no CLS token) and a Qwen2 LLM (tied embeddings)."""
+    return make_tiny_backbones(str(tmp_path_factory.mktemp("siglip")), vision="siglip", llm="qwen2")
+
+
+def mixed_batch(processor):
+    """Three samples: two images, text only, one image (left padded)."""
+    texts = [f"{IMAGE_TOKEN}\nWhat is in the image? {IMAGE_TOKEN}", "Describe the photo.", f"{IMAGE_TOKEN} 0 1 2"]
+    return processor(text=texts, images=[[RED, GREEN], [], [BLUE]])
+
+
+def supervise_text(batch, image_token_id, prompt_tokens=3):
+    """Labels = input_ids, with padding, image tokens and the first `prompt_tokens` real tokens masked."""
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    labels[labels == image_token_id] = IGNORE_INDEX
+    first_real = (batch["attention_mask"] == 0).sum(1)  # left padding: index of the first real token
+    for row, start in enumerate(first_real.tolist()):
+        labels[row, start:start + prompt_tokens] = IGNORE_INDEX
+    return labels
+
+
+def image_runs(ids, image_token_id):
+    """[(start, end)] of each contiguous run of image tokens in a 1-D id tensor."""
+    runs, start = [], None
+    for t, is_image in enumerate((ids == image_token_id).tolist() + [False]):
+        if is_image and start is None:
+            start = t
+        if not is_image and start is not None:
+            runs.append((start, t))
+            start = None
+    return runs
+
+
+@contextlib.contextmanager
+def transformers_warnings():
+    """Collects the messages transformers logs (its loggers do not propagate to pytest's caplog)."""
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with transformers' LlavaForConditionalGeneration
+
+# Our module names -> the native LLaVA names (prefix replacement).
+OURS_TO_LLAVA = [
+    ("vision_tower.", "model.vision_tower."),
+    ("connector.0.", "model.multi_modal_projector.linear_1."),
+    ("connector.2.", "model.multi_modal_projector.linear_2."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+]
+
+
+def to_llava(model):
+    """The same weights in a LlavaForConditionalGeneration (fp32, eval)."""
+    config = LlavaConfig(
+        vision_config=model.config.vision_config.to_dict(),
+        text_config=model.config.text_config.to_dict(),
+        image_token_id=model.config.image_token_id,
+        image_seq_length=model.config.num_image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    llava = LlavaForConditionalGeneration(config)
+    state = {}
+    for key, value in model.state_dict().items():
+        ours, theirs = next((o, t) for o, t in OURS_TO_LLAVA if key.startswith(o))
+        state[theirs + key[len(ours):]] = value
+    llava.load_state_dict(state, strict=True)  # every weight mapped, none left over
+    return llava.eval()
+
+
+def test_same_logits_and_loss_as_transformers_llava(vlm):
+    model, processor = vlm
+    llava = to_llava(model)
+    batch = processor(text=[f"{IMAGE_TOKEN}\nWhat is in the image?", f"Describe {IMAGE_TOKEN} the photo."],
+                      images=[RED, GREEN])
+    labels = supervise_text(batch, model.config.image_token_id)
+    with torch.no_grad():
+        ours, theirs = model(**batch), llava(**batch)
+        ours_loss, theirs_loss = model(**batch, labels=labels).loss, llava(**batch, labels=labels).loss
+    assert ours.logits.shape == theirs.logits.shape == (2, batch["input_ids"].shape[1], len(processor.tokenizer))
+    assert (ours.logits - theirs.logits).abs().max() <= 1e-5
+    assert torch.isclose(ours_loss, theirs_loss, atol=1e-5), (ours_loss, theirs_loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# The splice
+
+
+def test_image_features_land_exactly_at_image_tokens(vlm, monkeypatch):
+    model, processor = vlm
+    batch = mixed_batch(processor)  # 3 images: sample 0 has 2, sample 1 none, sample 2 one
+    n, p, d = 3, model.config.num_image_tokens, model.config.text_config.hidden_size
+    known = torch.arange(n * p * d, dtype=torch.float32).view(n, p, d)  # every value distinct
+    monkeypatch.setattr(model, "get_image_features", lambda pixel_values: known[: pixel_values.shape[0]])
+    seen = {}
+    hook = model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+
+    ids, embeds = batch["input_ids"], seen["embeds"]
+    runs = [image_runs(row, model.config.image_token_id) for row in ids]
+    assert [len(r) for r in runs] == [2, 0, 1] and all(e - s == p for row in runs for s, e in row)
+    (s0, e0), (s1, e1) = runs[0]
+    (s2, e2), = runs[2]
+    assert torch.equal(embeds[0, s0:e0], known[0]) and torch.equal(embeds[0, s1:e1], known[1])
+    assert torch.equal(embeds[2, s2:e2], known[2])
+    text = ids != model.config.image_token_id  # every other position keeps its token embedding
+    assert torch.equal(embeds[text], model.get_input_embeddings()(ids)[text])
+
+
+def test_image_token_and_feature_count_mismatch_names_both_counts(vlm):
+    model, processor = vlm
+    batch = processor(text=[f"{IMAGE_TOKEN} What is in the image?"], images=[RED])
+    p = model.config.num_image_tokens
+    one_short = batch["input_ids"].clone()  # the first image token overwritten: p - 1 left
+    one_short[0, (one_short[0] == model.config.image_token_id).nonzero()[0]] = processor.tokenizer.pad_token_id
+    with pytest.raises(ValueError, match=rf"{p - 1} <image> tokens.*{p} features"):
+        model(input_ids=one_short, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    text_only = processor(text=["What is in the image?"])
+    with pytest.raises(ValueError, match=rf"0 <image> tokens.*{p} features"):
+        model(**text_only, pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match=rf"{p} <image> tokens.*0 features"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_text_only_batch_is_the_plain_llm(vlm):
+    model, processor = vlm
+    batch = processor(text=["Describe the photo.", "The quick brown fox"])
+    assert "pixel_values" not in batch
+    with torch.no_grad():
+        ours = model(**batch).logits
+        llm = model.language_model(**batch).logits
+    assert torch.equal(ours, llm)
+
+
+def test_gradients_reach_vision_and_connector_only_when_trainable(tiny_vlm):
+    model, processor = tiny_vlm
+    model.train()
+    batch = mixed_batch(processor)  # multi-image and text-only samples in one training batch
+    labels = supervise_text(batch, model.config.image_token_id)
+    patch_embedding = model.vision_tower.embeddings.patch_embedding.weight
+
+    def backward(vision_trainable, connector_trainable, **inputs):
+        model.zero_grad(set_to_none=True)
+        model.vision_tower.requires_grad_(vision_trainable)
+        model.connector.requires_grad_(connector_trainable)
+        loss = model(**inputs).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+
+    backward(False, True, **batch, labels=labels)  # stage 1 / 2: frozen vision tower
+    assert all(p.grad is None for p in model.vision_tower.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.connector.parameters())
+
+    backward(True, False, **batch, labels=labels)
+    assert patch_embedding.grad is not None and patch_embedding.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.connector.parameters())
+
+    # Text only: the dummy blank-image pass still gives the connector a gradient, of zero.
+    text = processor(text=["Describe the photo.", "The quick brown fox"])
+    backward(True, True, **text, labels=supervise_text(text, model.config.image_token_id))
+    assert all(p.grad is not None and torch.all(p.grad == 0) for p in model.connector.parameters())
+    assert patch_embedding.grad is not None and torch.all(patch_embedding.grad == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Connectors
+
+
+@pytest.mark.parametrize("name, widths, activation", [
+    ("linear", [(32, 64)], None),
+    ("mlp1x_gelu", [(32, 64)], None),
+    ("mlp2x_gelu", [(32, 64), (64, 64)], nn.GELU),
+    ("mlp3x_relu", [(32, 64), (64, 64), (64, 64)], nn.ReLU),
+    ("mlp2x_silu", [(32, 64), (64, 64)], nn.SiLU),
+])
+def test_connector_shapes(name, widths, activation):
+    connector = build_connector(name, 32, 64)
+    linears = [m for m in connector.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == widths
+    activations = [m for m in connector.modules() if isinstance(m, (nn.GELU, nn.ReLU, nn.SiLU))]
+    assert len(activations) == len(widths) - 1 and all(type(m) is activation for m in activations)
+    assert connector(torch.randn(2, 5, 32)).shape == (2, 5, 64)  # (N, P, D_vision) -> (N, P, D_llm)
+
+
+def test_identity_connector_needs_equal_widths():
+    x = torch.randn(2, 5, 64)
+    assert torch.equal(build_connector("identity", 64, 64)(x), x)
+    with pytest.raises(ValueError, match="equal widths.*32.*64"):
+        build_connector("identity", 32, 64)
+
+
+@pytest.mark.parametrize("name", ["mlp2x_foo", "conv", "mlp0x_gelu", "mlp2x"])
+def test_unknown_connector_lists_valid_names(name):
+    with pytest.raises(ValueError, match=name) as error:
+        build_connector(name, 32, 64)
+    for valid in ("identity", "linear", "mlp", "gelu", "relu", "silu"):
+        assert valid in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision towers
+
+
+def test_full_clip_checkpoint_yields_its_vision_tower(tiny_backbones):
+    vision_dir, llm_dir = tiny_backbones  # make_tiny_backbones(vision='clip') saves a full CLIPModel
+    full = CLIPModel.from_pretrained(vision_dir)
+    tower = load_vision_tower(vision_dir)
+    assert isinstance(tower, CLIPVisionModel)
+    expected = full.vision_model.state_dict()
+    loaded = tower.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="llama.*CLIP and SigLIP"):
+        load_vision_tower(llm_dir)
+
+
+def test_siglip_has_one_token_per_patch(siglip_backbones):
+    model, processor = build_vlm(*siglip_backbones)
+    assert model.config.num_image_tokens == processor.num_image_tokens == (32 // 8) ** 2
+    batch = processor(text=[f"{IMAGE_TOKEN} What?"], images=[RED])
+    assert (batch["input_ids"] == model.config.image_token_id).sum() == 16
+    assert model.get_image_features(batch["pixel_values"]).shape == (1, 16, 64)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(**batch).logits).all()
+
+
+def test_clip_keeping_cls_has_patches_plus_one_tokens(tiny_backbones):
+    model, processor = build_vlm(*tiny_backbones, drop_cls=False)
+    assert model.config.num_image_tokens == processor.num_image_tokens == 16 + 1
+    batch = processor(text=[f"{IMAGE_TOKEN} What?"], images=[RED])
+    assert (batch["input_ids"] == model.config.image_token_id).sum() == 17
+    assert model.get_image_features(batch["pixel_values"]).shape == (1, 17, 64)
+    with torch.no_grad():
+        model.eval()(**batch)
+
+
+@pytest.mark.parametrize("layer", [-1, -2, 0])
+def test_vision_feature_layer_picks_that_hidden_state(vlm, monkeypatch, layer):
+    model, processor = vlm
+    pixel_values = processor.image_processor([RED, GREEN])["pixel_values"]
+    monkeypatch.setattr(model, "connector", nn.Identity())  # see the raw vision features
+    monkeypatch.setattr(model.config, "vision_feature_layer", layer)
+    with torch.no_grad():
+        hidden_states = model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        features = model.get_image_features(pixel_values)
+    assert torch.equal(features, hidden_states[layer][:, 1:])  # CLS dropped
+    others = [h[:, 1:] for i, h in enumerate(hidden_states) if i != layer % len(hidden_states)]
+    assert not any(torch.allclose(features, h) for h in others)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def test_supervised_logits_give_the_full_logit_loss(vlm):
+    model, processor = vlm
+    batch = mixed_batch(processor)
+    labels = supervise_text(batch, model.config.image_token_id)
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+        full = model(**batch).logits  # (B, T, V)
+    targets = labels[:, 1:]  # position t predicts token t+1
+    expected = F.cross_entropy(full[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    assert torch.isclose(out.loss, expected, atol=1e-6)
+    supervised = targets != IGNORE_INDEX
+    assert out.logits.shape == (int(supervised.sum()), full.shape[-1])  # (K, V), K = supervised tokens
+    assert (out.logits - full[:, :-1][supervised]).abs().max() <= 1e-5
+
+
+def test_nothing_supervised_gives_zero_loss_that_backpropagates(tiny_vlm):
+    model, processor = tiny_vlm
+    batch = processor(text=[f"{IMAGE_TOKEN} What?"], images=[RED])
+    loss = model.train()(**batch, labels=torch.full_like(batch["input_ids"], IGNORE_INDEX)).loss
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def new_tokens(output, prompt_len, eos_token_id):
+    """Generated ids after the prompt, up to and including the first EOS."""
+    tokens = output[prompt_len:].tolist()
+    return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(vlm):
+    model, processor = vlm
+    texts = [f"{IMAGE_TOKEN}\nWhat is in the image?", "Describe the photo.", f"0 1 {IMAGE_TOKEN} 2 3"]
+    images = [[RED], [], [GREEN]]
+    eos = model.generation_config.eos_token_id
+    batch = processor(text=texts, images=images)
+    assert (batch["attention_mask"][:, 0] == 0).any()  # really left padded
+    with torch.no_grad():
+        together = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        for i in range(len(texts)):
+            alone = processor(text=[texts[i]], images=images[i])
+            expected = model.generate(**alone, max_new_tokens=6, do_sample=False)[0]
+            prompt_len = alone["input_ids"].shape[1]
+            got = new_tokens(together[i], batch["input_ids"].shape[1], eos)
+            assert got == new_tokens(expected, prompt_len, eos), f"sample {i}"
+
+
+def test_cached_generation_equals_uncached_argmax(vlm):
+    model, processor = vlm
+    batch = processor(text=[f"{IMAGE_TOKEN}\nWhat is in the image?"], images=[RED])
+    with torch.no_grad():
+        cached = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=True,
+                                eos_token_id=None, min_new_tokens=6)
+        ids = batch["input_ids"]
+        for _ in range(6):  # re-run the whole sequence, image included, at every step
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           pixel_values=batch["pixel_values"], use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, ids)
+
+
+def test_generation_stops_at_eos(vlm, monkeypatch):
+    model, processor = vlm
+    single = processor(text=[f"{IMAGE_TOKEN} What?"], images=[RED])
+    prompt_len = single["input_ids"].shape[1]
+    with torch.no_grad():
+        free = model.generate(**single, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, prompt_len:]
+        # A stop token chosen from the free run: generation must end right after its first occurrence.
+        j = next(j for j in range(1, len(free)) if free[j] not in free[:j])
+        stopped = model.generate(**single, max_new_tokens=8, do_sample=False, eos_token_id=int(free[j]))
+    assert stopped[0, prompt_len:].tolist() == free[: j + 1].tolist()
+
+    # The model's own EOS: a head biased towards it makes it the first token, and both samples stop.
+    eos = model.generation_config.eos_token_id
+    head = model.language_model.lm_head
+    biased = nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[eos] = 1e4
+    monkeypatch.setattr(model.language_model, "lm_head", biased)
+    batch = processor(text=[f"{IMAGE_TOKEN} What?", "Describe the photo."], images=[RED])
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 1) and out[:, -1].tolist() == [eos, eos]
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load
+
+
+def test_save_and_load_round_trip_offline(vlm, tmp_path, monkeypatch):
+    model, processor = vlm
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with transformers_warnings() as warnings:
+        loaded = VLMForCausalLM.from_pretrained(tmp_path).eval()
+        loaded_processor = VLMProcessor.from_pretrained(tmp_path)
+    assert not [w for w in warnings if "to instantiate a model of type" in w], warnings
+
+    texts, images = [f"{IMAGE_TOKEN}\nWhat is in the image?", "Describe the photo."], [RED]
+    batch, loaded_batch = processor(text=texts, images=images), loaded_processor(text=texts, images=images)
+    assert batch.keys() == loaded_batch.keys()
+    assert all(torch.equal(batch[k], loaded_batch[k]) for k in batch)
+    assert loaded_processor.num_image_tokens == processor.num_image_tokens
+    assert loaded_processor.image_token_id == model.config.image_token_id
+    assert loaded_processor.tokenizer.chat_template == processor.tokenizer.chat_template
+    assert vars(loaded_processor.image_processor).items() >= {
+        "size": 32, "aspect": "pad", "image_mean": processor.image_processor.image_mean}.items()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_sharded_checkpoint_reloads(vlm, tmp_path, monkeypatch):
+    model, processor = vlm
+    model.save_pretrained(tmp_path, max_shard_size="200KB")  # the tiny model is ~1 MB in fp32
+    shards = glob.glob(os.path.join(tmp_path, "model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and os.path.exists(os.path.join(tmp_path, "model.safetensors.index.json"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = VLMForCausalLM.from_pretrained(tmp_path).eval()
+    batch = processor(text=[f"{IMAGE_TOKEN}\nWhat is in the image?"], images=[RED])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_tied_embedding_llm_round_trip(siglip_backbones, tmp_path, monkeypatch):
+    model, processor = build_vlm(*siglip_backbones)  # Qwen2 ties lm_head to the input embeddings
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = VLMForCausalLM.from_pretrained(tmp_path).eval()
+    llm = loaded.language_model
+    assert llm.lm_head.weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
+    batch = VLMProcessor.from_pretrained(tmp_path)(text=[f"{IMAGE_TOKEN} What?"], images=[RED])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batch).logits, loaded(**batch).logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# The processor
+
+
+def test_processor_expands_each_image_marker(vlm):
+    model, processor = vlm
+    texts = [f"{IMAGE_TOKEN} one {IMAGE_TOKEN} two", "none", f"three {IMAGE_TOKEN}"]
+    flat = processor(text=texts, images=[RED, GREEN, BLUE])
+    per_text = processor(text=texts, images=[[RED, GREEN], [], [BLUE]])
+    assert flat.keys() == per_text.keys() == {"input_ids", "attention_mask", "pixel_values"}
+    assert all(torch.equal(flat[k], per_text[k]) for k in flat)
+    assert flat["pixel_values"].shape == (3, 3, 32, 32)
+    p = processor.num_image_tokens
+    runs = [image_runs(row, processor.image_token_id) for row in flat["input_ids"]]
+    assert [[e - s for s, e in row] for row in runs] == [[p, p], [], [p]]
+    assert processor.image_token_id == model.config.image_token_id
+    single = processor(text=f"{IMAGE_TOKEN} one", images=RED)  # a bare string and a bare image
+    assert single["input_ids"].shape[0] == 1 and single["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_processor_rejects_wrong_image_count(vlm):
+    _, processor = vlm
+    with pytest.raises(ValueError, match="2 '<image>' markers in the text but 1 images"):
+        processor(text=[f"{IMAGE_TOKEN} a", f"{IMAGE_TOKEN} b"], images=[RED])
+    with pytest.raises(ValueError, match="0 '<image>' markers in the text but 1 images"):
+        processor(text=["a"], images=[RED])
+    with pytest.raises(ValueError, match="needs text"):
+        processor(images=[RED])
+
+
+def test_processor_pads_on_the_left_by_default(vlm):
+    _, processor = vlm
+    batch = processor(text=["a", "The quick brown fox jumps over the lazy dog."])
+    mask = batch["attention_mask"]
+    assert mask[0, 0] == 0 and mask[:, -1].tolist() == [1, 1]
+    assert batch["input_ids"][0, 0] == processor.tokenizer.pad_token_id
+
+
+def test_pad_and_resize_aspect():
+    mean = VLMImageProcessor().image_mean
+    pad = VLMImageProcessor(size=32, aspect="pad")([RED])["pixel_values"]
+    resize = VLMImageProcessor(size=32, aspect="resize")([RED])["pixel_values"]
+    assert pad.shape == resize.shape == (1, 3, 32, 32)
+    # pad: the 40x20 image sits centred on a mean-colour square, so the top rows normalize to ~0;
+    # resize: short side to 32 then centre crop, so every pixel is the image's red.
+    assert pad[0, :, 0].abs().max() < 0.02 and pad[0, 0, 16].min() > 1.5
+    red = (1.0 - mean[0]) / VLMImageProcessor().image_std[0]
+    assert torch.allclose(resize[0, 0], torch.full((32, 32), red), atol=1e-3)
+    assert VLMImageProcessor(size=32)(GREEN)["pixel_values"].shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="'pad' or 'resize'"):
+        VLMImageProcessor(aspect="square")
+
+
+# ----------------------------------------------------------------------------------------------
+# Build options: dtype and attention implementation
+
+
+def test_bf16_build_gives_bf16_connector(tiny_backbones):
+    model, processor = build_vlm(*tiny_backbones, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    batch = processor(text=[f"{IMAGE_TOKEN} What?"], images=[RED])
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_eager_and_sdpa_attention_agree(vlm, tiny_backbones):
+    sdpa, processor = vlm
+    eager, _ = build_vlm(*tiny_backbones, attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())  # the connector is freshly initialized in each build
+    for module in (eager, eager.language_model, eager.vision_tower):
+        assert module.config._attn_implementation == "eager"
+    assert sdpa.language_model.config._attn_implementation == "sdpa"
+    batch = mixed_batch(processor)
+    with torch.no_grad():
+        a, b = sdpa(**batch).logits, eager.eval()(**batch).logits
+    real = batch["attention_mask"].bool()  # padded rows attend to nothing; compare real tokens
+    assert (a[real] - b[real]).abs().max() <= 1e-5
