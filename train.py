@@ -121,7 +121,7 @@ def load_config(argv):
     opts = parser.parse_args(argv)
     cfg = Config()
     settings = []
-    if opts.args and "=" not in opts.args[0]:
+    if opts.args and opts.args[0].endswith(".py"):
         path = opts.args.pop(0)
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")

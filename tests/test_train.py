@@ -1,0 +1,112 @@
+"""train.py: config parsing, param groups, the lr schedule, and real DeepSpeed launcher runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from model import VLMForCausalLM
+from train import Config, ConfigError, build_param_groups, freeze_components, load_config, lr_factor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config parsing
+
+
+def test_config_file_then_overrides(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("import math\nlr_lm = 1e-4\nbatch_size = 64\ntemplate = 'vicuna_v1'\nepochs = 2\n"
+                    "warmup_ratio = 0  # an int for a float field is fine\n")
+    cfg, dry = load_config([str(path), "lr_lm=5e-6", "train_vision=true", "out_dir=runs/x", "--local_rank=1"])
+    assert (cfg.lr_lm, cfg.batch_size, cfg.template, cfg.epochs) == (5e-6, 64, "vicuna_v1", 2)
+    assert cfg.train_vision is True and cfg.out_dir == "runs/x" and cfg.warmup_ratio == 0.0 and not dry
+    cfg, dry = load_config(["max_steps=3", "--dry-run"])  # overrides alone, no file
+    assert cfg.max_steps == 3 and dry
+
+
+@pytest.mark.parametrize("args, message", [
+    (["lr_llm=1e-5"], "unknown config key 'lr_llm' in the command line; did you mean lr_lm"),
+    (["max_steps=ten"], "max_steps='ten': expected int"),
+    (["train_lm=maybe"], "train_lm='maybe': expected bool"),
+    (["lr_lm"], "override 'lr_lm' is not key=value"),
+    (["missing.py"], "config file 'missing.py' not found"),
+])
+def test_config_errors(args, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(args)
+
+
+def test_config_file_errors(tmp_path):
+    (tmp_path / "typo.py").write_text("micro_batch = 4\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'micro_batch' in .*typo.py; did you mean micro_batch_size"):
+        load_config([str(tmp_path / "typo.py")])
+    (tmp_path / "type.py").write_text("batch_size = '8'\n")
+    with pytest.raises(ConfigError, match="batch_size='8' in .*type.py: expected int"):
+        load_config([str(tmp_path / "type.py")])
+
+
+def test_value_checks():
+    with pytest.raises(ConfigError, match="batch_size=100 is not a multiple of micro_batch_size \\(8\\) x 2"):
+        train.check_config(Config(batch_size=100, micro_batch_size=8, data_path="x"), world_size=2)
+    assert train.check_config(Config(batch_size=64, micro_batch_size=8, data_path="x"), world_size=2) == 4
+    with pytest.raises(ConfigError, match="template='llama3': valid values are plain, vicuna_v1, chat"):
+        train.check_config(Config(template="llama3", data_path="x"), 1)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        train.check_config(Config(train_connector=False, data_path="x"), 1)
+
+
+def test_dry_run_prints_config_and_loads_nothing(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "configs/llava_pretrain.py", "lr_connector=2e-3", "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    resolved = json.loads(out.stdout)
+    assert resolved["lr_connector"] == 2e-3 and resolved["llm"] == "lmsys/vicuna-7b-v1.5"
+    bad = subprocess.run([sys.executable, "train.py", "configs/demo.py", "lr_llm=1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown config key") and "Traceback" not in bad.stderr
+
+
+def test_shipped_configs_parse_and_check():
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        cfg, _ = load_config([os.path.join(ROOT, "configs", name)])
+        train.check_config(cfg, world_size=8 if "llava" in name or "qwen" in name else 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Param groups and schedule
+
+
+def test_param_groups(tiny_vlm):
+    model, _ = tiny_vlm
+    cfg = Config(train_vision=False, train_connector=True, train_lm=True, lr_connector=1e-3, lr_lm=2e-5,
+                 wd_connector=0.0, wd_lm=0.1)
+    freeze_components(model, cfg)
+    groups = {g["name"]: g for g in build_param_groups(model, cfg)}
+    assert set(groups) == {"connector", "connector_no_decay", "lm", "lm_no_decay"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for name, group in groups.items():
+        part = name.split("_")[0]
+        assert group["lr"] == getattr(cfg, f"lr_{part}")
+        assert group["weight_decay"] == (0.0 if name.endswith("no_decay") else getattr(cfg, f"wd_{part}"))
+        for p in group["params"]:
+            assert train.component_of(names[id(p)]) == part and p.requires_grad
+            assert (p.ndim < 2) == name.endswith("no_decay")  # biases and norm weights: no decay
+    grouped = {id(p) for g in groups.values() for p in g["params"]}
+    for n, p in model.named_parameters():  # every trainable tensor in exactly one group, no frozen one
+        assert (id(p) in grouped) == (not n.startswith("vision_tower")) == p.requires_grad
+
+
+def test_lr_schedule():
+    total = 100
+    factors = [lr_factor(s, total, 0.1, 0.1) for s in range(total)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)  # 10 warmup steps
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))  # cosine never goes up
+    assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert lr_factor(total, total, 0.1, 0.1) == pytest.approx(0.1)
