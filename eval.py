@@ -1,0 +1,477 @@
+"""Ask a trained VLM about images, and score it on a benchmark file.
+
+One question:
+    python eval.py out/run1 --image photo.jpg --prompt "What is in the image?"
+A benchmark (one JSON object per line: {"id", "image", "question", "answer", "choices"?, "category"?}):
+    python eval.py out/run1 --data bench/gqa.jsonl --image_folder bench/images --batch_size 16
+
+Read top to bottom, this is the path of a record from the JSONL file to its score:
+  1. load_model        - CKPT is a training run, a small-vlm folder, a native LLaVA folder, a
+                         remote-code folder or a Hub repo id; each loads with its own classes.
+  2. the prompt        - question (+ lettered options) + LLaVA's answer-format suffix, rendered
+                         by the processor's chat template: exactly the prompt the model trained on.
+  3. generation        - batched, left-padded, KV-cached; greedy unless --temperature > 0.
+  4. scoring           - VQA answer normalization; exact match, VQAv2 soft accuracy, multiple choice.
+  5. the data file     - every record is checked (fields, image files) before the model runs.
+  6. evaluate          - answers every record and averages scores, overall and per category.
+  7. main              - the command line; a user mistake is one `error: ...` line and exit code 2.
+"""
+import argparse
+import json
+import os
+import re
+import string
+import sys
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class UserError(Exception):
+    """A mistake in the command line, the data or the checkpoint: main() prints it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Loading a checkpoint
+
+
+def read_checkpoint_config(ckpt):
+    """(folder or repo id to load from, its config.json as a dict). A training run's output folder
+    holds the model in final/; a path that does not exist is tried as a Hub repo id."""
+    if os.path.isdir(ckpt):
+        folder = os.path.join(ckpt, "final") if os.path.isdir(os.path.join(ckpt, "final")) else ckpt
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise UserError(
+                f"{ckpt} is not a model: found no config.json in {folder}. Pass a training output folder "
+                "(with final/), a folder written by save_pretrained or push.py, or a Hub repo id."
+            )
+        with open(config_path) as f:
+            return folder, json.load(f)
+    if os.path.exists(ckpt) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", ckpt):
+        raise UserError(f"checkpoint not found: {ckpt} is not a folder (nor a Hub repo id, owner/name)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config_path = hf_hub_download(ckpt, "config.json")
+    except (OSError, ValueError) as e:  # not found, no network, gated repo, ...
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{ckpt} is not a local folder, and fetching it from the Hub failed: {first_line}") from None
+    with open(config_path) as f:
+        return ckpt, json.load(f)
+
+
+def load_model(ckpt, device=None, dtype=None):
+    """(model, processor) in eval mode on `device` (default: cuda when available, else cpu) in
+    `dtype` (default: bfloat16 on CUDA, float32 on CPU). The config's model_type picks the classes:
+    small_vlm -> model.py's; llava -> transformers' LLaVA; an auto_map -> the folder's own code."""
+    from transformers import AutoProcessor
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    source, config = read_checkpoint_config(ckpt)
+    model_type = config.get("model_type")
+    if model_type == "small_vlm":
+        from model import VLMForCausalLM, VLMProcessor
+
+        model = VLMForCausalLM.from_pretrained(source, dtype=dtype)
+        processor = VLMProcessor.from_pretrained(source)
+    elif model_type == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(source)
+    elif "auto_map" in config:
+        import transformers
+
+        auto_class = next((name for name in config["auto_map"] if name.startswith("AutoModel")), None)
+        if auto_class is None:
+            raise UserError(f"{ckpt}: config.json auto_map names no AutoModel class: {config['auto_map']}")
+        model = getattr(transformers, auto_class).from_pretrained(source, dtype=dtype, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    else:
+        raise UserError(
+            f"{ckpt}: model_type {model_type!r} is not a vision-language model eval.py can load; expected "
+            "'small_vlm' (saved by train.py), 'llava' (push.py's native export) or a remote-code folder (auto_map)"
+        )
+    return model.to(device).eval(), processor
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The prompt
+
+# LLaVA-1.5's evaluation suffixes: they ask for the answer format the benchmarks score.
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+MULTIPLE_CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+LETTERS = string.ascii_uppercase
+
+
+def format_question(record, suffix=True):
+    """The question text: options as "A. ...\\nB. ..." lines after it, then the format suffix."""
+    text = record["question"]
+    if record.get("choices"):
+        text += "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, record["choices"]))
+        return text + (MULTIPLE_CHOICE_SUFFIX if suffix else "")
+    return text + (SHORT_ANSWER_SUFFIX if suffix else "")
+
+
+def build_prompt(processor, question, has_image=True):
+    """One user turn (image first, llava-hf style) rendered by the checkpoint's chat template,
+    ending where the assistant's answer starts."""
+    if not getattr(processor, "chat_template", None):
+        raise UserError(
+            "the checkpoint's processor has no chat template, so the training prompt is unknown; "
+            "save the processor with its chat_template (train.py and push.py do)"
+        )
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Generation
+
+
+def generate_answers(model, processor, prompts, images, batch_size=8, max_new_tokens=32, temperature=0.0,
+                     top_p=1.0, progress=False):
+    """One answer per prompt. images[i] is a PIL image, an image path, or None (text-only prompt).
+    Prompts are left-padded so that every row's answer starts at the same column, which lets one
+    generate() call decode the whole batch with a KV cache."""
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    tokenizer = processor.tokenizer
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch_images = [open_image(im) for im in images[start:start + batch_size] if im is not None]
+        inputs = processor(text=prompts[start:start + batch_size], images=batch_images or None,
+                           return_tensors="pt", padding=True, padding_side="left")
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
+                                    pad_token_id=pad_token_id, **sampling)  # (B, T + new)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new)
+        answers += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        if progress:
+            print(f"\ranswered {len(answers)}/{len(prompts)}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return answers
+
+
+def open_image(image):
+    """A path or a PIL image -> an RGB PIL image (grayscale and RGBA files are common in benchmarks)."""
+    return Image.open(image).convert("RGB") if isinstance(image, str) else image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Scoring
+
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(text):
+    """The usual VQA normalization, so that "Two dogs." == "2 dogs" and "the cat" == "cat":
+    lowercase, drop thousands commas and apostrophes, punctuation -> space (a decimal point
+    stays), number words -> digits, drop articles, collapse whitespace."""
+    text = text.lower().strip()
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)  # 1,000 -> 1000
+    text = text.replace("'", "")  # dog's -> dogs, don't -> dont
+    text = re.sub(r"[^\w\s.]|_|\.(?!\d)|(?<!\d)\.", " ", text)  # punctuation -> space; 3.5 keeps its point
+    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
+
+
+def score_exact(prediction, answer):
+    """1.0 when the normalized prediction equals the (or any listed) normalized answer."""
+    answers = answer if isinstance(answer, list) else [answer]
+    return float(normalize_answer(prediction) in {normalize_answer(a) for a in answers})
+
+
+def score_vqa(prediction, answer):
+    """VQAv2 soft accuracy: min(1, matching annotators / 3); 3 of 10 humans agreeing is full credit.
+    A single answer string is scored by exact match."""
+    if not isinstance(answer, list):
+        return score_exact(prediction, answer)
+    prediction = normalize_answer(prediction)
+    return min(1.0, sum(normalize_answer(a) == prediction for a in answer) / 3)
+
+
+def option_letter(text, choices):
+    """The option a text names, as a letter, or None: the option's own text after normalization
+    ("The red." names the option "red"; "the red one" names none), or a leading letter:
+    "B", "b", "B.", "(B)", "B) red", "B: red"."""
+    normalized = normalize_answer(text)
+    for letter, option in zip(LETTERS, choices):
+        if normalized and normalized == normalize_answer(option):
+            return letter
+    text = text.strip()
+    match = re.match(r"\(?([A-Z])(?:[.:)]|\s|$)", text) or re.fullmatch(r"\(?([a-z])\)?\.?", text)
+    if match and match[1].upper() in LETTERS[:len(choices)]:
+        return match[1].upper()
+    return None
+
+
+def score_mc(prediction, record):
+    """1.0 when the prediction names the same option as the answer (by letter or by option text)."""
+    predicted = option_letter(prediction, record["choices"])
+    return float(predicted is not None and predicted == option_letter(record["answer"], record["choices"]))
+
+
+METRICS = ("auto", "exact", "vqa", "mc")
+
+
+def pick_metric(record, metric="auto"):
+    """`auto`: multiple choice when the record has choices, VQA soft accuracy for a list of answers,
+    else exact match."""
+    if metric != "auto":
+        return metric
+    if record.get("choices"):
+        return "mc"
+    return "vqa" if isinstance(record["answer"], list) else "exact"
+
+
+def score(prediction, record, metric="auto"):
+    """The score in [0, 1] of one prediction for one record."""
+    metric = pick_metric(record, metric)
+    if metric == "mc":
+        return score_mc(prediction, record)
+    if metric == "vqa":
+        return score_vqa(prediction, record["answer"])
+    return score_exact(prediction, record["answer"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The data file
+
+
+def load_records(path):
+    """Records from a JSONL file; a line that is not a JSON object is an error naming file and line."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file not found: {path}")
+    records = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {line_number}: not valid JSON ({e.msg}); "
+                                "write one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
+            record.setdefault("id", str(line_number))
+            record["_where"] = f"{path} line {line_number} (id {record['id']!r})"
+            records.append(record)
+    if not records:
+        raise UserError(f"{path} holds no records")
+    return records
+
+
+def where(record):
+    """How errors name a record: its file, line and id when it came from load_records."""
+    return record.get("_where") or f"record {record.get('id')!r}"
+
+
+def is_string_list(items):
+    return isinstance(items, list) and len(items) > 0 and all(isinstance(x, str) for x in items)
+
+
+def check_record(record, metric):
+    """Fields a record needs to be asked and scored; errors name the record and what to fix."""
+    at = where(record)
+    for key in ("id", "question", "answer"):
+        if key not in record:
+            raise UserError(f"{at}: record has no {key!r}; each record needs 'id', 'question' and 'answer'")
+    if not isinstance(record["question"], str):
+        raise UserError(f"{at}: 'question' must be a string")
+    answer = record["answer"]
+    if not (isinstance(answer, str) or is_string_list(answer)):
+        raise UserError(f"{at}: 'answer' must be a string or a non-empty list of strings")
+    choices = record.get("choices")
+    if choices is not None:
+        if not (is_string_list(choices) and len(choices) <= len(LETTERS)):
+            raise UserError(f"{at}: 'choices' must be a list of 1-26 option strings")
+        if isinstance(answer, str) and option_letter(answer, choices) is None:
+            raise UserError(f"{at}: answer {answer!r} is neither an option letter nor an option's text")
+    if pick_metric(record, metric) == "mc" and (not choices or not isinstance(answer, str)):
+        raise UserError(f"{at}: metric 'mc' needs 'choices' and a single answer (a letter or an option's text)")
+
+
+def check_image(record, path):
+    """Fails early, naming the record, when an image file cannot be decoded (reads the header only)."""
+    try:
+        Image.open(path).close()
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{where(record)}: cannot read image {path}: {e}") from None
+
+
+def select_records(records, image_folder, metric="auto", skip_missing=False):
+    """Checks every record before any generation. Returns (records to ask, their image paths or
+    None for text-only, ids left out because their image is missing (only with skip_missing))."""
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    asked, paths, missing = [], [], []
+    for record in records:
+        check_record(record, metric)
+        path = None if record.get("image") is None else os.path.join(image_folder, record["image"])
+        if path is not None and not os.path.isfile(path):
+            if not skip_missing:
+                raise UserError(f"{where(record)}: image not found: {path} (set --image_folder, or pass "
+                                "--skip_missing to leave such records out)")
+            missing.append(record["id"])
+            continue
+        if path is not None:
+            check_image(record, path)
+        asked.append(record)
+        paths.append(path)
+    if not asked:
+        raise UserError(f"no record left to evaluate: the images of all {len(records)} records are missing")
+    return asked, paths, missing
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Evaluate
+
+
+def evaluate(model, processor, records, image_folder, metric="auto", suffix=True, batch_size=8, max_new_tokens=32,
+             temperature=0.0, top_p=1.0, skip_missing=False, progress=False):
+    """Answers and scores every record. Returns {"overall": {"count", "accuracy"}, "categories":
+    {name: {"count", "accuracy"}}, "missing": [ids skipped for a missing image], "answers": one row
+    per answered record: {"id", "prompt", "prediction", "answer", "correct"}}. Accuracy is the mean
+    of `correct` (a VQA soft score can be 1/3 or 2/3)."""
+    asked, paths, missing = select_records(records, image_folder, metric, skip_missing)
+    prompts = [build_prompt(processor, format_question(r, suffix), has_image=p is not None)
+               for r, p in zip(asked, paths)]
+    predictions = generate_answers(model, processor, prompts, paths, batch_size, max_new_tokens,
+                                   temperature, top_p, progress)
+    rows = [{"id": r["id"], "prompt": prompt, "prediction": prediction, "answer": r["answer"],
+             "correct": score(prediction, r, metric)}
+            for r, prompt, prediction in zip(asked, prompts, predictions)]
+
+    by_category = {}
+    for record, row in zip(asked, rows):
+        if "category" in record:
+            by_category.setdefault(str(record["category"]), []).append(row["correct"])
+    return {
+        "overall": summarize([row["correct"] for row in rows]),
+        "categories": {name: summarize(scores) for name, scores in sorted(by_category.items())},
+        "missing": missing,
+        "answers": rows,
+    }
+
+
+def summarize(scores):
+    return {"count": len(scores), "accuracy": sum(scores) / len(scores)}
+
+
+def format_table(results):
+    """Overall and per-category counts and accuracy (in %), one row each."""
+    lines = [f"{'category':<24} {'count':>7} {'accuracy':>9}",
+             f"{'overall':<24} {results['overall']['count']:>7} {100 * results['overall']['accuracy']:>8.2f}%"]
+    for name, row in results["categories"].items():
+        lines.append(f"{name:<24} {row['count']:>7} {100 * row['accuracy']:>8.2f}%")
+    if results["missing"]:
+        lines.append(f"skipped {len(results['missing'])} records whose image is missing")
+    return "\n".join(lines)
+
+
+def write_results(results, settings, out_dir):
+    """answers.jsonl (one row per record) and results.json (accuracy, counts, skipped ids, settings)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "answers.jsonl"), "w") as f:
+        for row in results["answers"]:
+            f.write(json.dumps(row) + "\n")
+    summary = {k: v for k, v in results.items() if k != "answers"}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({**summary, "settings": settings}, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Command line
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", help="training output folder (uses its final/), a saved model folder "
+                                     "(small-vlm, native LLaVA or remote code), or a Hub repo id")
+    parser.add_argument("--image", help="one image to ask about (with --prompt)")
+    parser.add_argument("--prompt", help="one question; prints the answer (no suffix is added)")
+    parser.add_argument("--data", help="JSONL benchmark file: {id, image, question, answer, choices?, category?}")
+    parser.add_argument("--image_folder", help="folder the records' image paths are relative to "
+                                               "(default: the data file's folder)")
+    parser.add_argument("--out", help="folder for answers.jsonl and results.json (default: next to the data "
+                                      "file, <data folder>/<data name>-<checkpoint name>/)")
+    parser.add_argument("--metric", default="auto", choices=METRICS,
+                        help="auto: mc for records with choices, vqa for a list of answers, else exact")
+    parser.add_argument("--no_suffix", action="store_true", help="do not append LLaVA's answer-format suffix")
+    parser.add_argument("--skip_missing", action="store_true", help="leave out records whose image is missing "
+                                                                    "(counted in the results) instead of failing")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (LLaVA's evals)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling, used when temperature > 0")
+    parser.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    return parser.parse_args(argv)
+
+
+def default_out_dir(data, ckpt):
+    """<data folder>/<data name>-<checkpoint name>: bench/gqa.jsonl + out/run1 -> bench/gqa-run1."""
+    data_name = os.path.splitext(os.path.basename(data))[0]
+    ckpt_name = os.path.basename(os.path.normpath(ckpt))
+    return os.path.join(os.path.dirname(os.path.abspath(data)), f"{data_name}-{ckpt_name}")
+
+
+def run(args):
+    if (args.data is None) == (args.prompt is None):
+        raise UserError("pass either --data FILE (a benchmark) or --prompt TEXT (one question, with --image)")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--batch_size and --max_new_tokens must be at least 1")
+    if args.image is not None and args.prompt is None:
+        raise UserError("--image goes with --prompt (a benchmark's images come from its --data records)")
+    if args.image is not None and not os.path.isfile(args.image):
+        raise UserError(f"image not found: {args.image}")
+    if args.data is not None:
+        records = load_records(args.data)
+        image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
+        select_records(records, image_folder, args.metric, args.skip_missing)  # fail before a long model load
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, processor = load_model(args.ckpt, device=args.device, dtype=dtype)
+    generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+
+    if args.prompt is not None:
+        prompt = build_prompt(processor, args.prompt, has_image=args.image is not None)
+        print(generate_answers(model, processor, [prompt], [args.image], **generation)[0])
+        return
+
+    results = evaluate(model, processor, records, image_folder, args.metric, not args.no_suffix, args.batch_size,
+                       progress=True, skip_missing=args.skip_missing, **generation)
+    out_dir = args.out or default_out_dir(args.data, args.ckpt)
+    settings = dict(ckpt=args.ckpt, data=args.data, image_folder=image_folder, metric=args.metric,
+                    suffix=not args.no_suffix, batch_size=args.batch_size, device=str(model.device),
+                    dtype=str(model.dtype).removeprefix("torch."), **generation)
+    write_results(results, settings, out_dir)
+    print(format_table(results))
+    print(f"wrote {os.path.join(out_dir, 'answers.jsonl')} and results.json")
+
+
+def main(argv=None):
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # keep weight-loading reports out of the answers
+    logging.disable_progress_bar()
+    try:
+        run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

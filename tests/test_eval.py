@@ -1,0 +1,329 @@
+"""eval.py: answer normalization and metrics on hand-written cases, batched vs one-by-one generation,
+the command line end to end on a tiny saved model, and one clear error per kind of bad input."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from eval import (
+    UserError,
+    build_prompt,
+    evaluate,
+    format_question,
+    generate_answers,
+    load_model,
+    load_records,
+    main,
+    normalize_answer,
+    option_letter,
+    score,
+)
+
+# A vicuna-style chat template (llava-hf convention: image items render as "<image>\n" first).
+VICUNA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }} "
+    "{% elif m['role'] == 'user' %}USER: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
+    "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+COLORS = {"red.png": (255, 0, 0), "green.png": (0, 255, 0), "blue.png": (0, 0, 255), "wide.png": (9, 99, 199)}
+
+
+@pytest.fixture
+def run_dir(tiny_vlm, tmp_path):
+    """A training output folder: the tiny model and its processor saved in run/final/."""
+    model, processor = tiny_vlm
+    processor.chat_template = VICUNA_TEMPLATE
+    final = tmp_path / "run" / "final"
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    return str(tmp_path / "run")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, color in COLORS.items():
+        size = (64, 24) if name == "wide.png" else (40, 40)
+        Image.new("RGB", size, color).save(folder / name)
+    return str(folder)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization and metrics
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Two", "2"),
+    ("the cat.", "cat"),
+    ("An Apple!", "apple"),
+    ("  Yes,  it  IS ", "yes it is"),
+    ("1,000", "1000"),
+    ("3.5 meters.", "3.5 meters"),
+    ("dog's", "dogs"),
+    ("T-shirt", "t shirt"),
+    ("Ten birds", "10 birds"),
+])
+def test_normalize_answer(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_exact_match():
+    assert score("Two", {"answer": "2"}, "exact") == 1.0
+    assert score("the cat.", {"answer": "cat"}, "exact") == 1.0
+    assert score("a cat", {"answer": "The Cat"}, "exact") == 1.0
+    assert score("cats", {"answer": "cat"}, "exact") == 0.0
+    assert score("black cat", {"answer": "cat"}, "exact") == 0.0
+    assert score("", {"answer": "cat"}, "exact") == 0.0
+
+
+def test_vqa_soft_accuracy():
+    humans = ["2", "two", "2", "3", "3", "4", "yes", "yes", "yes", "no"]  # "2" x3, "3" x2, "4" x1
+    assert score("Two", {"answer": humans}, "vqa") == 1.0
+    assert score("3", {"answer": humans}, "vqa") == pytest.approx(2 / 3)
+    assert score("four", {"answer": humans}, "vqa") == pytest.approx(1 / 3)
+    assert score("5", {"answer": humans}, "vqa") == 0.0
+    assert score("the dog", {"answer": "dog"}, "vqa") == 1.0  # one answer string: exact match
+
+
+@pytest.mark.parametrize("prediction, expected_letter", [
+    ("B", "B"), ("B.", "B"), ("(B)", "B"), ("B) red", "B"), ("B: red", "B"), ("b", "B"),
+    ("red", "B"), ("The red.", "B"), ("A dog", "A"), ("D", None), ("Blue", None), ("the red one", None),
+])
+def test_option_letter(prediction, expected_letter):
+    assert option_letter(prediction, ["a dog", "red", "a cat"]) == expected_letter
+
+
+def test_multiple_choice():
+    by_letter = {"choices": ["blue", "red", "green"], "answer": "B"}
+    by_text = {"choices": ["blue", "red", "green"], "answer": "red"}
+    for record in (by_letter, by_text):
+        for prediction in ("B", "B.", "(B)", "B) red", "red", "Red."):
+            assert score(prediction, record, "mc") == 1.0, (prediction, record)
+        for prediction in ("A", "(C)", "green", "C) red", "purple", ""):
+            assert score(prediction, record, "mc") == 0.0, (prediction, record)
+
+
+def test_auto_picks_the_metric_per_record():
+    assert score("B", {"answer": "B", "choices": ["x", "y"]}) == 1.0  # mc: letter
+    assert score("y", {"answer": "B", "choices": ["x", "y"]}) == 1.0  # mc: option text
+    assert score("2", {"answer": ["2", "3", "3"]}) == pytest.approx(1 / 3)  # vqa
+    assert score("Two.", {"answer": "2"}) == 1.0  # exact
+
+
+def test_question_format_and_suffixes():
+    short = format_question({"question": "What color?"})
+    assert short == "What color?\nAnswer the question using a single word or phrase."
+    mc = format_question({"question": "Which?", "choices": ["cat", "dog"]})
+    assert mc == "Which?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly."
+    assert format_question({"question": "Which?", "choices": ["cat", "dog"]}, suffix=False) == "Which?\nA. cat\nB. dog"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and generation
+
+
+def test_load_model_reads_final_and_builds_the_training_prompt(run_dir):
+    model, processor = load_model(run_dir)
+    assert type(model).__name__ == "VLMForCausalLM" and not model.training
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert build_prompt(processor, "Hi?") == "USER: <image>\nHi? ASSISTANT:"
+    assert build_prompt(processor, "Hi?", has_image=False) == "USER: Hi? ASSISTANT:"
+
+
+def test_batched_generation_equals_one_by_one(run_dir, image_folder):
+    model, processor = load_model(run_dir)
+    questions = ["What color?", "How many dogs are in the photo?", "Describe it.", "Is it wide?", "Say hi."]
+    images = [os.path.join(image_folder, name) for name in COLORS] + [None]  # the last is text-only
+    prompts = [build_prompt(processor, q, has_image=im is not None) for q, im in zip(questions, images)]
+    lengths = {len(processor.tokenizer(p).input_ids) for p in prompts}
+    assert len(lengths) > 1  # prompts differ in length, so a batch needs left padding
+
+    one_by_one = generate_answers(model, processor, prompts, images, batch_size=1, max_new_tokens=6)
+    batched = generate_answers(model, processor, prompts, images, batch_size=3, max_new_tokens=6)
+    assert batched == one_by_one
+    assert len(set(one_by_one)) > 1  # answers depend on the input (a weak test otherwise)
+
+
+def test_native_llava_folder_loads_and_batches(tiny_backbones, tmp_path, image_folder):
+    """push.py's native export: model_type 'llava' loads with transformers' LLaVA classes."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from model import add_image_token, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    image_token_id = add_image_token(tokenizer)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        image_token_id=image_token_id, image_seq_length=16,  # (32 / 8)^2 patches, CLS dropped
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "llava")
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32), tokenizer=tokenizer,
+                   patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=VICUNA_TEMPLATE).save_pretrained(tmp_path / "llava")
+
+    model, processor = load_model(str(tmp_path / "llava"))
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    images = [os.path.join(image_folder, name) for name in COLORS]
+    prompts = [build_prompt(processor, q) for q in ["What?", "What color is it?", "Describe.", "Wide?"]]
+    batched = generate_answers(model, processor, prompts, images, batch_size=4, max_new_tokens=5)
+    assert batched == generate_answers(model, processor, prompts, images, batch_size=1, max_new_tokens=5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_prompt_mode_prints_the_answer(run_dir, image_folder, capsys):
+    image = os.path.join(image_folder, "red.png")
+    main([run_dir, "--image", image, "--prompt", "What is in the image?", "--max_new_tokens", "5"])
+    printed = capsys.readouterr().out
+
+    model, processor = load_model(run_dir)
+    prompt = build_prompt(processor, "What is in the image?")
+    expected = generate_answers(model, processor, [prompt], [image], max_new_tokens=5)[0]
+    assert printed == expected + "\n"
+
+
+def test_benchmark_end_to_end(run_dir, image_folder, tmp_path, capsys):
+    records = [
+        {"id": "q1", "image": "red.png", "question": "What color is it?", "answer": "?", "category": "color"},
+        {"id": "q2", "image": "green.png", "question": "What color?", "answer": "zzz nothing", "category": "color"},
+        {"id": "q3", "image": "blue.png", "question": "How many?", "answer": ["?"], "category": "count"},
+        {"id": "q4", "image": "wide.png", "question": "Which?", "choices": ["cat", "dog"], "answer": "B",
+         "category": "choice"},
+        {"id": "q5", "question": "Say something.", "answer": "?"},  # text-only
+    ]
+    # The tiny model is random, so first learn its answers, then make some of them right:
+    # q1 and q5 exact (1), q2 wrong (0), q3 two of three annotators agree (2/3).
+    model, processor = load_model(run_dir)
+    found = evaluate(model, processor, records, image_folder, batch_size=2, max_new_tokens=6)["answers"]
+    predictions = {row["id"]: row["prediction"] for row in found}
+    assert all(normalize_answer(predictions[i]) for i in ("q1", "q3", "q5"))  # non-empty after normalizing
+    records[0]["answer"] = predictions["q1"]
+    records[2]["answer"] = [predictions["q3"], predictions["q3"], "zzz nothing"]
+    records[4]["answer"] = predictions["q5"]
+    data = write_jsonl(tmp_path / "bench.jsonl", records)
+
+    out = tmp_path / "results"
+    main([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(out),
+          "--batch_size", "2", "--max_new_tokens", "6"])
+    table = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+
+    assert [row["id"] for row in rows] == ["q1", "q2", "q3", "q4", "q5"]
+    assert {row["id"]: row["prediction"] for row in rows} == predictions
+    correct = {row["id"]: row["correct"] for row in rows}
+    assert correct["q1"] == 1.0 and correct["q2"] == 0.0 and correct["q5"] == 1.0
+    assert correct["q3"] == pytest.approx(2 / 3)
+    assert correct["q4"] == score(predictions["q4"], records[3])
+    mc_suffix = "Answer with the option's letter from the given choices directly."
+    assert rows[3]["prompt"].endswith(f"A. cat\nB. dog\n{mc_suffix} ASSISTANT:")
+    assert rows[0]["prompt"].endswith("Answer the question using a single word or phrase. ASSISTANT:")
+
+    assert results["overall"] == {"count": 5, "accuracy": pytest.approx(sum(correct.values()) / 5)}
+    assert results["categories"]["color"] == {"count": 2, "accuracy": 0.5}
+    assert results["categories"]["count"] == {"count": 1, "accuracy": pytest.approx(2 / 3)}
+    assert results["categories"]["choice"]["count"] == 1
+    assert results["missing"] == []
+    assert results["settings"]["batch_size"] == 2 and results["settings"]["metric"] == "auto"
+    assert "overall" in table and "color" in table and f"{100 * results['overall']['accuracy']:.2f}%" in table
+
+
+def test_skip_missing_counts_missing_images(run_dir, image_folder, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "bench.jsonl", [
+        {"id": "here", "image": "red.png", "question": "Color?", "answer": "red"},
+        {"id": "gone", "image": "nowhere.png", "question": "Color?", "answer": "red"},
+    ])
+    out = tmp_path / "results"
+    main([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(out),
+          "--skip_missing", "--max_new_tokens", "3"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["missing"] == ["gone"] and results["overall"]["count"] == 1
+    assert "skipped 1 records" in capsys.readouterr().out
+
+
+def test_default_out_dir_is_next_to_the_data(run_dir, image_folder, tmp_path):
+    data = write_jsonl(tmp_path / "bench.jsonl", [{"id": "1", "image": "red.png", "question": "Q?", "answer": "a"}])
+    main([run_dir, "--data", data, "--image_folder", image_folder, "--max_new_tokens", "2"])
+    assert (tmp_path / "bench-run" / "results.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one `error: ...` line, exit code 2, no results written
+
+GOOD = {"id": "ok", "image": "red.png", "question": "Color?", "answer": "red"}
+
+
+@pytest.mark.parametrize("lines, expected", [
+    ([GOOD, {**GOOD, "id": "q7", "image": "missing.png"}], ["q7", "missing.png", "--skip_missing"]),
+    ([json.dumps(GOOD), '{"id": "q2", "question": '], ["bench.jsonl line 2", "not valid JSON"]),
+    ([GOOD, {"id": "q3", "image": "red.png", "answer": "red"}], ["line 2", "q3", "'question'"]),
+    ([GOOD, {"id": "q4", "image": "red.png", "question": "Color?"}], ["q4", "'answer'"]),
+    ([{**GOOD, "id": "q5", "choices": ["x", "y"], "answer": "purple"}], ["q5", "'purple'", "option"]),
+    ([], ["holds no records"]),
+])
+def test_bad_data_is_one_error_line(run_dir, image_folder, tmp_path, capsys, lines, expected):
+    data = tmp_path / "bench.jsonl"
+    data.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        main([run_dir, "--data", str(data), "--image_folder", image_folder, "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    for fragment in expected:
+        assert fragment in err, (fragment, err)
+    assert not out.exists()
+
+
+def test_bad_checkpoint_and_arguments(run_dir, image_folder, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "bench.jsonl", [GOOD])
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(tmp_path / "empty"), "--data", data, "--image_folder", image_folder], ["is not a model", "config.json"]),
+        ([str(tmp_path / "no" / "such" / "run"), "--prompt", "Hi?"], ["checkpoint not found", "run"]),
+        ([run_dir], ["--data", "--prompt"]),
+        ([run_dir, "--prompt", "Hi?", "--image", str(tmp_path / "nope.png")], ["image not found", "nope.png"]),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+        for fragment in expected:
+            assert fragment in err, (fragment, err)
+    assert not list(tmp_path.glob("bench-*"))
+
+
+def test_data_is_checked_before_the_model_loads(image_folder, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "bench.jsonl", [{**GOOD, "image": "missing.png"}])
+    (tmp_path / "empty").mkdir()  # not a model: loading it would fail with another message
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "empty"), "--data", data, "--image_folder", image_folder])
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_load_records_names_file_and_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n[1, 2]\n")
+    with pytest.raises(UserError, match=r"q.jsonl line 3: expected a JSON object"):
+        load_records(str(path))
