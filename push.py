@@ -1,0 +1,434 @@
+"""Publish a trained small-vlm checkpoint to the Hugging Face Hub.
+
+    python push.py                                      # asks for checkpoint, repo, visibility
+    python push.py out/run CKPT --repo user/name [--private] [--format remote|llava] [--yes]
+    python push.py out/run --repo user/name --local-dir exported/   # writes the folder, uploads nothing
+
+Read top to bottom, this is the path from a checkpoint to the Hub:
+  1. the checkpoint  - out/<run>/final (save_pretrained of VLMForCausalLM + VLMProcessor) and the
+                       optional train_config.json / train_summary.json next to it.
+  2. the format      - `llava`: transformers' own LlavaForConditionalGeneration, loads with no
+                       remote code (pipelines, lmms-eval); `remote`: our model + model.py shipped
+                       as remote code (`trust_remote_code=True`), for what Llava cannot express.
+  3. the model card  - README.md: base models, connector, training settings, final loss, usage.
+  4. the load check  - a fresh Python process, outside this repository, loads the folder and runs
+                       one forward pass; a folder that does not load is never uploaded.
+  5. the upload      - huggingface_hub: create_repo + upload_folder, token from HF_TOKEN or
+                       `hf auth login`. The token is never printed or written to the folder.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from PIL import Image
+from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaImageProcessorPil, LlavaProcessor
+
+from model import VLMConfig, VLMForCausalLM, VLMProcessor, vision_has_cls
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class PushError(Exception):
+    """Bad input or an export that does not work: main prints it as one `error: ...` line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The checkpoint
+
+
+def resolve_checkpoint(path):
+    """out/<run> or out/<run>/final -> the folder holding the saved model and processor."""
+    final = os.path.join(path, "final")
+    folder = final if os.path.isdir(final) else path
+    config_file = os.path.join(folder, "config.json")
+    model_type = read_json(config_file).get("model_type") if os.path.isfile(config_file) else None
+    if model_type != "small_vlm" or not os.path.isfile(os.path.join(folder, "processor_config.json")):
+        raise PushError(
+            f"{path!r} is not a small-vlm checkpoint: expected config.json (model_type 'small_vlm') and "
+            f"processor_config.json in it or in its final/ folder; pass out/<run> or out/<run>/final from train.py"
+        )
+    return folder
+
+
+def read_run_info(folder):
+    """(train_config, train_summary) dicts written by train.py, looked for in final/ and in the run
+    folder above it; {} when missing (a checkpoint saved by hand has neither)."""
+    def find(name):
+        for where in (folder, os.path.dirname(os.path.abspath(folder))):
+            if os.path.isfile(os.path.join(where, name)):
+                return read_json(os.path.join(where, name))
+        return {}
+    return find("train_config.json"), find("train_summary.json")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def check_repo_id(repo_id):
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id or ""):
+        raise PushError(f"repo id {repo_id!r} must look like user/name (your Hub user or organization, a slash, a name)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The formats
+
+# Our connector -> LlavaMultiModalProjector, which is always Linear, act, Linear (with bias).
+LLAVA_PROJECTOR_ACT = {"mlp2x_gelu": "gelu", "mlp2x_relu": "relu", "mlp2x_silu": "silu"}
+LLAVA_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+# Our parameter names -> LlavaForConditionalGeneration's (prefix -> prefix). Every key must match one.
+LLAVA_NAMES = [
+    ("connector.0.", "model.multi_modal_projector.linear_1."),
+    ("connector.2.", "model.multi_modal_projector.linear_2."),
+    ("vision_tower.", "model.vision_tower."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+]
+
+
+def llava_blocker(config):
+    """Why LlavaForConditionalGeneration cannot express this model, or None when it can."""
+    if config.connector not in LLAVA_PROJECTOR_ACT:
+        return (f"connector {config.connector!r} has no Llava equivalent (LlavaMultiModalProjector is always "
+                f"Linear, activation, Linear: one of {sorted(LLAVA_PROJECTOR_ACT)})")
+    if config.vision_config.model_type not in LLAVA_VISION_TOWERS:
+        return f"vision tower {config.vision_config.model_type!r} is not one of {LLAVA_VISION_TOWERS}"
+    return None
+
+
+def choose_format(config, requested):
+    """The requested format, or llava when it can express the model and remote otherwise."""
+    blocker = llava_blocker(config)
+    if requested == "llava" and blocker:
+        raise PushError(f"cannot export as llava: {blocker}; use --format remote (ships model.py as remote code)")
+    if requested:
+        return requested
+    fmt = "remote" if blocker else "llava"
+    print(f"format: {fmt}" + (f" (llava is not possible: {blocker})" if blocker else " (native transformers LLaVA)"))
+    return fmt
+
+
+def load_checkpoint(src):
+    """Model in its saved dtype (bf16 stays bf16) and processor."""
+    return VLMForCausalLM.from_pretrained(src, dtype="auto").eval(), VLMProcessor.from_pretrained(src)
+
+
+def export_remote(src, dst):
+    """Our classes as saved by save_pretrained, plus auto_map entries that point the Auto classes at
+    model.py, which is copied byte for byte so the Hub runs exactly the code that trained the model."""
+    model, processor = load_checkpoint(src)
+    model.save_pretrained(dst)  # model.safetensors + config.json + generation_config.json
+    processor.save_pretrained(dst)  # processor_config.json, tokenizer files, chat_template.jinja
+    config = read_json(os.path.join(dst, "config.json"))
+    config["auto_map"] = {
+        "AutoConfig": "model.VLMConfig",
+        "AutoModel": "model.VLMForCausalLM",
+        "AutoModelForCausalLM": "model.VLMForCausalLM",
+        "AutoModelForImageTextToText": "model.VLMForCausalLM",
+    }
+    write_json(os.path.join(dst, "config.json"), config)
+    processor_config = read_json(os.path.join(dst, "processor_config.json"))
+    processor_config["auto_map"] = {"AutoProcessor": "model.VLMProcessor"}  # loads its image processor itself
+    write_json(os.path.join(dst, "processor_config.json"), processor_config)
+    shutil.copyfile(os.path.join(ROOT, "model.py"), os.path.join(dst, "model.py"))
+
+
+def export_llava(src, dst):
+    """The same weights in transformers' LlavaForConditionalGeneration, saved by its own save_pretrained."""
+    model, processor = load_checkpoint(src)
+    blocker = llava_blocker(model.config)
+    if blocker:
+        raise PushError(f"cannot export as llava: {blocker}; use --format remote")
+    # from_config builds LlavaForConditionalGeneration directly in config.dtype (bf16 stays bf16).
+    llava = AutoModelForImageTextToText.from_config(llava_config(model.config))
+    llava.load_state_dict(rename_to_llava(model.state_dict()), strict=True)
+    llava.generation_config = model.generation_config
+    llava.save_pretrained(dst)
+    llava_processor(processor, model.config).save_pretrained(dst)
+    # Pad on the left as our processor does, so batched generation continues every row at its end
+    # (save_pretrained writes padding_side only when the tokenizer was created with it).
+    tokenizer_config = read_json(os.path.join(dst, "tokenizer_config.json"))
+    tokenizer_config["padding_side"] = "left"
+    write_json(os.path.join(dst, "tokenizer_config.json"), tokenizer_config)
+
+
+def llava_config(config):
+    """VLMConfig -> LlavaConfig. LLaVA's "default" feature strategy drops CLS; "full" keeps every
+    token (CLIP with drop_cls=False, or SigLIP, which has no CLS)."""
+    drops_cls = config.drop_cls and vision_has_cls(config.vision_config)
+    return LlavaConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=config.text_config.to_dict(),
+        image_token_id=config.image_token_id,
+        image_seq_length=config.num_image_tokens,
+        projector_hidden_act=LLAVA_PROJECTOR_ACT[config.connector],
+        multimodal_projector_bias=True,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy="default" if drops_cls else "full",
+        dtype=config.dtype,
+    )
+
+
+def rename_to_llava(state_dict):
+    """Our state dict with LlavaForConditionalGeneration's names (table LLAVA_NAMES)."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        for ours, theirs in LLAVA_NAMES:
+            if name.startswith(ours):
+                renamed[theirs + name[len(ours):]] = tensor
+                break
+        else:
+            raise PushError(f"weight {name!r} has no Llava name in LLAVA_NAMES; use --format remote")
+    return renamed
+
+
+def llava_processor(processor, config):
+    """A LlavaProcessor that writes the same input_ids and pixel_values as our VLMProcessor.
+    LlavaImageProcessor's do_pad is LLaVA's expand2square (mean colour, centred), as our aspect 'pad'.
+    Aspect 'resize' maps to shortest-edge resize + centre crop; transformers rounds the long side
+    down (as CLIPImageProcessor, which LLaVA used) where ours rounds to nearest, so for some aspect
+    ratios the pixels differ slightly."""
+    ours = processor.image_processor
+    if ours.aspect == "resize":
+        print("note: image aspect 'resize': LlavaImageProcessor rounds the resized long side down where small-vlm "
+              "rounds to nearest, so some aspect ratios give slightly different pixels; --format remote is exact")
+    image_processor = LlavaImageProcessorPil(
+        do_pad=ours.aspect == "pad",
+        size={"shortest_edge": ours.size},
+        crop_size={"height": ours.size, "width": ours.size},
+        resample=Image.Resampling.BICUBIC,  # as ours
+        image_mean=ours.image_mean,
+        image_std=ours.image_std,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=llava_config(config).vision_feature_select_strategy,
+        num_additional_image_tokens=int(vision_has_cls(config.vision_config)),  # the CLS token
+        image_token=config.image_token,
+        chat_template=processor.chat_template,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The model card
+
+USAGE = {
+    "llava": """```python
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+processor = AutoProcessor.from_pretrained("{repo}")
+model = LlavaForConditionalGeneration.from_pretrained("{repo}")
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=Image.open("photo.jpg"), text=prompt, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+It also works with `pipeline("image-text-to-text", model="{repo}")` and lmms-eval's `llava_hf` model.""",
+    "remote": """```python
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=prompt, images=Image.open("photo.jpg"))
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+The model code is `model.py` in this repository (small-vlm's, unchanged); `trust_remote_code=True` runs it.""",
+}
+
+
+def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
+    """README.md: what the model is made of, how it was trained, how to run it."""
+    base_models = [name for name in (config.vision_model, config.llm) if is_hub_id(name)]
+    header = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
+              "tags:", "- small-vlm", "- llava" if fmt == "llava" else "- custom_code"]
+    if base_models:
+        header += ["base_model:"] + [f"- {name}" for name in base_models]
+    header.append("---")
+    lines = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        "A LLaVA-style vision-language model trained with small-vlm "
+        f"({'native transformers LLaVA format' if fmt == 'llava' else 'small-vlm remote-code format'}).",
+        "",
+        f"- vision encoder: `{config.vision_model or 'unknown'}` (layer {config.vision_feature_layer}, "
+        f"{'CLS dropped' if config.drop_cls else 'CLS kept'}, {config.num_image_tokens} tokens per image)",
+        f"- language model: `{config.llm or 'unknown'}`",
+        f"- connector: `{config.connector}`",
+    ]
+    if train_summary:
+        lines.append(f"- final training loss: {train_summary.get('final_loss', 'n/a')} after "
+                     f"{train_summary.get('steps', '?')} steps ({train_summary.get('samples', '?')} samples)")
+    scalars = {k: v for k, v in train_config.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    if scalars:
+        lines += ["", "## Training configuration", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {key} | `{value}` |" for key, value in scalars.items()]
+    lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id), ""]
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write("\n".join(header + lines))
+
+
+def is_hub_id(name):
+    """base_model metadata must name Hub repos; local folders (tiny test models) are left out."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name or "")) and not os.path.exists(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The load check: the folder alone, in a fresh process, outside this repository
+
+LOAD_CHECK = """
+import sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+folder, remote = sys.argv[1], sys.argv[2] == "remote"
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=remote).eval()
+image = Image.new("RGB", (64, 48), (120, 60, 30))
+inputs = processor(text=processor.image_token + "\\nWhat is in the image?", images=image, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+assert torch.isfinite(logits.float()).all(), "non-finite logits"
+print(f"{type(model).__name__} loads; logits {tuple(logits.shape)}")
+"""
+
+
+def check_loads(folder, fmt):
+    """Loads `folder` in a new Python (cwd elsewhere, no PYTHONPATH, offline) and runs one forward
+    pass, so a folder that only works next to this repository's model.py is caught before upload."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"  # the folder must be complete on its own
+    with tempfile.TemporaryDirectory() as cwd:
+        result = subprocess.run([sys.executable, "-c", LOAD_CHECK, os.path.abspath(folder), fmt],
+                                cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PushError(f"the exported folder {folder} does not load in a fresh Python process ({last}); nothing was uploaded")
+    print(result.stdout.strip())
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The upload
+
+
+def hub_api():
+    """HfApi with the token from HF_TOKEN or the saved login."""
+    token = get_token()
+    if not token:
+        raise PushError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a write token), or use --local-dir")
+    return HfApi(token=token)
+
+
+def confirm_overwrite(api, repo_id, yes, ask=None):
+    """An existing repo is overwritten only with --yes or a 'y' to the question (interactive mode)."""
+    if not api.repo_exists(repo_id) or yes:
+        return
+    if ask and ask(f"{repo_id} already exists on the Hub. Overwrite its files? [y/N] ").strip().lower() in ("y", "yes"):
+        return
+    raise PushError(f"repo {repo_id} already exists on the Hub; pass --yes to overwrite it")
+
+
+def upload(api, folder, repo_id, private):
+    """Creates the repo if needed and replaces its files with `folder`'s in one commit."""
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if private:  # create_repo leaves an existing repo's visibility alone
+        api.update_repo_settings(repo_id, private=True)
+    # delete_patterns="*": files from an earlier push that this folder lacks are removed
+    # (e.g. model.py after switching to the llava format); .gitattributes is always kept.
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload small-vlm model",
+                      delete_patterns="*")
+    return f"https://huggingface.co/{repo_id}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_folder(src, folder, fmt, config, repo_id):
+    """Everything that will be uploaded: the exported model, its card, checked to load on its own."""
+    os.makedirs(folder, exist_ok=True)
+    if fmt == "llava":
+        export_llava(src, folder)
+    else:
+        export_remote(src, folder)
+    write_model_card(folder, config, fmt, repo_id, *read_run_info(src))
+    check_loads(folder, fmt)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Publish a small-vlm checkpoint to the Hugging Face Hub.")
+    parser.add_argument("checkpoint", help="out/<run> or out/<run>/final")
+    parser.add_argument("--repo", required=True, help="Hub repo id, user/name")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--format", choices=["remote", "llava"], help="default: llava when possible, else remote")
+    parser.add_argument("--yes", action="store_true", help="overwrite an existing repo without asking")
+    parser.add_argument("--local-dir", help="write the folder that would be uploaded here and upload nothing")
+    return parser.parse_args(argv)
+
+
+def ask_args(ask):
+    """The interactive mode (no arguments): the same settings, asked one by one."""
+    checkpoint = ask("Checkpoint folder (out/<run> or out/<run>/final): ").strip()
+    repo = ask("Hub repo id (user/name): ").strip()
+    private = ask("Public or private? [public/private] ").strip().lower().startswith("priv")
+    return argparse.Namespace(checkpoint=checkpoint, repo=repo, private=private, format=None, yes=False,
+                              local_dir=None)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    interactive = len(argv) == 0
+    try:
+        args = ask_args(input) if interactive else parse_args(argv)
+        check_repo_id(args.repo)
+        src = resolve_checkpoint(args.checkpoint)
+        model_config = VLMConfig.from_pretrained(src)
+        fmt = choose_format(model_config, args.format)
+        if args.local_dir and os.path.isdir(args.local_dir) and os.listdir(args.local_dir):
+            raise PushError(f"--local-dir {args.local_dir} is not empty; give a new or empty folder")
+        if args.local_dir is None:  # token and overwrite checks come before the slow export
+            api = hub_api()
+            confirm_overwrite(api, args.repo, args.yes, ask=input if interactive else None)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = args.local_dir or tmp
+            build_folder(src, folder, fmt, model_config, args.repo)
+            if args.local_dir is not None:
+                print(f"wrote {fmt} folder {folder} (nothing uploaded)")
+                return 0
+            url = upload(api, folder, args.repo, args.private)
+        print(f"uploaded {fmt} model to {url} ({'private' if args.private else 'public'})")
+        return 0
+    except PushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except HfHubHTTPError as e:  # e.g. 401 bad token, 403 read-only token or someone else's namespace
+        print(f"error: the Hub refused the request for {args.repo}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""push.py: both export formats load outside this repository and reproduce the project model; the
+upload sends exactly the built folder; bad input stops with one `error:` line and uploads nothing."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import push
+from model import build_vlm, make_tiny_backbones
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# llava-hf's message convention: content is a string or a list of {"type": "image"} / {"type": "text"}.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+SECRET = "hf_SECRETtoken1234567890"
+
+
+def make_image():
+    """Non-square, so the pad-to-square step is exercised: (H, W) = (24, 40)."""
+    return Image.fromarray(np.random.RandomState(0).randint(0, 256, (24, 40, 3), dtype=np.uint8))
+
+
+def save_run(model, processor, run_dir):
+    """A run folder as train.py writes it: final/ plus the two JSON files."""
+    processor.chat_template = CHAT_TEMPLATE
+    model.save_pretrained(os.path.join(run_dir, "final"))
+    processor.save_pretrained(os.path.join(run_dir, "final"))
+    with open(os.path.join(run_dir, "train_config.json"), "w") as f:
+        json.dump({"template": "vicuna_v1", "image_aspect": "pad", "lr_llm": 2e-5, "batch_size": 4}, f)
+    with open(os.path.join(run_dir, "train_summary.json"), "w") as f:
+        json.dump({"final_loss": 1.2345, "steps": 10, "samples": 40}, f)
+    return str(run_dir)
+
+
+@pytest.fixture
+def run(tiny_vlm, tmp_path, monkeypatch):
+    """(run_dir, model, processor); remote-code modules are cached under tmp_path, not in ~/.cache."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model, processor = tiny_vlm
+    return save_run(model, processor, tmp_path / "run"), model, processor
+
+
+def project_outputs(model, processor, image):
+    inputs = processor(text=processor.apply_chat_template(MESSAGES, add_generation_prompt=True), images=image)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    return inputs, logits, generated
+
+
+class FakeHub:
+    """Stands in for HfApi: records every call and the files of the folder at upload time."""
+
+    def __init__(self, exists=False):
+        self.exists, self.calls, self.files, self.tokens = exists, [], {}, []
+
+    def __call__(self, token=None):  # push.HfApi(token=...) returns this object
+        self.tokens.append(token)
+        return self
+
+    def repo_exists(self, repo_id):
+        return self.exists
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def update_repo_settings(self, repo_id, **kwargs):
+        self.calls.append(("update_repo_settings", repo_id, kwargs))
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        for name in os.listdir(folder_path):
+            with open(os.path.join(folder_path, name), "rb") as f:
+                self.files[name] = f.read()
+
+
+REMOTE_LOAD = """
+import json, sys, torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+folder, image_path, out = sys.argv[1:4]
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+assert "model" not in sys.modules, "the repository's model.py was imported"
+inputs = processor(text=processor.apply_chat_template(json.loads(sys.argv[4]), add_generation_prompt=True),
+                   images=Image.open(image_path))
+with torch.no_grad():
+    logits = model(**inputs).logits
+generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+torch.save({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits,
+            "generated": generated, "module": type(model).__module__}, out)
+"""
+
+
+def test_remote_folder_loads_without_this_repository(run, tmp_path):
+    run_dir, model, processor = run
+    folder = tmp_path / "remote"
+    assert push.main([run_dir, "--repo", "me/tiny", "--format", "remote", "--local-dir", str(folder)]) == 0
+    with open(folder / "model.py", "rb") as exported, open(os.path.join(ROOT, "model.py"), "rb") as ours:
+        assert exported.read() == ours.read()
+    assert "1.2345" in (folder / "README.md").read_text()  # final loss from train_summary.json
+
+    image_path, out = tmp_path / "image.png", tmp_path / "remote_outputs.pt"
+    make_image().save(image_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(folder), str(image_path), str(out),
+                             json.dumps(MESSAGES)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(out)
+    inputs, logits, generated = project_outputs(model, processor, Image.open(image_path))
+    assert remote["module"].startswith("transformers_modules.")  # the folder's copy of model.py ran
+    assert torch.equal(remote["input_ids"], inputs["input_ids"])
+    assert torch.equal(remote["pixel_values"], inputs["pixel_values"])
+    assert torch.equal(remote["logits"], logits)
+    assert torch.equal(remote["generated"], generated)
+
+
+def test_llava_folder_matches_project_model(run, tmp_path, capsys):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
+
+    run_dir, model, processor = run
+    folder = tmp_path / "llava"
+    assert push.main([run_dir, "--repo", "me/tiny", "--local-dir", str(folder)]) == 0
+    assert "format: llava" in capsys.readouterr().out  # the default, announced
+    assert not (folder / "model.py").exists()
+    llava = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    llava_processor = AutoProcessor.from_pretrained(folder)
+
+    image = make_image()
+    prompt = llava_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    llava_inputs = llava_processor(images=image, text=prompt, return_tensors="pt")
+    inputs, logits, generated = project_outputs(model, processor, image)
+    assert torch.equal(llava_inputs["input_ids"], inputs["input_ids"])
+    torch.testing.assert_close(llava_inputs["pixel_values"], inputs["pixel_values"], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        llava_logits = llava(**llava_inputs).logits
+    torch.testing.assert_close(llava_logits, logits, atol=1e-5, rtol=0)
+    llava_generated = llava.generate(**llava_inputs, max_new_tokens=5, do_sample=False)
+    assert llava_processor.batch_decode(llava_generated) == processor.batch_decode(generated)
+
+    pipe = pipeline("image-text-to-text", model=str(folder))
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]}]
+    reply = pipe(text=chat, max_new_tokens=3)[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+
+
+def test_llava_export_of_siglip_and_tied_qwen2_matches(tmp_path):
+    """SigLIP has no CLS (strategy "full"); Qwen2 ties lm_head to the embeddings."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model, processor = build_vlm(*make_tiny_backbones(str(tmp_path), vision="siglip", llm="qwen2"))
+    model.save_pretrained(tmp_path / "final")
+    processor.save_pretrained(tmp_path / "final")
+    push.export_llava(str(tmp_path / "final"), str(tmp_path / "llava"))
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    llava_processor = AutoProcessor.from_pretrained(tmp_path / "llava")
+    assert llava.config.vision_feature_select_strategy == "full"
+    assert llava.lm_head.weight.data_ptr() == llava.get_input_embeddings().weight.data_ptr()
+    text = "<image>\nWhat is in the image?"
+    inputs = processor(text=text, images=make_image())
+    llava_inputs = llava_processor(text=text, images=make_image(), return_tensors="pt")
+    assert torch.equal(llava_inputs["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(llava(**llava_inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=0)
+
+
+def test_interactive_upload_sends_the_folder_and_never_the_token(run, monkeypatch, capsys):
+    run_dir, _, _ = run
+    hub = FakeHub(exists=True)
+    monkeypatch.setattr(push, "HfApi", hub)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    answers = iter([run_dir, "me/tiny", "private", "y"])  # checkpoint, repo, visibility, overwrite?
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+
+    assert push.main([]) == 0
+    assert hub.tokens == [SECRET]
+    assert hub.calls == [
+        ("create_repo", "me/tiny", {"private": True, "exist_ok": True}),
+        ("update_repo_settings", "me/tiny", {"private": True}),
+        ("upload_folder", "me/tiny", {"commit_message": "Upload small-vlm model", "delete_patterns": "*"}),
+    ]
+    assert sorted(hub.files) == ["README.md", "chat_template.jinja", "config.json", "generation_config.json",
+                                 "model.safetensors", "processor_config.json", "tokenizer.json",
+                                 "tokenizer_config.json"]
+    assert json.loads(hub.files["config.json"])["model_type"] == "llava"
+    assert not any(SECRET.encode() in content for content in hub.files.values())
+    output = capsys.readouterr()
+    assert SECRET not in output.out + output.err
+
+
+def test_folder_that_does_not_load_is_not_uploaded(run, monkeypatch, capsys):
+    run_dir, _, _ = run
+    hub = FakeHub()
+    monkeypatch.setattr(push, "HfApi", hub)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    real_export = push.export_remote
+
+    def export_without_weights(src, dst):
+        real_export(src, dst)
+        os.remove(os.path.join(dst, "model.safetensors"))
+
+    monkeypatch.setattr(push, "export_remote", export_without_weights)
+    capsys.readouterr()
+    assert push.main([run_dir, "--repo", "me/tiny", "--format", "remote"]) == 2
+    assert "does not load in a fresh Python process" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert hub.calls == []
+
+
+def linear_run(tiny_backbones, tmp_path):
+    model, processor = build_vlm(*tiny_backbones, connector="linear")
+    return save_run(model, processor, tmp_path / "linear_run")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("not_a_checkpoint", "is not a small-vlm checkpoint"),
+    ("repo_without_slash", "must look like user/name"),
+    ("existing_repo_without_yes", "already exists on the Hub; pass --yes"),
+    ("no_token", "no Hugging Face token"),
+    ("local_dir_not_empty", "is not empty"),
+    ("llava_with_linear_connector", "cannot export as llava: connector 'linear'"),
+])
+def test_bad_input_is_one_error_line_and_uploads_nothing(case, expected, run, tiny_backbones, tmp_path,
+                                                         monkeypatch, capsys):
+    run_dir, _, _ = run
+    hub = FakeHub(exists=case == "existing_repo_without_yes")
+    monkeypatch.setattr(push, "HfApi", hub)
+    monkeypatch.setattr(push, "get_token", lambda: None if case == "no_token" else SECRET)
+    argv = {
+        "not_a_checkpoint": [str(tmp_path), "--repo", "me/tiny"],
+        "repo_without_slash": [run_dir, "--repo", "tiny"],
+        "existing_repo_without_yes": [run_dir, "--repo", "me/tiny"],
+        "no_token": [run_dir, "--repo", "me/tiny"],
+        "local_dir_not_empty": [run_dir, "--repo", "me/tiny", "--local-dir", run_dir],
+        "llava_with_linear_connector": [linear_run(tiny_backbones, tmp_path), "--repo", "me/tiny", "--format", "llava"],
+    }[case]
+    capsys.readouterr()  # drop what building the fixtures logged
+    assert push.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+    if case == "llava_with_linear_connector":
+        assert "--format remote" in err[0]
+    assert [call[0] for call in hub.calls if call[0] != "repo_exists"] == []
+
+
+def test_default_format_falls_back_to_remote_and_says_why(tiny_backbones, tmp_path, capsys):
+    config = push.VLMConfig.from_pretrained(os.path.join(linear_run(tiny_backbones, tmp_path), "final"))
+    assert push.choose_format(config, None) == "remote"
+    assert "format: remote (llava is not possible: connector 'linear'" in capsys.readouterr().out
