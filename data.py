@@ -1,0 +1,633 @@
+"""The small-vlm data pipeline: from LLaVA JSON records to padded training batches.
+
+Read top to bottom, this is the path of one record to a batch:
+  1. load_records          - JSON / JSONL / Hub records -> a memory-mapped Arrow `datasets.Dataset`.
+  2. render_pieces         - a conversation -> prompt text as (text, supervised) pieces, per template.
+  3. tokenize_conversation - the pieces -> input_ids and labels, built together from one tokenization.
+  4. chat_template_for     - the same prompt format as a Jinja chat template, for inference.
+  5. VLMDataset            - record -> {input_ids, labels, pixel_values}; bad records raise or skip.
+  6. collate               - samples -> a right-padded batch with all images stacked.
+  7. LengthGroupedSampler  - LLaVA's modality-aware length grouping, sharded across ranks.
+  8. the demo data         - a synthetic coloured-shapes task drawn with PIL (`python data.py --make-demo DIR`).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from model import IGNORE_INDEX, IMAGE_TOKEN
+
+TEMPLATES = ("plain", "vicuna_v1", "chat")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}  # LLaVA's "from" -> chat role
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Loading records
+
+# Every record is normalised to these columns, so files that mix records with no "image", one
+# image (a string) and several images (a list) load into one schema without inference guesses.
+RECORD_FEATURES = datasets.Features({
+    "id": datasets.Value("string"),
+    "image": datasets.List(datasets.Value("string")),  # relative paths, [] for text-only records
+    "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
+})
+
+
+def load_records(data_path):
+    """LLaVA records as an Arrow dataset. data_path: a path, "a.json,b.jsonl", a list of those, or a
+    Hub dataset id. The first load converts the files to Arrow in the `datasets` cache; later loads
+    memory-map that cache (keyed on the files' paths, sizes and modification times) in seconds."""
+    paths = data_path.split(",") if isinstance(data_path, str) else list(data_path)
+    parts = [load_one_source(path.strip()) for path in paths if path.strip()]
+    if not parts:
+        raise ValueError(f"data_path={data_path!r} names no file")
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def load_one_source(path):
+    if os.path.isfile(path):
+        return load_json_file(path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".json", ".jsonl")):
+        hub = datasets.load_dataset(path, split="train")
+        return hub.map(lambda batch: normalise_batch(batch, path), batched=True,
+                       remove_columns=hub.column_names, features=RECORD_FEATURES)
+    raise FileNotFoundError(f"data file {path!r} does not exist (give a JSON/JSONL file or a Hub dataset id)")
+
+
+CACHE_VERSION = 1  # part of the Arrow cache key: bump it when read_json_records changes what it writes
+
+
+def load_json_file(path):
+    stat = os.stat(path)
+    key = json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, CACHE_VERSION])
+    try:
+        return datasets.Dataset.from_generator(
+            read_json_records, features=RECORD_FEATURES, gen_kwargs={"path": path},
+            fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+        )
+    except datasets.exceptions.DatasetGenerationError as e:  # datasets wraps our own errors: unwrap them
+        raise e.__cause__ if isinstance(e.__cause__, ValueError) else e
+
+
+def read_json_records(path):
+    """Yields normalised records one at a time from a JSON list or a JSONL file (decided by the
+    first character), so the 665K-record list is never held as Python objects all at once."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    records = iter_json_list(text, path) if text.lstrip().startswith("[") else iter_jsonl(text, path)
+    index = -1
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: the record at index {index} is a {type(record).__name__}, "
+                             "expected a JSON object")
+        yield normalise_record(record, f"{os.path.basename(path)}:{index}")
+    if index < 0:
+        raise ValueError(f"{path} holds no records (expected a JSON list or JSONL of LLaVA records)")
+
+
+def iter_json_list(text, path):
+    """The items of a JSON list, decoded one by one with raw_decode."""
+    decoder, whitespace = json.JSONDecoder(), re.compile(r"\s*")
+    pos = whitespace.match(text, text.index("[") + 1).end()
+    try:
+        while text[pos:pos + 1] != "]":
+            record, pos = decoder.raw_decode(text, pos)
+            yield record
+            pos = whitespace.match(text, pos).end()
+            if text[pos:pos + 1] == ",":  # another record must follow (no trailing comma in JSON)
+                pos = whitespace.match(text, pos + 1).end()
+                if text[pos:pos + 1] == "]":
+                    raise json.JSONDecodeError("trailing ',' before ']'", text, pos)
+            elif text[pos:pos + 1] != "]":
+                raise json.JSONDecodeError("expected ',' or ']' after a record", text, pos)
+        if text[pos + 1:].strip():
+            raise json.JSONDecodeError("extra data after the closing ']'", text, pos + 1)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+
+
+def iter_jsonl(text, path):
+    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {line_number}: malformed JSON ({e.msg}, column {e.colno})") from e
+
+
+def normalise_record(record, default_id):
+    """{"id": str, "image": [str, ...], "conversations": [{"from": str, "value": str}, ...]}. Missing
+    or odd fields become empty values here; VLMDataset reports them per record, with the id."""
+    image = record.get("image")
+    images = [] if image is None else [image] if isinstance(image, str) else [str(path) for path in image]
+    turns = record.get("conversations") or []
+    turns = [t if isinstance(t, dict) else {} for t in turns]  # a non-object turn fails as an unknown role
+    turns = [{"from": str(t.get("from", "")), "value": "" if t.get("value") is None else str(t["value"])}
+             for t in turns]
+    return {"id": str(record.get("id", default_id)), "image": images, "conversations": turns}
+
+
+def normalise_batch(batch, source):
+    """normalise_record over a batch of Hub records (columns -> rows -> columns)."""
+    n = len(next(iter(batch.values())))
+    rows = [normalise_record({key: values[i] for key, values in batch.items()}, f"{source}:{i}") for i in range(n)]
+    return {key: [row[key] for row in rows] for key in RECORD_FEATURES}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Rendering a conversation as prompt text
+
+
+def render_pieces(conversations, template, tokenizer):
+    """The prompt as [(text, supervised), ...]; "".join(texts) is the full prompt text. Supervised
+    pieces are what the model must generate: the assistant answers with their end-of-turn marker."""
+    turns = check_turns(conversations)
+    if template == "plain":
+        return plain_pieces(turns)
+    if template == "vicuna_v1":
+        return vicuna_pieces(turns, tokenizer.eos_token)
+    if template == "chat":
+        return chat_pieces(turns, tokenizer)
+    raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+
+
+def check_turns(conversations):
+    """[(role, text)] with role user/assistant, alternating from a user turn to an assistant turn."""
+    if not conversations:
+        raise ValueError("the record has no conversations")
+    turns = []
+    for i, turn in enumerate(conversations):
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"turn {i} has unknown role from={turn['from']!r}; valid: {', '.join(ROLES)}")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"turn {i} is from {turn['from']!r} but a {expected} turn was expected "
+                             "(turns alternate human, gpt, human, gpt, ...)")
+        if role == "assistant" and not turn["value"].strip():
+            raise ValueError(f"turn {i} is an empty assistant turn")
+        turns.append((role, move_images_to_front(turn["value"]) if role == "user" else turn["value"]))
+    if turns[-1][0] != "assistant":
+        raise ValueError("the conversation ends with a human turn; it must end with a gpt answer")
+    return turns
+
+
+def move_images_to_front(text):
+    """LLaVA puts every <image> at the start of its turn: "<image>\\n" + the rest of the text."""
+    n = text.count(IMAGE_TOKEN)
+    return (IMAGE_TOKEN + "\n") * n + text.replace(IMAGE_TOKEN, "").strip() if n else text
+
+
+def plain_pieces(turns):
+    """Stage 1: the human turn is replaced by its image(s); the caption and "\\n" are supervised."""
+    if len(turns) != 2:
+        raise ValueError(f"the plain template takes one human and one gpt turn, got {len(turns)} turns")
+    pieces = [(IMAGE_TOKEN * turns[0][1].count(IMAGE_TOKEN), False), (turns[1][1] + "\n", True)]
+    return [piece for piece in pieces if piece[0]]
+
+
+def vicuna_pieces(turns, eos):
+    """LLaVA-1.5: "{system} USER: {q} ASSISTANT: {a}</s>USER: ...". The space before each answer
+    belongs to the answer: the inference prompt ends at "ASSISTANT:" and the model writes " {a}</s>"."""
+    pieces = [(VICUNA_SYSTEM + " ", False)]
+    for (_, question), (_, answer) in zip(turns[0::2], turns[1::2]):
+        pieces += [(f"USER: {question} ASSISTANT:", False), (f" {answer}{eos}", True)]
+    return pieces
+
+
+def chat_pieces(turns, tokenizer):
+    """The tokenizer's chat template. The answer to message k is what rendering messages[:k+1] adds
+    to the prompt messages[:k] + generation prompt (minus trailing whitespace after its end marker);
+    that only works when every shorter rendering is a prefix of the full one."""
+    if not tokenizer.chat_template:
+        raise ValueError("template='chat' needs a tokenizer with a chat template; use vicuna_v1 or plain")
+    messages = [{"role": role, "content": text} for role, text in turns]
+
+    def render(upto, add_generation_prompt):
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    full = render(len(messages), False)
+    pieces, done = [], 0
+    for k in range(1, len(messages), 2):
+        prompt, turn = render(k, True), render(k + 1, False)
+        start, end = len(prompt), len(turn.rstrip())
+        if not (full.startswith(prompt) and full.startswith(turn) and done <= start < end
+                and messages[k]["content"] in full[start:end]):
+            raise ValueError(
+                "the tokenizer's chat template is not prefix-stable (rendering the first "
+                f"{k} messages with add_generation_prompt=True is not a prefix of the full conversation, or "
+                "the answer is not where expected), so the assistant spans cannot be found; "
+                "use template='vicuna_v1' or a prefix-stable chat template"
+            )
+        pieces += [(full[done:start], False), (full[start:end], True)]
+        done = end
+    pieces.append((full[done:], False))
+    return [piece for piece in pieces if piece[0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Tokenizing: input_ids and labels from one tokenization
+
+
+class SampleTooLong(ValueError):
+    """The record does not fit max_seq_len without cutting through image tokens (or its answers)."""
+
+
+def tokenize_conversation(conversations, template, processor, max_seq_len=None):
+    """(input_ids, labels) as lists of ints. The full prompt is tokenized once; a token is supervised
+    when its characters lie inside a supervised piece, so ids and labels cannot disagree (LLaVA's
+    "tokenization mismatch"). Each <image> id then becomes num_image_tokens image ids (label -100)."""
+    tokenizer = processor.tokenizer
+    if not tokenizer.is_fast:
+        raise ValueError("tokenize_conversation needs a fast tokenizer (for character offsets)")
+    pieces = render_pieces(conversations, template, tokenizer)
+    text = "".join(piece for piece, _ in pieces)
+    supervised_chars = np.zeros(len(text) + 1, dtype=bool)
+    start = 0
+    for piece, supervised in pieces:
+        supervised_chars[start:start + len(piece)] = supervised
+        start += len(piece)
+    # A chat template that writes the BOS itself must not get a second one from the tokenizer.
+    add_bos = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+    encoding = tokenizer(text, add_special_tokens=add_bos, return_offsets_mapping=True)
+
+    image_id = processor.image_token_id
+    input_ids, labels = [], []
+    for token_id, (begin, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+        if token_id == image_id:
+            input_ids += [image_id] * processor.num_image_tokens
+            labels += [IGNORE_INDEX] * processor.num_image_tokens
+        else:
+            input_ids.append(token_id)  # added tokens such as BOS have an empty span: never supervised
+            labels.append(token_id if end > begin and supervised_chars[begin:end].all() else IGNORE_INDEX)
+    if all(label == IGNORE_INDEX for label in labels):  # a silent all-masked sample would train on nothing
+        raise ValueError(f"no token lies inside an answer (every answer token straddles prompt text): {text!r}")
+    return truncate(input_ids, labels, image_id, max_seq_len)
+
+
+def truncate(input_ids, labels, image_id, max_seq_len):
+    """Cuts the tail beyond max_seq_len, but never through an image (its features must all fit)."""
+    if max_seq_len is None or len(input_ids) <= max_seq_len:
+        return input_ids, labels
+    image_positions = [i for i, token in enumerate(input_ids) if token == image_id]
+    if image_positions and image_positions[-1] >= max_seq_len:
+        raise SampleTooLong(f"{len(input_ids)} tokens, and its image tokens end at position "
+                            f"{image_positions[-1] + 1} > max_seq_len={max_seq_len}")
+    if all(label == IGNORE_INDEX for label in labels[:max_seq_len]):
+        raise SampleTooLong(f"{len(input_ids)} tokens, and no answer token within max_seq_len={max_seq_len}")
+    return input_ids[:max_seq_len], labels[:max_seq_len]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The same prompt format as a chat template, for inference
+
+# content (a string, or a list of {"type": "image"} / {"type": "text"} items) -> the turn text
+# training used: every image as "<image>\n" at the start of the turn (move_images_to_front).
+CONTENT_MACRO = r"""{%- macro vlm_content(content) -%}
+{%- if content is string -%}{%- set text = content -%}
+{%- else -%}{%- set text = '<image>' * (content | selectattr('type', 'equalto', 'image') | list | length)
+ + (content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}
+{%- endif -%}
+{%- set n = text.count('<image>') -%}
+{%- if n > 0 -%}{{ '<image>\n' * n + text.replace('<image>', '').strip() }}{%- else -%}{{ text }}{%- endif -%}
+{%- endmacro -%}
+"""
+
+PLAIN_TEMPLATE = r"""{%- for m in messages -%}
+{%- if m['role'] == 'user' -%}{{ '<image>' * vlm_content(m['content']).count('<image>') }}
+{%- elif m['role'] == 'assistant' -%}{{ vlm_content(m['content']) + '\n' }}{%- endif -%}
+{%- endfor -%}"""
+
+VICUNA_TEMPLATE = r"""{%- set system = SYSTEM -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set system = vlm_content(messages[0]['content']) -%}
+{%- endif -%}
+{{ system + ' ' }}
+{%- for m in messages if m['role'] != 'system' -%}
+{%- if m['role'] == 'user' -%}{{ 'USER: ' + vlm_content(m['content']) + ' ' }}
+{%- else -%}{{ 'ASSISTANT: ' + vlm_content(m['content']) + EOS }}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"""
+
+# The tokenizer's own template, after rewriting each message's content to a string.
+CHAT_PREAMBLE = r"""{%- set vlm = namespace(messages=[]) -%}
+{%- for m in messages -%}
+{%- set vlm.messages = vlm.messages + [{'role': m['role'], 'content': vlm_content(m['content'])}] -%}
+{%- endfor -%}
+{%- set messages = vlm.messages -%}
+"""
+
+
+def chat_template_for(template, tokenizer):
+    """A Jinja chat template that renders, with add_generation_prompt=True, exactly the training
+    prompt of render_pieces up to the answer. Stored on the final processor for eval and the Hub."""
+    if template == "plain":
+        return CONTENT_MACRO + PLAIN_TEMPLATE
+    if template == "vicuna_v1":
+        system, eos = json.dumps(VICUNA_SYSTEM), json.dumps(tokenizer.eos_token)  # as Jinja string literals
+        constants = f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}"
+        return CONTENT_MACRO + constants + VICUNA_TEMPLATE
+    if template == "chat":
+        if not tokenizer.chat_template:
+            raise ValueError("template='chat' needs a tokenizer with a chat template; use vicuna_v1 or plain")
+        return CONTENT_MACRO + CHAT_PREAMBLE + tokenizer.chat_template
+    raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The dataset
+
+
+class VLMDataset(torch.utils.data.Dataset):
+    """Records -> training samples. Records stay in Arrow; images are decoded in __getitem__."""
+
+    def __init__(self, data_path, image_folder, processor, template, max_seq_len=2048, skip_bad_samples=False):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+        self.records = load_records(data_path)
+        self.image_folder, self.processor, self.template = image_folder, processor, template
+        self.max_seq_len, self.skip_bad_samples = max_seq_len, skip_bad_samples
+        # LLaVA's modality_lengths: words + image tokens, no tokenizing or image decoding (cached by datasets).
+        estimates = self.records.map(estimate_lengths, batched=True, remove_columns=self.records.column_names,
+                                     fn_kwargs={"num_image_tokens": processor.num_image_tokens})
+        estimates = estimates.with_format("numpy")[:]  # {"length": (N,), "n_images": (N,)} arrays
+        self.lengths = estimates["length"].tolist()
+        self.has_image = (estimates["n_images"] > 0).tolist()
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        record = self.records[i]
+        try:
+            return self.build_sample(record)
+        except ValueError as e:
+            if self.skip_bad_samples:
+                return {"id": record["id"], "skipped": str(e)}
+            raise ValueError(f"record id={record['id']!r} (index {i}): {e}. Fix or remove the record, "
+                             "or set skip_bad_samples=True to skip such records.") from e
+
+    def build_sample(self, record):
+        n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in record["conversations"])
+        if n_markers != len(record["image"]):
+            raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers in the conversation but "
+                             f"{len(record['image'])} images {record['image']}")
+        input_ids, labels = tokenize_conversation(record["conversations"], self.template, self.processor,
+                                                  self.max_seq_len)
+        size = self.processor.image_processor.size
+        images = [self.processor.image_processor.transform(self.load_image(path)) for path in record["image"]]
+        return {
+            "id": record["id"],
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),  # (T,)
+            "labels": torch.tensor(labels, dtype=torch.long),  # (T,)
+            "pixel_values": torch.stack(images) if images else torch.zeros(0, 3, size, size),  # (n, 3, H, W)
+        }
+
+    def load_image(self, path):
+        full_path = os.path.join(self.image_folder, path)
+        try:
+            with Image.open(full_path) as image:
+                return image.convert("RGB")
+        except FileNotFoundError:
+            raise ValueError(f"image {full_path} not found (image_folder={self.image_folder!r})") from None
+        except OSError as e:
+            raise ValueError(f"image {full_path} cannot be read: {e}") from None
+
+
+def estimate_lengths(batch, num_image_tokens):
+    n_images = [len(images) for images in batch["image"]]
+    words = [sum(len(turn["value"].split()) for turn in turns) for turns in batch["conversations"]]
+    return {"length": [w + n * num_image_tokens for w, n in zip(words, n_images)], "n_images": n_images}
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Batching
+
+
+def collate(samples, pad_token_id):
+    """Right-padded (B, T) input_ids / attention_mask / labels and the batch's images (N, 3, H, W)
+    in sample order (None when it has none). Skipped samples are dropped and listed in "skipped";
+    a batch where every sample was skipped has B = 0."""
+    kept = [s for s in samples if "skipped" not in s]
+    longest = max((len(s["input_ids"]) for s in kept), default=0)
+    input_ids = torch.full((len(kept), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(kept), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(kept), longest), dtype=torch.long)
+    for row, sample in enumerate(kept):
+        n = len(sample["input_ids"])
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = sample["input_ids"], sample["labels"], 1
+    images = [s["pixel_values"] for s in kept if len(s["pixel_values"])]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": torch.cat(images) if images else None,
+        "ids": [s["id"] for s in kept],
+        "skipped": [(s["id"], s["skipped"]) for s in samples if "skipped" in s],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Length-grouped sampling
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """LLaVA's "group by modality length": image and text-only records form separate batches (a
+    batch never mixes them), records of similar length share a batch (less padding), and the
+    order of batches is shuffled. One global batch = micro_batch_size x world_size samples; rank r
+    takes slice r of every global batch. Deterministic for (seed, epoch)."""
+
+    def __init__(self, lengths, has_image, micro_batch_size, world_size=1, rank=0, seed=0, group_by_modality=True):
+        if len(lengths) != len(has_image) or not len(lengths):
+            raise ValueError(f"lengths ({len(lengths)}) and has_image ({len(has_image)}) must be equal and non-empty")
+        self.lengths, self.has_image = np.asarray(lengths), np.asarray(has_image, dtype=bool)
+        self.micro_batch_size, self.world_size, self.rank = micro_batch_size, world_size, rank
+        self.seed, self.group_by_modality = seed, group_by_modality
+        self.epoch, self.to_skip = 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def skip(self, n):
+        """The next pass starts after this rank's first n samples (resuming mid-epoch)."""
+        self.to_skip = n
+
+    def global_batches(self):
+        """[global batch of indices, ...] for this epoch, the same on every rank."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        size = self.micro_batch_size * self.world_size
+        everything = np.arange(len(self.lengths))
+        groups = [everything[self.has_image], everything[~self.has_image]] if self.group_by_modality else [everything]
+        batches, leftovers = [], []
+        for group in groups:
+            group = rng.permutation(group)
+            # A mega-batch of up to 50 global batches is sorted by length and cut into batches:
+            # neighbours in length share a batch, while the mega-batches keep the order random.
+            mega = size * max(1, min(50, len(group) // (4 * size)))
+            for begin in range(0, len(group), mega):
+                chunk = group[begin:begin + mega]
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                full = len(chunk) // size * size
+                batches += [chunk[b:b + size] for b in range(0, full, size)]
+                leftovers += list(chunk[full:])
+        batches = [batches[b] for b in rng.permutation(len(batches))]
+        # The incomplete remainders of the groups go last, sorted by length (LLaVA does the same).
+        # They are padded by repeating indices from the start of the epoch, so that every rank gets
+        # the same number of full micro-batches (as DistributedSampler does; a few samples are
+        # seen twice per epoch).
+        if leftovers:
+            tail = np.array(leftovers)[np.argsort(-self.lengths[leftovers], kind="stable")]
+            repeat = np.resize(np.concatenate(batches) if batches else tail, -len(tail) % size)
+            tail = np.concatenate([tail, repeat])
+            batches += [tail[b:b + size] for b in range(0, len(tail), size)]
+        return batches
+
+    def __iter__(self):
+        start = self.rank * self.micro_batch_size
+        mine = [int(i) for batch in self.global_batches() for i in batch[start:start + self.micro_batch_size]]
+        skip, self.to_skip = self.to_skip, 0
+        return iter(mine[skip:])
+
+    def __len__(self):
+        """Samples the next pass yields on this rank: ceil(N / global batch) micro-batches, less the skip."""
+        n_batches = math.ceil(len(self.lengths) / (self.micro_batch_size * self.world_size))
+        return max(0, n_batches * self.micro_batch_size - self.to_skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Demo data: one coloured shape on a grey background, at one of four positions
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}  # centre (x, y) in 64x64
+ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": tuple(POSITIONS)}
+QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?", "position": "Where is the shape?"}
+DESCRIBE = ("Describe the image.", "What is in the picture?", "Describe the shape.")
+DEMO_IMAGE_SIZE = 64
+
+
+def caption(colour, shape, position):
+    return f"a {colour} {shape} on the {position}"
+
+
+def text_only_question(word):
+    """A question answered without looking (the ~5% text-only records, like LLaVA's ShareGPT share)."""
+    return f"Is {word} a colour or a shape?"
+
+
+def demo_corpus():
+    """Every text the demo data can contain, plus the vicuna_v1 prompt words (to train the tiny tokenizer)."""
+    captions = [caption(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+    words = [text_only_question(w) for w in (*COLOURS, *SHAPES)] + ["colour", "shape"]
+    answers = [a for values in ANSWERS.values() for a in values]
+    return [VICUNA_SYSTEM, "USER: ASSISTANT:", IMAGE_TOKEN, *DESCRIBE, *QUESTIONS.values(), *answers, *words, *captions]
+
+
+def draw_shape(rng, colour, shape, position):
+    """A 64x64 RGB image: a jittered shape of the given colour centred near `position`."""
+    grey = rng.randint(190, 250)
+    image = Image.new("RGB", (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), (grey, grey, grey))
+    x, y = POSITIONS[position]
+    x, y, r = x + rng.randint(-3, 3), y + rng.randint(-3, 3), rng.randint(7, 11)
+    fill = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLOURS[colour])
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+    else:
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    return image
+
+
+def random_scene(rng, **fixed):
+    """(colour, shape, position), random except where given in `fixed`."""
+    return (fixed.get("colour") or rng.choice(ANSWERS["colour"]), fixed.get("shape") or rng.choice(SHAPES),
+            fixed.get("position") or rng.choice(ANSWERS["position"]))
+
+
+def save_scene(rng, image_dir, name, scene):
+    draw_shape(rng, *scene).save(os.path.join(image_dir, name))
+    return name
+
+
+def make_demo_data(out_dir, n_pretrain=2000, n_finetune=2000, n_eval=144, seed=0):
+    """Writes images/, pretrain.json (plain captions), finetune.json (QA, some multi-turn, ~5%
+    text-only) and eval.jsonl (questions balanced over answers) under out_dir; returns their paths.
+    Deterministic: the same arguments write the same bytes."""
+    image_dir = os.path.join(out_dir, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    rng = random.Random(seed)
+
+    pretrain = []
+    for i in range(n_pretrain):
+        scene = random_scene(rng)
+        instruction = rng.choice(DESCRIBE)
+        human = f"{IMAGE_TOKEN}\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n{IMAGE_TOKEN}"
+        pretrain.append({"id": f"pretrain-{i}", "image": save_scene(rng, image_dir, f"pretrain_{i:05d}.png", scene),
+                         "conversations": [{"from": "human", "value": human},
+                                           {"from": "gpt", "value": caption(*scene)}]})
+
+    finetune = []
+    for i in range(n_finetune):
+        if rng.random() < 0.05:
+            word = rng.choice((*COLOURS, *SHAPES))
+            answer = "colour" if word in COLOURS else "shape"
+            finetune.append({"id": f"finetune-{i}", "conversations": [
+                {"from": "human", "value": text_only_question(word)}, {"from": "gpt", "value": answer}]})
+            continue
+        scene = random_scene(rng)
+        categories = rng.sample(tuple(QUESTIONS), k=rng.choice((1, 1, 2, 3)))
+        turns = []
+        for category in categories:
+            turns += [{"from": "human", "value": QUESTIONS[category]},
+                      {"from": "gpt", "value": scene[tuple(ANSWERS).index(category)]}]
+        turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
+        finetune.append({"id": f"finetune-{i}", "image": save_scene(rng, image_dir, f"finetune_{i:05d}.png", scene),
+                         "conversations": turns})
+
+    evaluation = []
+    for i in range(n_eval):
+        # Categories take turns, and each cycles through its answers: answers are balanced.
+        category = tuple(ANSWERS)[i % 3]
+        answer = ANSWERS[category][(i // 3) % len(ANSWERS[category])]
+        scene = random_scene(rng, **{category: answer})
+        evaluation.append({"id": f"eval-{i}", "image": save_scene(rng, image_dir, f"eval_{i:05d}.png", scene),
+                           "question": QUESTIONS[category], "answer": answer, "category": category})
+
+    paths = {"image_folder": image_dir, "pretrain": os.path.join(out_dir, "pretrain.json"),
+             "finetune": os.path.join(out_dir, "finetune.json"), "eval": os.path.join(out_dir, "eval.jsonl")}
+    for key, records in (("pretrain", pretrain), ("finetune", finetune)):
+        with open(paths[key], "w") as f:
+            json.dump(records, f, indent=1)
+    with open(paths["eval"], "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in evaluation)
+    return paths
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="small-vlm data tools. Example: python data.py --make-demo data/demo")
+    parser.add_argument("--make-demo", metavar="DIR", required=True,
+                        help="write the synthetic coloured-shapes demo data set (images + JSON) into DIR")
+    parser.add_argument("--n-pretrain", type=int, default=2000, help="stage-1 caption records")
+    parser.add_argument("--n-finetune", type=int, default=2000, help="stage-2 QA records")
+    parser.add_argument("--n-eval", type=int, default=144, help="eval questions (36k balances all answers)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    written = make_demo_data(args.make_demo, args.n_pretrain, args.n_finetune, args.n_eval, args.seed)
+    print("\n".join(f"{key}: {path}" for key, path in written.items()))

@@ -1,0 +1,408 @@
+"""data.py: loading, rendering, label masks, images, batching, sampling and the demo data."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import (
+    TEMPLATES,
+    VICUNA_SYSTEM,
+    LengthGroupedSampler,
+    SampleTooLong,
+    VLMDataset,
+    chat_template_for,
+    collate,
+    load_records,
+    make_demo_data,
+    render_pieces,
+    tokenize_conversation,
+)
+from model import IGNORE_INDEX, build_vlm
+
+ONE_TURN = [{"from": "human", "value": "What colour is it?\n<image>"}, {"from": "gpt", "value": "red"}]
+TWO_TURNS = ONE_TURN + [{"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "a circle"}]
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_backbones):
+    """The tiny processor: byte-level BPE with <s>, </s>, ChatML; <image> = 16 image tokens of 32x32 images."""
+    return build_vlm(*tiny_backbones)[1]
+
+
+def supervised_runs(labels):
+    """The supervised label ids, as one list per contiguous run."""
+    runs, previous = [], IGNORE_INDEX
+    for label in labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return runs
+
+
+def expected_answers(template, conversation, tokenizer):
+    answers = [turn["value"] for turn in conversation[1::2]]
+    if template == "plain":
+        return [answers[0] + "\n"]
+    if template == "vicuna_v1":  # the space after "ASSISTANT:" is generated with the answer
+        return [f" {a}{tokenizer.eos_token}" for a in answers]
+    return [f"{a}<|im_end|>" for a in answers]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("conversation", [ONE_TURN, TWO_TURNS], ids=["one-turn", "two-turns"])
+def test_labels_supervise_exactly_the_answers(processor, template, conversation):
+    if template == "plain" and conversation is TWO_TURNS:
+        with pytest.raises(ValueError, match="one human and one gpt turn"):
+            tokenize_conversation(conversation, template, processor)
+        return
+    tokenizer = processor.tokenizer
+    input_ids, labels = tokenize_conversation(conversation, template, processor)
+    assert len(input_ids) == len(labels)
+    decoded = [tokenizer.decode(run) for run in supervised_runs(labels)]
+    assert decoded == expected_answers(template, conversation, tokenizer)
+    assert all(label in (IGNORE_INDEX, token) for label, token in zip(labels, input_ids))
+
+    text = "".join(piece for piece, _ in render_pieces(conversation, template, tokenizer))
+    expected_ids = []
+    for token in tokenizer(text)["input_ids"]:
+        expected_ids += [token] * (processor.num_image_tokens if token == processor.image_token_id else 1)
+    assert input_ids == expected_ids
+    assert input_ids[0] == tokenizer.bos_token_id and labels[0] == IGNORE_INDEX
+    assert input_ids.count(processor.image_token_id) == processor.num_image_tokens == 16
+
+
+def test_vicuna_renders_the_llava_1_5_prompt(processor):
+    pieces = render_pieces(TWO_TURNS, "vicuna_v1", processor.tokenizer)
+    assert "".join(piece for piece, _ in pieces) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nWhat colour is it? ASSISTANT: "
+        "red</s>USER: And the shape? ASSISTANT: a circle</s>"
+    )
+
+
+def test_plain_renders_image_then_caption(processor):
+    pieces = render_pieces(ONE_TURN, "plain", processor.tokenizer)
+    assert pieces == [("<image>", False), ("red\n", True)]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_chat_template_reproduces_the_training_prompt(processor, template):
+    conversation = ONE_TURN if template == "plain" else TWO_TURNS
+    pieces = render_pieces(conversation, template, processor.tokenizer)
+    prompt = "".join(piece for piece, _ in pieces[:[supervised for _, supervised in pieces].index(True)])
+    chat_template = chat_template_for(template, processor.tokenizer)
+    as_items = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    as_string = [{"role": "user", "content": "What colour is it?\n<image>"}]
+    for messages in (as_items, as_string):
+        rendered = processor.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True)
+        assert rendered == prompt
+
+    # A whole conversation renders the full training text (answers included).
+    full = [{"role": "user" if turn["from"] == "human" else "assistant", "content": turn["value"]}
+            for turn in conversation]
+    assert processor.apply_chat_template(full, chat_template=chat_template) == "".join(p for p, _ in pieces)
+
+
+def test_vicuna_chat_template_takes_a_system_message(processor):
+    chat_template = chat_template_for("vicuna_v1", processor.tokenizer)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = processor.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True)
+    assert rendered == "Be brief. USER: Hi ASSISTANT:"
+
+
+def test_chat_template_that_is_not_prefix_stable_is_refused(processor):
+    tokenizer = processor.tokenizer
+    original = tokenizer.chat_template
+    # Renders only the last message: shorter conversations are not prefixes of longer ones.
+    tokenizer.chat_template = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    try:
+        with pytest.raises(ValueError, match="not prefix-stable"):
+            render_pieces(TWO_TURNS, "chat", tokenizer)
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_chat_template_that_writes_the_bos_gets_no_second_one(processor):
+    tokenizer = processor.tokenizer
+    original = tokenizer.chat_template
+    tokenizer.chat_template = "{{ bos_token }}" + original  # as Llama-3's template does
+    try:
+        input_ids, labels = tokenize_conversation(ONE_TURN, "chat", processor)
+    finally:
+        tokenizer.chat_template = original
+    assert input_ids.count(tokenizer.bos_token_id) == 1 and input_ids[0] == tokenizer.bos_token_id
+    assert [tokenizer.decode(run) for run in supervised_runs(labels)] == ["red<|im_end|>"]
+
+
+def test_pad_transform_centres_a_wide_image_on_the_mean_colour(processor):
+    image_processor = processor.image_processor
+    assert image_processor.aspect == "pad" and image_processor.size == 32
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))  # becomes 32x16: rows 8-23 are image, the rest border
+    pixels = image_processor.transform(wide)  # (3, 32, 32), normalized
+    mean = torch.tensor(image_processor.image_mean).view(3, 1)
+    std = torch.tensor(image_processor.image_std).view(3, 1)
+    rgb = (pixels * std.unsqueeze(-1) + mean.unsqueeze(-1)) * 255  # back to 0-255
+    border = torch.cat([rgb[:, :6], rgb[:, -6:]], dim=1).reshape(3, -1)
+    assert torch.allclose(border, (mean * 255).floor().expand_as(border), atol=1.5)
+    inside = rgb[:, 10:22].reshape(3, -1)
+    assert torch.allclose(inside, torch.tensor([255.0, 0.0, 0.0]).view(3, 1).expand_as(inside), atol=1.5)
+
+
+def test_truncation_never_splits_image_tokens(processor):
+    image_id = processor.image_token_id
+    caption = "The quick brown fox jumps over the lazy dog. " * 3
+    conversation = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]
+    full_ids, full_labels = tokenize_conversation(conversation, "plain", processor)
+    assert len(full_ids) > 30  # BOS + 16 image tokens + the caption
+
+    ids, labels = tokenize_conversation(conversation, "plain", processor, max_seq_len=20)
+    assert ids == full_ids[:20] and labels == full_labels[:20]
+    assert ids.count(image_id) == 16 and labels[-1] != IGNORE_INDEX
+
+    for too_short in (17, 10):  # 17: the image fits but no answer token does; 10: cuts the image
+        with pytest.raises(SampleTooLong):
+            tokenize_conversation(conversation, "plain", processor, max_seq_len=too_short)
+
+    # vicuna_v1: the image comes after the system prompt; a cut inside it is refused, a cut after it is not.
+    ids, _ = tokenize_conversation(ONE_TURN, "vicuna_v1", processor)
+    first_image = ids.index(image_id)
+    with pytest.raises(SampleTooLong, match="image tokens end"):
+        tokenize_conversation(ONE_TURN, "vicuna_v1", processor, max_seq_len=first_image + 8)
+    assert tokenize_conversation(ONE_TURN, "vicuna_v1", processor, max_seq_len=len(ids) - 1)[0] == ids[:-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files, records and images
+
+
+def write_json(path, records):
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return str(path)
+
+
+def write_image(folder, name, colour, size=(40, 40)):
+    Image.new("RGB", size, colour).save(os.path.join(folder, name))
+    return name
+
+
+def test_load_records_normalises_mixed_records(tmp_path):
+    records = [
+        {"id": "text", "conversations": TWO_TURNS},
+        {"id": "one", "image": "a.png", "conversations": ONE_TURN, "extra": 1},
+        {"id": "two", "image": ["a.png", "b.png"], "conversations": ONE_TURN},
+    ]
+    json_path = write_json(tmp_path / "a.json", records[:2])
+    jsonl_path = tmp_path / "b.jsonl"
+    jsonl_path.write_text(json.dumps(records[2]) + "\n\n" + json.dumps({"conversations": ONE_TURN}) + "\n")
+    dataset = load_records(f"{json_path},{jsonl_path}")
+    assert dataset.column_names == ["id", "image", "conversations"]
+    assert dataset["id"][:] == ["text", "one", "two", "b.jsonl:1"]  # a record without id gets file:index
+    assert dataset["image"][:] == [[], ["a.png"], ["a.png", "b.png"], []]
+    assert dataset[0]["conversations"] == TWO_TURNS
+    assert dataset.cache_files  # memory-mapped Arrow, not Python objects
+    assert load_records([json_path])["id"][:] == ["text", "one"]
+
+
+def test_malformed_files_name_the_file_and_line(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('[\n {"id": "a", "conversations": []},\n {"id": "b" "conversations": []}\n]')
+    with pytest.raises(ValueError, match=r"bad\.json: malformed JSON at line 3"):
+        load_records(str(bad_json))
+
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text(json.dumps({"id": "a", "conversations": ONE_TURN}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2"):
+        load_records(str(bad_jsonl))
+
+    trailing_comma = tmp_path / "comma.json"
+    trailing_comma.write_text('[{"id": "a", "conversations": []},\n]')
+    with pytest.raises(ValueError, match=r"comma\.json: malformed JSON at line 2"):
+        load_records(str(trailing_comma))
+
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_records(str(tmp_path / "missing.json"))
+
+
+BAD_RECORDS = [
+    ({"id": "no-conv"}, "no conversations"),
+    ({"id": "bad-role", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+     "unknown role from='robot'"),
+    ({"id": "empty-answer", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]},
+     "empty assistant turn"),
+    ({"id": "no-file", "image": "missing.png", "conversations": ONE_TURN}, r"missing\.png not found"),
+    ({"id": "two-markers", "image": "red.png", "conversations": [
+        {"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]}, "2 <image> markers"),
+    ({"id": "no-marker", "image": "red.png", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}, "0 <image> markers"),
+]
+
+
+@pytest.mark.parametrize("record, reason", BAD_RECORDS, ids=[r["id"] for r, _ in BAD_RECORDS])
+def test_bad_records_raise_or_are_skipped(tmp_path, processor, record, reason):
+    write_image(tmp_path, "red.png", (255, 0, 0))
+    good = {"id": "good", "image": "red.png", "conversations": ONE_TURN}
+    path = write_json(tmp_path / "data.json", [good, record])
+
+    strict = VLMDataset(path, str(tmp_path), processor, "vicuna_v1")
+    with pytest.raises(ValueError, match=reason) as error:
+        strict[1]
+    assert f"id={record['id']!r}" in str(error.value)
+
+    lenient = VLMDataset(path, str(tmp_path), processor, "vicuna_v1", skip_bad_samples=True)
+    batch = collate([lenient[0], lenient[1]], processor.tokenizer.pad_token_id)
+    assert batch["ids"] == ["good"] and batch["input_ids"].shape[0] == 1
+    assert [skipped_id for skipped_id, _ in batch["skipped"]] == [record["id"]]
+    assert reason.replace("\\", "") in batch["skipped"][0][1]
+
+
+def test_too_long_records_are_skipped_and_counted(tmp_path, processor):
+    write_image(tmp_path, "red.png", (255, 0, 0))
+    long_answer = "The quick brown fox jumps over the lazy dog. " * 40
+    records = [{"id": "short", "image": "red.png", "conversations": ONE_TURN},
+               {"id": "long", "image": "red.png", "conversations": [
+                   {"from": "human", "value": long_answer + "<image>"}, {"from": "gpt", "value": "x"}]}]
+    dataset = VLMDataset(write_json(tmp_path / "d.json", records), str(tmp_path), processor, "vicuna_v1",
+                         max_seq_len=128, skip_bad_samples=True)
+    batch = collate([dataset[0], dataset[1]], processor.tokenizer.pad_token_id)
+    assert batch["ids"] == ["short"] and len(batch["skipped"]) == 1
+    assert batch["skipped"][0][0] == "long" and "max_seq_len=128" in batch["skipped"][0][1]
+
+
+def test_text_only_and_multi_image_records_batch_together(tmp_path, processor):
+    colours = {"red.png": (255, 0, 0), "green.png": (0, 255, 0), "blue.png": (0, 0, 255)}
+    for name, colour in colours.items():
+        write_image(tmp_path, name, colour)
+    two_images = [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "no"}]
+    records = [
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "pair", "image": ["green.png", "blue.png"], "conversations": two_images},
+        {"id": "one", "image": "red.png", "conversations": ONE_TURN},
+    ]
+    dataset = VLMDataset(write_json(tmp_path / "d.json", records), str(tmp_path), processor, "vicuna_v1")
+    assert dataset.has_image == [False, True, True]
+    assert dataset.lengths[1] == 5 + 2 * 16 and dataset.lengths[0] == 2  # words + image tokens
+    samples = [dataset[i] for i in range(3)]
+    assert [tuple(s["pixel_values"].shape) for s in samples] == [(0, 3, 32, 32), (2, 3, 32, 32), (1, 3, 32, 32)]
+    assert samples[1]["input_ids"].tolist().count(processor.image_token_id) == 2 * 16
+
+    pad = processor.tokenizer.pad_token_id
+    batch = collate(samples, pad)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    dominant = batch["pixel_values"].mean(dim=(2, 3)).argmax(dim=1).tolist()  # channel of each image
+    assert dominant == [1, 2, 0]  # green, blue (record "pair"), then red: sample order
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    short = lengths.index(min(lengths))
+    assert (batch["input_ids"][short, lengths[short]:] == pad).all()
+    assert (batch["labels"][short, lengths[short]:] == IGNORE_INDEX).all()
+
+    assert collate(samples[:1], pad)["pixel_values"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+
+
+def make_lengths(n=480, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(10, 1000, n).tolist(), (rng.random(n) < 0.8).tolist()
+
+
+def test_sampler_ranks_are_disjoint_and_complete():
+    lengths, has_image = make_lengths(n=480)
+    has_image = [i < 384 for i in range(480)]  # both groups divisible by the global batch of 4 x 3
+    shares = [list(LengthGroupedSampler(lengths, has_image, 4, world_size=3, rank=r, seed=1)) for r in range(3)]
+    assert all(len(share) == 160 == len(LengthGroupedSampler(lengths, has_image, 4, 3, r)) for r, share in
+               enumerate(shares))
+    assert sorted(sum(shares, [])) == list(range(480))
+
+    # Uneven sizes: every rank gets the same count, together they cover everything.
+    lengths, has_image = make_lengths(n=101)
+    shares = [list(LengthGroupedSampler(lengths, has_image, 4, world_size=3, rank=r)) for r in range(3)]
+    assert len({len(share) for share in shares}) == 1 and len(shares[0]) % 4 == 0
+    assert len(shares[0]) == len(LengthGroupedSampler(lengths, has_image, 4, world_size=3))
+    assert set(sum(shares, [])) == set(range(101))
+
+
+def test_sampler_batches_never_mix_modalities():
+    lengths, has_image = make_lengths(n=480)
+    has_image = [i % 5 != 0 for i in range(480)]  # 384 image, 96 text-only: divisible by 8
+    order = list(LengthGroupedSampler(lengths, has_image, micro_batch_size=8, seed=3))
+    for b in range(0, len(order), 8):
+        assert len({has_image[i] for i in order[b:b + 8]}) == 1
+
+
+def test_sampler_order_is_deterministic_per_seed_and_epoch():
+    lengths, has_image = make_lengths()
+    sampler = LengthGroupedSampler(lengths, has_image, 4, seed=5)
+    first = list(sampler)
+    assert first == list(LengthGroupedSampler(lengths, has_image, 4, seed=5))
+    assert first != list(LengthGroupedSampler(lengths, has_image, 4, seed=6))
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(second) == sorted(first)
+
+
+def test_sampler_skip_resumes_mid_epoch_once():
+    lengths, has_image = make_lengths()
+    sampler = LengthGroupedSampler(lengths, has_image, 4, world_size=2, rank=1, seed=2)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.skip(37)
+    assert len(sampler) == len(full) - 37
+    assert list(sampler) == full[37:]
+    assert list(sampler) == full  # the skip applies to one pass only
+
+
+def test_length_grouping_reduces_padding():
+    lengths, has_image = make_lengths(n=2000)
+
+    def padded_tokens(order, batch=8):
+        return sum(max(lengths[i] for i in order[b:b + batch]) * batch for b in range(0, len(order), batch))
+
+    grouped = padded_tokens(list(LengthGroupedSampler(lengths, has_image, 8)))
+    shuffled = padded_tokens(np.random.default_rng(0).permutation(2000).tolist())
+    assert grouped < 0.6 * shuffled
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo data
+
+
+def test_demo_data_is_deterministic_balanced_and_loads(tmp_path, processor):
+    sizes = dict(n_pretrain=20, n_finetune=200, n_eval=72)
+    first = make_demo_data(str(tmp_path / "a"), **sizes)
+    make_demo_data(str(tmp_path / "b"), **sizes)
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "a")
+                   for d, _, fs in os.walk(tmp_path / "a") for f in fs)
+    assert len(files) == 3 + 20 + 72 + sum(1 for r in json.load(open(first["finetune"])) if "image" in r)
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    evaluation = [json.loads(line) for line in open(first["eval"])]
+    for category in ("colour", "shape", "position"):
+        answers = [r["answer"] for r in evaluation if r["category"] == category]
+        counts = {a: answers.count(a) for a in set(answers)}
+        assert len(counts) in (6, 3, 4) and max(counts.values()) == min(counts.values()), (category, counts)
+        assert all(r["question"] == evaluation[0 if category == "colour" else 1 if category == "shape" else 2]
+                   ["question"] for r in evaluation if r["category"] == category)
+
+    finetune = VLMDataset(first["finetune"], first["image_folder"], processor, "vicuna_v1")
+    assert 0 < has_no_image(finetune) < 0.15
+    assert any(len(r["conversations"]) > 2 for r in finetune.records)
+    for i in range(0, len(finetune), 10):
+        assert "skipped" not in finetune[i]
+    pretrain = VLMDataset(first["pretrain"], first["image_folder"], processor, "plain")
+    sample = pretrain[0]
+    assert sample["pixel_values"].shape == (1, 3, 32, 32)
+    assert processor.tokenizer.decode(sample["labels"][sample["labels"] != IGNORE_INDEX]).endswith("\n")
+
+
+def has_no_image(dataset):
+    return 1 - sum(dataset.has_image) / len(dataset)
