@@ -517,6 +517,7 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}  # centre (x, y) in 64x64
 ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": tuple(POSITIONS)}
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?", "position": "Where is the shape?"}
+SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQA suffix (eval.py adds it too)
 DESCRIBE = ("Describe the image.", "What is in the picture?", "Describe the shape.")
 DEMO_IMAGE_SIZE = 64
 
@@ -535,7 +536,7 @@ def demo_corpus():
     captions = [caption(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
     words = [text_only_question(w) for w in (*COLOURS, *SHAPES)] + ["colour", "shape"]
     answers = [a for values in ANSWERS.values() for a in values]
-    return [VICUNA_SYSTEM, "USER: ASSISTANT:", IMAGE_TOKEN, *DESCRIBE, *QUESTIONS.values(), *answers, *words, *captions]
+    return [VICUNA_SYSTEM, "USER: ASSISTANT:", IMAGE_TOKEN, SHORT_ANSWER, *DESCRIBE, *QUESTIONS.values(), *answers, *words, *captions]
 
 
 def draw_shape(rng, colour, shape, position):
@@ -595,7 +596,7 @@ def make_demo_data(out_dir, n_pretrain=2000, n_finetune=2000, n_eval=144, seed=0
         categories = rng.sample(tuple(QUESTIONS), k=rng.choice((1, 1, 2, 3)))
         turns = []
         for category in categories:
-            turns += [{"from": "human", "value": QUESTIONS[category]},
+            turns += [{"from": "human", "value": f"{QUESTIONS[category]}\n{SHORT_ANSWER}"},
                       {"from": "gpt", "value": scene[tuple(ANSWERS).index(category)]}]
         turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
         finetune.append({"id": f"finetune-{i}", "image": save_scene(rng, image_dir, f"finetune_{i:05d}.png", scene),
@@ -607,7 +608,9 @@ def make_demo_data(out_dir, n_pretrain=2000, n_finetune=2000, n_eval=144, seed=0
         category = tuple(ANSWERS)[i % 3]
         answer = ANSWERS[category][(i // 3) % len(ANSWERS[category])]
         scene = random_scene(rng, **{category: answer})
-        evaluation.append({"id": f"eval-{i}", "image": save_scene(rng, image_dir, f"eval_{i:05d}.png", scene),
+        # eval.jsonl names images relative to its own folder, eval.py's default --image_folder
+        image = "images/" + save_scene(rng, image_dir, f"eval_{i:05d}.png", scene)
+        evaluation.append({"id": f"eval-{i}", "image": image,
                            "question": QUESTIONS[category], "answer": answer, "category": category})
 
     paths = {"image_folder": image_dir, "pretrain": os.path.join(out_dir, "pretrain.json"),

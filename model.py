@@ -36,6 +36,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging as hf_logging
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and padding positions)
@@ -100,7 +102,14 @@ def load_vision_tower(name_or_path, **kwargs):
             "CLIP and SigLIP vision towers (e.g. openai/clip-vit-large-patch14-336, "
             "google/siglip-so400m-patch14-384)."
         )
-    return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+    # A full CLIP/SigLIP checkpoint also holds a text tower; transformers would print a table of
+    # those "unexpected" weights. Skipping them is the point here, so hush that one report.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +273,7 @@ class VLMImageProcessor(ImageProcessingMixin):
     resize; `resize`: resize the short side to `size`, then centre-crop (CLIP's own transform)."""
 
     model_input_names = ["pixel_values"]
+    valid_kwargs = ImagesKwargs  # the keyword overrides from_pretrained accepts (size, image_mean, ...)
 
     def __init__(self, size=336, image_mean=CLIP_MEAN, image_std=CLIP_STD, aspect="pad", **kwargs):
         super().__init__(**kwargs)
@@ -281,7 +291,8 @@ class VLMImageProcessor(ImageProcessingMixin):
             image = canvas.resize((self.size, self.size), Image.BICUBIC)
         else:
             scale = self.size / min(image.size)
-            w, h = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+            # round down, as CLIPImageProcessor does, so a native LLaVA export sees the same pixels
+            w, h = max(self.size, int(image.width * scale)), max(self.size, int(image.height * scale))
             image = image.resize((w, h), Image.BICUBIC)
             left, top = (w - self.size) // 2, (h - self.size) // 2
             image = image.crop((left, top, left + self.size, top + self.size))

@@ -49,19 +49,19 @@ class Config:
     num_workers: int = 4  # DataLoader worker processes per rank
     make_demo: bool = False  # create the demo data and tiny backbones at these paths if missing
     # what trains, and how fast
-    train_vision: bool = False
-    train_connector: bool = True
-    train_lm: bool = False
-    lr_vision: float = 2e-6
+    train_vision: bool = False  # update the vision tower (LLaVA-1.5: never)
+    train_connector: bool = True  # update the connector (both LLaVA stages)
+    train_lm: bool = False  # update the LLM (LLaVA stage 2)
+    lr_vision: float = 2e-6  # peak learning rate of each component
     lr_connector: float = 1e-3
     lr_lm: float = 2e-5
-    wd_vision: float = 0.0
+    wd_vision: float = 0.0  # AdamW weight decay of each component (never on biases and norms)
     wd_connector: float = 0.0
     wd_lm: float = 0.0
     # schedule
     batch_size: int = 256  # global batch: micro_batch_size x GPUs x accumulation steps
     micro_batch_size: int = 32  # samples per GPU per forward pass
-    epochs: int = 1
+    epochs: int = 1  # passes over the data (when max_steps is 0)
     max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
     warmup_ratio: float = 0.03  # fraction of steps with linear warmup
     min_lr_ratio: float = 0.0  # cosine decays to this fraction of each group's peak lr
@@ -72,16 +72,16 @@ class Config:
     precision: str = "bf16"  # bf16 | fp16 | fp32 (fp32 on CPU)
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
-    seed: int = 0
+    seed: int = 0  # model init, data order, dropout
     # output
-    out_dir: str = "out/run"
+    out_dir: str = "out/run"  # checkpoints/, metrics.jsonl, train_config.json, final/
     log_every: int = 10  # steps between metrics.jsonl lines
     save_every: int = 500  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = False  # continue from the newest checkpoint in out_dir
     overwrite: bool = False  # start again in an out_dir that holds another run
     wandb: bool = False  # also log to Weights & Biases (pip install wandb)
-    wandb_project: str = "small-vlm"
+    wandb_project: str = "small-vlm"  # the Weights & Biases project name
 
 
 class ConfigError(Exception):
@@ -382,10 +382,12 @@ def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, e
     dist.all_reduce(sums)
     samples, tokens, flops, skipped = sums.tolist()
     peak = device_peak_flops()
+    grad_norm = engine.get_global_grad_norm()  # a float or a tensor, by ZeRO stage
+    grad_norm = None if grad_norm is None else float(grad_norm)
     memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     record = {"step": step, "epoch": epoch, "loss": loss,
-              "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "grad_norm": engine.get_global_grad_norm(),
+              "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "grad_norm": grad_norm,
               "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
               "mfu": flops / elapsed / (world_size * peak) if peak else None,
               "data_wait": window["wait"] / elapsed, "skipped": int(skipped), "memory_gb": memory / 2**30}
@@ -414,8 +416,8 @@ def prepare_demo(cfg):
     if not os.path.exists(cfg.data_path.split(",")[0]):
         make_demo_data(data_dir)
     if not (os.path.exists(cfg.vision_model) and os.path.exists(cfg.llm)):
-        vision_dir, llm_dir = make_tiny_backbones(os.path.dirname(cfg.llm), corpus=demo_corpus(), image_size=32,
-                                                  patch_size=4, vision_width=96, llm_width=128, layers=2)
+        vision_dir, llm_dir = make_tiny_backbones(os.path.dirname(cfg.llm), corpus=demo_corpus(), image_size=64,
+                                                  patch_size=8, vision_width=96, llm_width=128, layers=2)
         if (vision_dir, llm_dir) != (cfg.vision_model, cfg.llm):
             raise ConfigError(f"make_demo wrote {vision_dir} and {llm_dir}; point vision_model and llm there")
 

@@ -3,8 +3,8 @@
 #   deepspeed train.py configs/demo.py      then      python eval.py out/demo --data data/demo/eval.jsonl
 make_demo = True
 data_path = "data/demo/finetune.json"
-image_folder = "data/demo"
-vision_model = "data/demo/backbones/tiny-clip"  # 32x32 images, 4x4 patches -> 64 image tokens
+image_folder = "data/demo/images"
+vision_model = "data/demo/backbones/tiny-clip"  # 64x64 images, 8x8 patches -> 64 image tokens
 llm = "data/demo/backbones/tiny-llama"  # 2 layers, width 128, byte-level BPE tokenizer
 template = "vicuna_v1"
 image_aspect = "pad"

@@ -110,3 +110,84 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))  # cosine never goes up
     assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert lr_factor(total, total, 0.1, 0.1) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs through the DeepSpeed launcher (CPU ranks)
+
+from conftest import launch, read_metrics, read_weights, train_args  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_per_component_lrs_and_frozen_vision(demo_dir, tmp_path, stage):
+    out = tmp_path / "run"
+    run = launch(train_args(demo_dir, out, f"zero_stage={stage}", "max_steps=3", "train_vision=false",
+                            "lr_connector=1e-2", "lr_lm=1e-4", "warmup_ratio=0", "min_lr_ratio=1.0"), procs=2)
+    assert run.returncode == 0, run.out[-3000:]
+    assert "2 processes x 4 samples x 1 accumulation" in run.out
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in lines)
+    # the optimizer ran each group at its own lr (a constant schedule here: min_lr_ratio=1)
+    assert lines[-1]["lr"] == {"connector": 1e-2, "connector_no_decay": 1e-2, "lm": 1e-4, "lm_no_decay": 1e-4}
+    final = read_weights(out / "final")
+    base = VLMForCausalLM.from_pretrained(out / "final").state_dict()  # loads the saved folder
+    vision_base = read_weights(demo_dir / "backbones" / "tiny-clip")
+    for name, value in final.items():
+        if name.startswith("vision_tower."):  # frozen: bit-identical to the pretrained tower
+            assert torch.equal(value, vision_base["vision_model." + name[len("vision_tower."):]]), name
+        assert torch.equal(base[name], value)
+    llm_base = read_weights(demo_dir / "backbones" / "tiny-llama")
+    changed = [n for n in llm_base if not torch.equal(llm_base[n], final["language_model." + n][:llm_base[n].shape[0]])]
+    assert len(changed) > len(llm_base) // 2  # the LLM trained
+
+
+@pytest.mark.slow
+def test_stage1_then_stage2_init_from(demo_dir, tmp_path):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    run = launch(train_args(demo_dir, stage1, f"data_path={demo_dir}/pretrain.json", "template=plain",
+                            "train_vision=false", "train_lm=false", "max_steps=3", "zero_stage=2"))
+    assert run.returncode == 0, run.out[-3000:]
+    s1 = read_weights(stage1 / "final")
+    llm_base = read_weights(demo_dir / "backbones" / "tiny-llama")
+    assert torch.equal(s1["language_model.model.layers.0.mlp.up_proj.weight"],
+                       llm_base["model.layers.0.mlp.up_proj.weight"])  # stage 1 leaves the LLM alone
+    # stage 2 under ZeRO-3 on 2 ranks, connector frozen: it must be exactly stage 1's
+    run = launch(train_args(demo_dir, stage2, f"init_from={stage1}", "train_vision=false", "train_connector=false",
+                            "train_lm=true", "zero_stage=3", "max_steps=2"), procs=2)
+    assert run.returncode == 0, run.out[-3000:]
+    s2 = read_weights(stage2 / "final")
+    connector = [k for k in s1 if k.startswith("connector.")]
+    assert connector and all(torch.equal(s1[k], s2[k]) for k in connector)
+    assert not torch.equal(s1["language_model.model.layers.0.mlp.up_proj.weight"],
+                           s2["language_model.model.layers.0.mlp.up_proj.weight"])
+    saved = json.load(open(stage2 / "final" / "train_config.json"))
+    assert saved["init_from"] == str(stage1) and saved["zero_stage"] == 3
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_losses(demo_dir, tmp_path):
+    """6 steps straight vs 3 steps (a checkpoint at 3, then stopped by SIGTERM-free means: a
+    second run with resume=True continues) - per-step losses and final weights agree."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run = launch(train_args(demo_dir, straight, "save_every=3"))
+    assert run.returncode == 0, run.out[-3000:]
+    run = launch(train_args(demo_dir, split, "save_every=3"))
+    assert run.returncode == 0
+    # roll the split run back to its step-3 checkpoint, as if it had stopped there
+    ckpt = split / "checkpoints"
+    import shutil
+
+    shutil.rmtree(split / "final")
+    shutil.rmtree(ckpt / "step00000006")
+    (ckpt / "latest").write_text("step00000003")
+    lines = open(split / "metrics.jsonl").readlines()[:3]
+    (split / "metrics.jsonl").write_text("".join(lines))
+    run = launch(train_args(demo_dir, split, "save_every=3", "resume=true"))
+    assert run.returncode == 0, run.out[-3000:]
+    assert "resumed from" in run.out and "at step 3" in run.out
+    a, b = read_metrics(straight), read_metrics(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in a), (a, b)
+    wa, wb = read_weights(straight / "final"), read_weights(split / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

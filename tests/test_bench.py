@@ -1,0 +1,89 @@
+"""bench.py: smoke runs of the CLI on the tiny preset (CPU), and the batches it measures.
+Speed itself is never asserted: only that each mode prints sound JSON for both systems."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bench
+from model import IGNORE_INDEX
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(*flags):
+    """Runs bench.py --preset tiny with flags; returns its JSON lines (DeepSpeed logs are skipped)."""
+    out = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", *flags], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def split(lines):
+    """{system: line} and the ratio line, for lines holding one measurement (ours, peer, ratio)."""
+    assert [line.get("system", "ratio") for line in lines] == [bench.OURS, bench.PEER, "ratio"]
+    return {line["system"]: line for line in lines[:2]}, lines[2]
+
+
+@pytest.mark.slow
+def test_training_step_both_stages():
+    lines = run_bench("--stage", "pretrain", "finetune", "--steps", "2", "--warmup", "1", "--micro_batch_size", "2")
+    assert len(lines) == 6
+    for stage, seq_len, trains in (("pretrain", 16 + 40, "connector"), ("finetune", 1024, "connector+lm")):
+        systems, ratio = split([line for line in lines if line["stage"] == stage])
+        for line in systems.values():
+            assert line["mode"] == "train" and line["trains"] == trains and line["micro_batch_size"] == 2
+            assert line["samples_per_s"] > 0 and line["model_tflops"] > 0 and math.isfinite(line["last_loss"])
+            assert line["tokens_per_s"] == pytest.approx(line["real_tokens_per_s"])  # fixed lengths: no padding
+            assert line["mean_seq_len"] == seq_len  # 16 image tokens + 40 text; finetune 1024
+            assert line["mfu"] is None and line["peak_memory_gb"] is None and line["device"] == "cpu"
+        ours, peer = systems[bench.OURS], systems[bench.PEER]
+        assert ratio["samples_per_s"] == pytest.approx(ours["samples_per_s"] / peer["samples_per_s"])
+
+
+@pytest.mark.slow
+def test_data_pipeline_same_pixels():
+    systems, ratio = split(run_bench("--data", "--steps", "2", "--warmup", "1", "--micro_batch_size", "4"))
+    assert systems[bench.OURS]["image_processor"] == "VLMImageProcessor"
+    assert systems[bench.PEER]["image_processor"].startswith("CLIPImageProcessor")
+    assert all(line["samples_per_s"] > 0 for line in systems.values())
+    assert ratio["max_pixel_difference"] < 1e-5  # both pipelines produced the same tensors: a fair race
+
+
+@pytest.mark.slow
+def test_generate_same_tokens():
+    systems, ratio = split(run_bench("--generate", "--steps", "1", "--warmup", "1", "--batch_size", "2",
+                                     "--max_new_tokens", "8"))
+    assert all(line["tokens_per_s"] > 0 and line["max_new_tokens"] == 8 for line in systems.values())
+    assert ratio["same_tokens"] == 1.0  # the same weights in fp32: the same greedy tokens
+
+
+def test_realistic_lengths_are_a_llava_like_mix():
+    config = bench.vlm_config("llava7b")  # only the config: no weights are built
+    records = bench.draw_records("finetune", "realistic", config, 20000, seed=0)
+    lengths = np.array([r["images"] * config.num_image_tokens + r["text"] for r in records])
+    text_only = np.mean([r["images"] == 0 for r in records])
+    assert 0.04 < text_only < 0.08 and lengths.max() <= bench.MAX_SEQ_LEN
+    assert np.median(lengths) < 900 and (lengths > 1500).mean() > 0.03  # mostly short, with a long tail
+    assert records == bench.draw_records("finetune", "realistic", config, 20000, seed=0)  # seeded
+
+
+def test_realistic_batches_are_padded_and_supervise_answers():
+    config = bench.vlm_config("tiny")
+    args = bench.parse_args(["--lengths", "realistic", "--steps", "6", "--warmup", "0", "--micro_batch_size", "4"])
+    batches = bench.make_batches("finetune", args, config, world_size=1, rank=0)
+    assert len(batches) == 6
+    masks = [b["attention_mask"] for b in batches]
+    assert any(not m.all() for m in masks)  # padding per micro-batch shows up
+    for b in batches:
+        supervised = b["labels"] != IGNORE_INDEX
+        assert (b["labels"][supervised] == b["input_ids"][supervised]).all()
+        assert not (supervised & (b["input_ids"] == config.image_token_id)).any()
+        assert 0 < supervised.sum() < b["attention_mask"].sum()
+        images = (b["input_ids"] == config.image_token_id).sum()
+        n_images = 0 if b["pixel_values"] is None else len(b["pixel_values"])
+        assert images == n_images * config.num_image_tokens
