@@ -567,7 +567,7 @@ def save_scene(rng, image_dir, name, scene):
     return name
 
 
-def make_demo_data(out_dir, n_pretrain=2000, n_finetune=2000, n_eval=144, seed=0):
+def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0):
     """Writes images/, pretrain.json (plain captions), finetune.json (QA, some multi-turn, ~5%
     text-only) and eval.jsonl (questions balanced over answers) under out_dir; returns their paths.
     Deterministic: the same arguments write the same bytes."""
@@ -628,7 +628,7 @@ if __name__ == "__main__":
     parser.add_argument("--make-demo", metavar="DIR", required=True,
                         help="write the synthetic coloured-shapes demo data set (images + JSON) into DIR")
     parser.add_argument("--n-pretrain", type=int, default=2000, help="stage-1 caption records")
-    parser.add_argument("--n-finetune", type=int, default=2000, help="stage-2 QA records")
+    parser.add_argument("--n-finetune", type=int, default=8000, help="stage-2 QA records")
     parser.add_argument("--n-eval", type=int, default=144, help="eval questions (36k balances all answers)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

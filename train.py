@@ -25,6 +25,8 @@ from functools import partial
 import numpy as np
 import torch
 
+from model import build_connector
+
 # ----------------------------------------------------------------------------------------------
 # Settings: every key a config file or `key=value` can set. The README's table mirrors this.
 
@@ -52,12 +54,12 @@ class Config:
     train_vision: bool = False  # update the vision tower (LLaVA-1.5: never)
     train_connector: bool = True  # update the connector (both LLaVA stages)
     train_lm: bool = False  # update the LLM (LLaVA stage 2)
-    lr_vision: float = 2e-6  # peak learning rate of each component
-    lr_connector: float = 1e-3
-    lr_lm: float = 2e-5
-    wd_vision: float = 0.0  # AdamW weight decay of each component (never on biases and norms)
-    wd_connector: float = 0.0
-    wd_lm: float = 0.0
+    lr_vision: float = 2e-6  # peak learning rate of the vision tower
+    lr_connector: float = 1e-3  # peak learning rate of the connector
+    lr_lm: float = 2e-5  # peak learning rate of the LLM
+    wd_vision: float = 0.0  # AdamW weight decay of the vision tower (never on biases and norms)
+    wd_connector: float = 0.0  # weight decay of the connector
+    wd_lm: float = 0.0  # weight decay of the LLM
     # schedule
     batch_size: int = 256  # global batch: micro_batch_size x GPUs x accumulation steps
     micro_batch_size: int = 32  # samples per GPU per forward pass
@@ -162,6 +164,10 @@ def check_config(cfg, world_size):
         raise ConfigError(
             f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size ({cfg.micro_batch_size}) x "
             f"{world_size} processes = {per_step}; pick batch_size = k x {per_step} or another micro_batch_size")
+    try:
+        build_connector(cfg.connector, 8, 8)  # the name alone decides validity
+    except ValueError as e:
+        raise ConfigError(f"connector: {e}") from None
     if not cfg.data_path:
         raise ConfigError("data_path is empty: set it in the config file or as data_path=FILE.json")
     return cfg.batch_size // per_step
@@ -278,18 +284,24 @@ def lr_factor(step, total_steps, warmup_ratio, min_ratio):
 
 def flops_per_token_and_image(model):
     """Matmul FLOPs of training, as (per LLM position, per image): 2 per parameter per token
-    forward; in backward 2 more for activation gradients where something upstream trains, and 2
-    more for the weight gradients of trainable parameters. Attention's T^2 term is left out."""
-    def count(module, trainable=None):
-        return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+    forward; in backward 2 more for activation gradients wherever gradients flow (a module that
+    trains, or lies after one that trains), and 2 more for the weight gradients of trainable
+    parameters. So a trained LLM costs 6N per token, a frozen one under a trained connector 4N.
+    Attention's T^2 term and the LM head (run only at supervised positions) are left out."""
+    lm = model.language_model
+    lookups = {id(lm.get_input_embeddings().weight), id(lm.get_output_embeddings().weight)}
+
+    def count(module, trainable=None):  # embedding tables are lookups, and the head runs on few positions
+        return sum(p.numel() for p in module.parameters()
+                   if id(p) not in lookups and (trainable is None or p.requires_grad == trainable))
 
     patches = model.config.num_image_tokens
     vision_trains = count(model.vision_tower, True) > 0
-    upstream_trains = vision_trains or count(model.connector, True) > 0
+    connector_needs_grad = vision_trains or count(model.connector, True) > 0
+    lm_needs_grad = connector_needs_grad or count(lm, True) > 0
     per_image = 2 * count(model.vision_tower) * patches * (3 if vision_trains else 1)
-    per_image += (2 * count(model.connector) + 4 * count(model.connector, True)) * patches
-    per_token = 2 * count(model.language_model) * (2 if upstream_trains else 1)
-    per_token += 4 * count(model.language_model, True)
+    per_image += (2 * count(model.connector) * (2 if vision_trains else 1) + 2 * count(model.connector, True)) * patches
+    per_token = 2 * count(lm) * (2 if lm_needs_grad else 1) + 2 * count(lm, True)
     return per_token, per_image
 
 
@@ -441,6 +453,22 @@ def load_connector_weights(model, folder):
         raise ConfigError(f"init_from={folder!r}: its connector does not fit this model ({e})".splitlines()[0])
 
 
+def check_images(dataset, cfg, sample=100):
+    """Before any GPU work: image_folder exists and the first `sample` image records resolve."""
+    indices = [i for i, has in enumerate(dataset.has_image) if has][:sample]
+    if not indices:
+        return
+    if not os.path.isdir(cfg.image_folder):
+        raise ConfigError(f"image_folder={cfg.image_folder!r} is not a folder, and the data has image records")
+    missing = [(dataset.records[i]["id"], path) for i in indices for path in dataset.records[i]["image"]
+               if not os.path.exists(os.path.join(cfg.image_folder, path))]
+    if missing and (not cfg.skip_bad_samples or len(missing) == len(indices)):
+        record_id, path = missing[0]
+        raise ConfigError(f"{len(missing)} of the first {len(indices)} image records have no file under "
+                          f"image_folder={cfg.image_folder!r} (e.g. record {record_id!r}: {path!r}); fix "
+                          "image_folder, or set skip_bad_samples=True to skip such records")
+
+
 def prepare_out_dir(cfg, fresh):
     """Writable, holding this run's resolved config; overwrite=True clears the previous run."""
     try:
@@ -453,6 +481,12 @@ def prepare_out_dir(cfg, fresh):
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     except OSError as e:
         raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from None
+
+
+def ignore_sigterm(_worker_id):
+    """DataLoader workers leave SIGTERM to their rank, which checkpoints before exiting; a worker
+    dying on it would crash the rank mid-save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def log_rank0(rank, *args):
@@ -495,8 +529,12 @@ def main(argv=None):
     # --- model: pretrained encoder + LLM + a fresh (or stage-1) connector
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     attn = cfg.attn_implementation if device.type == "cuda" else "sdpa"
-    model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
-                                 cfg.image_aspect, dtype=dtype, attn_implementation=attn)
+    try:
+        model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
+                                     cfg.image_aspect, dtype=dtype, attn_implementation=attn)
+    except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
+        raise ConfigError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
+                          f"{str(e).splitlines()[0]}") from None
     if cfg.init_from:
         load_connector_weights(model, cfg.init_from)
     processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
@@ -513,6 +551,7 @@ def main(argv=None):
         raise ConfigError(str(e)) from None
     if len(dataset) == 0:
         raise ConfigError(f"data_path={cfg.data_path!r} holds no records")
+    check_images(dataset, cfg)
     if rank == 0:
         prepare_out_dir(cfg, fresh=resume_tag is None and not cfg.resume)
     dist.barrier()
@@ -522,7 +561,8 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
         collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
-        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
+        worker_init_fn=ignore_sigterm)
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(dataset)} records give no full step of batch_size={cfg.batch_size}; lower batch_size")

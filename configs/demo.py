@@ -17,10 +17,10 @@ lr_vision = 1e-3
 lr_connector = 1e-3
 lr_lm = 1e-3
 wd_lm = 0.01
-# 16 samples/step x 600 steps = 9,600 samples (a few epochs of the demo finetune file)
+# 16 samples/step x 3000 steps = 48,000 samples = 6 epochs of the 8,000-record demo finetune file
 batch_size = 16
 micro_batch_size = 16
-max_steps = 600
+max_steps = 3000
 warmup_ratio = 0.05
 min_lr_ratio = 0.1
 # CPU: fp32, no ZeRO partitioning needed, no checkpointing (the model is tiny)

@@ -1,0 +1,152 @@
+"""A run survives being killed, checkpoints are never half-used, bad input is refused clearly.
+Every run here goes through the real `deepspeed` launcher with CPU ranks."""
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import launch, read_metrics, read_weights, train_args
+from train import Config, ConfigError, check_out_dir
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(condition, proc, timeout=240):
+    start = time.time()
+    while not condition():
+        assert proc.poll() is None, "the run ended before the condition held"
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.01)
+
+
+def last_step(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    lines = open(path).read().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+@pytest.fixture(scope="module")
+def reference(demo_dir, tmp_path_factory):
+    """An uninterrupted 2-rank run of 8 steps: the losses and weights every interrupted run must match."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2"), procs=2)
+    assert run.returncode == 0, run.out[-3000:]
+    return read_metrics(out), read_weights(out / "final")
+
+
+def assert_same_run(out, reference):
+    losses, weights = reference
+    resumed = read_metrics(out)
+    assert sorted(resumed) == sorted(losses)
+    assert all(abs(resumed[s] - losses[s]) <= 1e-6 for s in losses), (resumed, losses)
+    final = read_weights(out / "final")
+    assert all(torch.equal(final[k], weights[k]) for k in weights)
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(demo_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    proc = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2"), procs=2, wait=False)
+    wait_for(lambda: last_step(out) >= 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no chance to clean up
+    proc.wait()
+    assert (out / "checkpoints" / "latest").read_text() in ("step00000004", "step00000006")
+    run = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2", "resume=true"), procs=2)
+    assert run.returncode == 0, run.out[-3000:]
+    assert "resumed from" in run.out
+    assert_same_run(out, reference)
+
+
+def test_sigkill_during_checkpoint_write_resumes_from_previous(demo_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    proc = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2"), procs=2, wait=False)
+    # kill as soon as the step-4 checkpoint starts being written
+    wait_for(lambda: (ckpt / "step00000004.partial").exists() or (ckpt / "step00000004").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if (ckpt / "step00000004.partial").exists():  # caught mid-write: the pointer still names step 2
+        assert (ckpt / "latest").read_text() == "step00000002"
+    run = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2", "resume=true"), procs=2)
+    assert run.returncode == 0, run.out[-3000:]
+    assert not any(p.name.endswith(".partial") for p in ckpt.iterdir())  # the half-written one is gone
+    assert_same_run(out, reference)
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(demo_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    proc = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2", "num_workers=1"), procs=2, wait=False)
+    wait_for(lambda: last_step(out) >= 3, proc)
+    # to every process of the job, as SLURM does before pre-emption (DeepSpeed's single-node
+    # `deepspeed` runner does not forward a SIGTERM sent to it alone)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "SIGTERM: saved step" in output and "resume=True" in output
+    saved = int((out / "checkpoints" / "latest").read_text()[4:])
+    assert saved >= 3  # a checkpoint at the step it stopped, not only the last periodic one
+    run = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2", "resume=true", "num_workers=1"), procs=2)
+    assert run.returncode == 0, run.out[-3000:]
+    assert f"at step {saved}" in run.out
+    assert_same_run(out, reference)
+
+
+def test_keep_checkpoints(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    run = launch(train_args(demo_dir, out, "max_steps=5", "save_every=1", "keep_checkpoints=2"))
+    assert run.returncode == 0, run.out[-3000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step00000004", "step00000005"]
+
+
+def test_nan_loss_stops_naming_the_step(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    run = launch(train_args(demo_dir, out, "lr_lm=1e30", "lr_connector=1e30", "lr_vision=1e30", "warmup_ratio=0"))
+    assert run.returncode != 0
+    assert "error: loss is nan at step 2" in run.out or "error: loss is inf at step 2" in run.out, run.out[-2000:]
+    assert "Traceback" not in run.out
+    assert not (out / "final").exists()
+
+
+def test_out_dir_of_another_run_is_refused(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    run = launch(train_args(demo_dir, out, "max_steps=1"))
+    assert run.returncode == 0, run.out[-3000:]
+    before = (out / "final" / "model.safetensors").stat().st_mtime
+    again = launch(train_args(demo_dir, out, "max_steps=1"))
+    assert again.returncode == 2
+    assert f"error: out_dir {out} already holds a finished run; pass resume=True" in again.out
+    assert (out / "final" / "model.safetensors").stat().st_mtime == before  # nothing overwritten
+    saved = json.load(open(out / "train_config.json"))
+    cfg = Config(**{**saved, "resume": True, "seed": 1})
+    with pytest.raises(ConfigError, match="trained with different seed=0"):
+        check_out_dir(cfg)
+    assert check_out_dir(Config(out_dir=str(out), overwrite=True)) is None
+    with pytest.raises(ConfigError, match="resume=True but .* holds no run"):
+        check_out_dir(Config(out_dir=str(tmp_path / "empty"), resume=True))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data_path=/nowhere/train.json", "/nowhere/train.json"),
+    ("image_folder=/nowhere", "/nowhere"),
+    ("connector=mlp2x_foo", "unknown connector 'mlp2x_foo'"),
+    ("batch_size=6", "batch_size=6 is not a multiple of micro_batch_size (4)"),
+    ("precision=bf16", "precision=bf16 needs a GPU"),
+])
+def test_bad_training_input_fails_before_writing(demo_dir, tmp_path, override, message):
+    out = tmp_path / "run"
+    run = launch(train_args(demo_dir, out, override))
+    assert run.returncode == 2, run.out[-3000:]
+    assert message in run.out and "error:" in run.out and "Traceback" not in run.out
+    assert not (out / "train_config.json").exists()  # a failed start leaves no run behind
+
+
+def test_empty_data_set_is_refused(demo_dir, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    run = launch(train_args(demo_dir, tmp_path / "run", f"data_path={empty}"))
+    assert run.returncode == 2, run.out[-3000:]
+    assert f"error: data_path='{empty}' holds no records" in run.out and "Traceback" not in run.out
