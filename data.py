@@ -243,6 +243,10 @@ def chat_pieces(turns, tokenizer):
 # 3. Tokenizing: input_ids and labels from one tokenization
 
 
+class BadRecord(ValueError):
+    """A record that cannot become a training sample; train.py reports it as one line, no traceback."""
+
+
 class SampleTooLong(ValueError):
     """The record does not fit max_seq_len without cutting through image tokens (or its answers)."""
 
@@ -378,7 +382,7 @@ class VLMDataset(torch.utils.data.Dataset):
         except ValueError as e:
             if self.skip_bad_samples:
                 return {"id": record["id"], "skipped": str(e)}
-            raise ValueError(f"record id={record['id']!r} (index {i}): {e}. Fix or remove the record, "
+            raise BadRecord(f"record id={record['id']!r} (index {i}): {e}. Fix or remove the record, "
                              "or set skip_bad_samples=True to skip such records.") from e
 
     def build_sample(self, record):
@@ -544,7 +548,7 @@ def draw_shape(rng, colour, shape, position):
     grey = rng.randint(190, 250)
     image = Image.new("RGB", (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), (grey, grey, grey))
     x, y = POSITIONS[position]
-    x, y, r = x + rng.randint(-3, 3), y + rng.randint(-3, 3), rng.randint(7, 11)
+    x, y, r = x + rng.randint(-3, 3), y + rng.randint(-3, 3), rng.randint(10, 13)
     fill = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLOURS[colour])
     draw = ImageDraw.Draw(image)
     if shape == "circle":

@@ -408,7 +408,8 @@ def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, e
     metrics.write(json.dumps(record) + "\n")
     metrics.flush()
     eta = elapsed / cfg.log_every * (total_steps - step)
-    print(f"step {step}/{total_steps} | loss {loss:.4f} | {samples / elapsed:.1f} samples/s | "
+    print(f"step {step}/{total_steps} | loss {loss:.4f} | lr {max(record['lr'].values()):.2e} | "
+          f"{samples / elapsed:.1f} samples/s | "
           f"data wait {record['data_wait']:.0%} | eta {eta / 60:.1f} min", flush=True)
     if wandb_run:
         wandb_run.log({k: v for k, v in record.items() if k != "lr"} |
@@ -598,7 +599,7 @@ def main(argv=None):
 
     # --- the loop
     flops_per_token, flops_per_image = flops_per_token_and_image(model)
-    step_loss, step_micro, skipped = 0.0, 0, []
+    step_loss, step_micro, skipped, skipped_before = 0.0, 0, [], 0  # skipped: (id, reason) this epoch
     window = {"samples": 0, "tokens": 0, "flops": 0.0, "wait": 0.0, "skipped": 0}
     last_loss, t_window, t_wait = float("nan"), time.time(), time.time()
     while step < total_steps:
@@ -656,22 +657,29 @@ def main(argv=None):
             if step >= total_steps:
                 break
         else:  # the epoch ran out
-            epoch, batches_done = epoch + 1, 0
+            if skipped:
+                log_rank0(rank, f"epoch {epoch}: skipped {len(skipped)} bad samples on rank 0: {skipped[:10]}")
+            skipped_before += len(skipped)
+            epoch, batches_done, skipped = epoch + 1, 0, []
 
     # --- the end: a last checkpoint (to resume or extend) and the inference folder
     save_checkpoint(engine, cfg, step, {"epoch": epoch, "batches_done": batches_done}, rank)
-    if skipped:
-        log_rank0(rank, f"skipped {len(skipped)} bad samples on rank 0: {skipped[:10]}")
+    if skipped_before + len(skipped):
+        log_rank0(rank, f"skipped {skipped_before + len(skipped)} bad samples on rank 0 in all; this epoch: {skipped[:10]}")
     save_final(engine, processor, cfg, rank, {"final_loss": last_loss, "steps": step,
-                                              "samples": step * cfg.batch_size, "skipped_rank0": len(skipped)})
+                                              "samples": step * cfg.batch_size, "skipped_rank0": skipped_before + len(skipped)})
     log_rank0(rank, f"done: {cfg.out_dir}/final (load with VLMForCausalLM.from_pretrained, or python eval.py)")
     if metrics:
         metrics.close()
 
 
 if __name__ == "__main__":
+    from data import BadRecord
+
     try:
         main()
-    except (ConfigError, FloatingPointError) as e:  # user mistakes and diverged runs: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, FloatingPointError, BadRecord) as e:  # user mistakes, diverged runs: one line
+        # a DataLoader worker's error arrives wrapped with its traceback; the record's message is its last line
+        message = str(e).strip().splitlines()[-1].removeprefix("data.BadRecord: ")
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
