@@ -193,8 +193,8 @@ def check_out_dir(cfg):
         return open(latest).read().strip()
     if cfg.overwrite:
         return None
-    state = "finished" if os.path.exists(os.path.join(cfg.out_dir, "final")) else "unfinished"
-    raise ConfigError(f"out_dir {cfg.out_dir} already holds a {state} run; pass resume=True to continue it, "
+    state = "a finished" if os.path.exists(os.path.join(cfg.out_dir, "final")) else "an unfinished"
+    raise ConfigError(f"out_dir {cfg.out_dir} already holds {state} run; pass resume=True to continue it, "
                       "overwrite=True to start again there, or choose another out_dir")
 
 
