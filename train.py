@@ -617,18 +617,19 @@ def main(argv=None):
                 factor = lr_factor(step, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
                 for g, peak in zip(optimizer.param_groups, peak_lrs):
                     g["lr"] = peak * factor
-            inputs = {k: batch[k].to(device) if batch[k] is not None else None
+            inputs = {k: batch[k].to(device, non_blocking=True) if batch[k] is not None else None
                       for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
             loss = engine(**inputs).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (micro-batch ids {batch['ids']}); "
+            loss_value = loss.item()  # the one GPU sync per micro-batch
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step + 1} (micro-batch ids {batch['ids']}); "
                                          "lower the learning rate or check those samples, then resume=True")
             engine.backward(loss)  # scales by 1/accumulation
             engine.step()  # steps the optimizer only at the accumulation boundary
             batches_done += 1
-            step_loss, step_micro = step_loss + loss.item(), step_micro + 1
-            n_tokens = int(inputs["attention_mask"].sum())
-            n_images = 0 if inputs["pixel_values"] is None else len(inputs["pixel_values"])
+            step_loss, step_micro = step_loss + loss_value, step_micro + 1
+            n_tokens = int(batch["attention_mask"].sum())  # counted on the CPU copy
+            n_images = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])
             window["samples"] += len(batch["ids"])
             window["tokens"] += n_tokens
             window["flops"] += flops_per_token * n_tokens + flops_per_image * n_images
