@@ -128,7 +128,10 @@ def load_config(argv):
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")
         scope = {}
-        exec(compile(open(path).read(), path, "exec"), scope)
+        try:
+            exec(compile(open(path).read(), path, "exec"), scope)
+        except Exception as e:  # a config file is Python: report its error as the user's, in one line
+            raise ConfigError(f"config file {path!r} does not run: {type(e).__name__}: {e}") from None
         settings += [(k, v, path) for k, v in scope.items() if not k.startswith("_") and not callable(v)
                      and type(v).__name__ != "module"]
     for arg in opts.args:

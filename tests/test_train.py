@@ -47,6 +47,9 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "typo.py").write_text("micro_batch = 4\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'micro_batch' in .*typo.py; did you mean micro_batch_size"):
         load_config([str(tmp_path / "typo.py")])
+    (tmp_path / "broken.py").write_text("lr_lm = 1e-5 +\n")
+    with pytest.raises(ConfigError, match=r"config file .*broken.py' does not run: SyntaxError"):
+        load_config([str(tmp_path / "broken.py")])
     (tmp_path / "type.py").write_text("batch_size = '8'\n")
     with pytest.raises(ConfigError, match="batch_size='8' in .*type.py: expected int"):
         load_config([str(tmp_path / "type.py")])
