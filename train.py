@@ -556,9 +556,6 @@ def main(argv=None):
     if len(dataset) == 0:
         raise ConfigError(f"data_path={cfg.data_path!r} holds no records")
     check_images(dataset, cfg)
-    if rank == 0:
-        prepare_out_dir(cfg, fresh=resume_tag is None and not cfg.resume)
-    dist.barrier()
     sampler = LengthGroupedSampler(dataset.lengths if cfg.group_by_length else [1] * len(dataset), dataset.has_image,
                                    cfg.micro_batch_size, world_size, rank, cfg.seed,
                                    group_by_modality=cfg.group_by_length)
@@ -571,6 +568,9 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(dataset)} records give no full step of batch_size={cfg.batch_size}; lower batch_size")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if rank == 0:  # every check passed: only now does out_dir become this run's
+        prepare_out_dir(cfg, fresh=resume_tag is None and not cfg.resume)
+    dist.barrier()
 
     # --- optimizer and engine
     groups = build_param_groups(model, cfg)
