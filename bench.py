@@ -149,9 +149,9 @@ def make_batches(stage, args, config, world_size, rank):
     lengths = [r["images"] * config.num_image_tokens + r["text"] for r in records]
     sampler = LengthGroupedSampler(lengths, [r["images"] > 0 for r in records], args.micro_batch_size, world_size,
                                    rank, args.seed)
-    start = rank * args.micro_batch_size
-    return [collate([make_sample(records[i], i, config, args.seed) for i in batch[start:start + args.micro_batch_size]],
-                    pad_token_id=0) for batch in sampler.global_batches()[:n_batches]]
+    mine = list(sampler)[:n_batches * args.micro_batch_size]  # this rank's samples, in training order
+    return [collate([make_sample(records[i], i, config, args.seed) for i in mine[k:k + args.micro_batch_size]],
+                    pad_token_id=0) for k in range(0, len(mine), args.micro_batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +199,6 @@ def measure_train_steps(system, cfg, config, batches, env):
     train.freeze_components(names, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
     optimizer = train.make_optimizer(train.build_param_groups(names, cfg), cfg)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=train.deepspeed_config(cfg, accumulation=1))

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model import IGNORE_INDEX, IMAGE_TOKEN
+from eval import SHORT_ANSWER_SUFFIX  # the demo's QA carries LLaVA's suffix, as LLaVA's VQA data does
+from model import IGNORE_INDEX, IMAGE_TOKEN, writes_own_bos
 
 TEMPLATES = ("plain", "vicuna_v1", "chat")
 VICUNA_SYSTEM = (
@@ -61,7 +62,7 @@ def load_one_source(path):
         return load_json_file(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".json", ".jsonl")):
         hub = datasets.load_dataset(path, split="train")
-        return hub.map(lambda batch: normalise_batch(batch, path), batched=True,
+        return hub.map(lambda batch, rows: normalise_batch(batch, rows, path), batched=True, with_indices=True,
                        remove_columns=hub.column_names, features=RECORD_FEATURES)
     raise FileNotFoundError(f"data file {path!r} does not exist (give a JSON/JSONL file or a Hub dataset id)")
 
@@ -132,7 +133,10 @@ def normalise_record(record, default_id):
     """{"id": str, "image": [str, ...], "conversations": [{"from": str, "value": str}, ...]}. Missing
     or odd fields become empty values here; VLMDataset reports them per record, with the id."""
     image = record.get("image")
-    images = [] if image is None else [image] if isinstance(image, str) else [str(path) for path in image]
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    if not all(isinstance(path, str) for path in images):  # e.g. a Hub data set that embeds decoded images
+        raise ValueError(f"record {record.get('id', default_id)!r}: 'image' must be a relative path or a list "
+                         f"of them, got {type(images[0]).__name__}; save the images to a folder and list their paths")
     turns = record.get("conversations") or []
     turns = [t if isinstance(t, dict) else {} for t in turns]  # a non-object turn fails as an unknown role
     turns = [{"from": str(t.get("from", "")), "value": "" if t.get("value") is None else str(t["value"])}
@@ -140,10 +144,11 @@ def normalise_record(record, default_id):
     return {"id": str(record.get("id", default_id)), "image": images, "conversations": turns}
 
 
-def normalise_batch(batch, source):
-    """normalise_record over a batch of Hub records (columns -> rows -> columns)."""
-    n = len(next(iter(batch.values())))
-    rows = [normalise_record({key: values[i] for key, values in batch.items()}, f"{source}:{i}") for i in range(n)]
+def normalise_batch(batch, rows, source):
+    """normalise_record over a batch of Hub records (columns -> rows -> columns); `rows` are their
+    row numbers in the data set, the ids of records that have none."""
+    rows = [normalise_record({key: values[i] for key, values in batch.items()}, f"{source}:{row}")
+            for i, row in enumerate(rows)]
     return {key: [row[key] for row in rows] for key in RECORD_FEATURES}
 
 
@@ -265,9 +270,7 @@ def tokenize_conversation(conversations, template, processor, max_seq_len=None):
     for piece, supervised in pieces:
         supervised_chars[start:start + len(piece)] = supervised
         start += len(piece)
-    # A chat template that writes the BOS itself must not get a second one from the tokenizer.
-    add_bos = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
-    encoding = tokenizer(text, add_special_tokens=add_bos, return_offsets_mapping=True)
+    encoding = tokenizer(text, add_special_tokens=not writes_own_bos(tokenizer, text), return_offsets_mapping=True)
 
     image_id = processor.image_token_id
     input_ids, labels = [], []
@@ -521,7 +524,6 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}  # centre (x, y) in 64x64
 ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": tuple(POSITIONS)}
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?", "position": "Where is the shape?"}
-SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQA suffix (eval.py adds it too)
 DESCRIBE = ("Describe the image.", "What is in the picture?", "Describe the shape.")
 DEMO_IMAGE_SIZE = 64
 
@@ -540,7 +542,8 @@ def demo_corpus():
     captions = [caption(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
     words = [text_only_question(w) for w in (*COLOURS, *SHAPES)] + ["colour", "shape"]
     answers = [a for values in ANSWERS.values() for a in values]
-    return [VICUNA_SYSTEM, "USER: ASSISTANT:", IMAGE_TOKEN, SHORT_ANSWER, *DESCRIBE, *QUESTIONS.values(), *answers, *words, *captions]
+    return [VICUNA_SYSTEM, "USER: ASSISTANT:", IMAGE_TOKEN, SHORT_ANSWER_SUFFIX.strip(), *DESCRIBE,
+            *QUESTIONS.values(), *answers, *words, *captions]
 
 
 def draw_shape(rng, colour, shape, position):
@@ -600,7 +603,7 @@ def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0
         categories = rng.sample(tuple(QUESTIONS), k=rng.choice((1, 1, 2, 3)))
         turns = []
         for category in categories:
-            turns += [{"from": "human", "value": f"{QUESTIONS[category]}\n{SHORT_ANSWER}"},
+            turns += [{"from": "human", "value": QUESTIONS[category] + SHORT_ANSWER_SUFFIX},
                       {"from": "gpt", "value": scene[tuple(ANSWERS).index(category)]}]
         turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
         finetune.append({"id": f"finetune-{i}", "image": save_scene(rng, image_dir, f"finetune_{i:05d}.png", scene),

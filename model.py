@@ -15,6 +15,7 @@ Read top to bottom, this is the path of an image and a prompt through the model:
 This file imports only torch, transformers, PIL and numpy, so push.py can ship it verbatim as
 the remote code of a Hub repo (`trust_remote_code=True`).
 """
+import os
 import re
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -290,9 +292,10 @@ class VLMImageProcessor(ImageProcessingMixin):
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             image = canvas.resize((self.size, self.size), Image.BICUBIC)
         else:
-            scale = self.size / min(image.size)
-            # round down, as CLIPImageProcessor does, so a native LLaVA export sees the same pixels
-            w, h = max(self.size, int(image.width * scale)), max(self.size, int(image.height * scale))
+            # the long side = int(size * long / short), as CLIPImageProcessor computes it, so a
+            # native LLaVA export sees the same pixels
+            short = min(image.size)
+            w, h = int(self.size * image.width / short), int(self.size * image.height / short)
             image = image.resize((w, h), Image.BICUBIC)
             left, top = (w - self.size) // 2, (h - self.size) // 2
             image = image.crop((left, top, left + self.size, top + self.size))
@@ -304,6 +307,12 @@ class VLMImageProcessor(ImageProcessingMixin):
     def __call__(self, images, return_tensors="pt", **kwargs):
         images = [images] if isinstance(images, Image.Image) else list(images)
         return BatchFeature({"pixel_values": torch.stack([self.transform(im) for im in images])})
+
+
+def writes_own_bos(tokenizer, text):
+    """True when `text` already starts with the BOS (a chat template wrote it): the tokenizer must
+    then not add a second one. Training (data.py) and inference (the processor) share this rule."""
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
 class VLMProcessor(ProcessorMixin):
@@ -342,6 +351,7 @@ class VLMProcessor(ProcessorMixin):
         if n_markers != len(images):
             raise ValueError(f"{n_markers} '{self.image_token}' markers in the text but {len(images)} images given")
         expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+        kwargs.setdefault("add_special_tokens", not any(writes_own_bos(self.tokenizer, t) for t in texts))
         encoding = self.tokenizer(
             expanded, return_tensors=return_tensors, padding=padding, padding_side=padding_side, **kwargs
         )
@@ -396,6 +406,9 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
         attn_implementation=attn_implementation,  # None = transformers' default (sdpa)
     )
     model = VLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
+    # The LLM's generation_config may list several end tokens (Qwen2.5: <|im_end|> and <|endoftext|>)
+    # that its config.json does not; generation must stop at them too.
+    model.generation_config.eos_token_id = language_model.generation_config.eos_token_id
     model.connector.to(language_model.dtype)
     processor = build_processor(vision_model, tokenizer, config, image_aspect)
     return model, processor
@@ -403,8 +416,6 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
 
 def build_processor(vision_model, tokenizer, config, image_aspect):
     """The encoder's own normalization constants, our image transform, and the tokenizer."""
-    from transformers import AutoImageProcessor
-
     try:
         reference = AutoImageProcessor.from_pretrained(vision_model)
         mean, std = reference.image_mean, reference.image_std
@@ -455,7 +466,6 @@ def make_tiny_backbones(out_dir, vision="clip", llm="llama", image_size=32, patc
     """Saves a random vision tower and a random LLM + tokenizer under out_dir; returns both paths.
     vision: 'clip' (full CLIPModel, as openai/clip-* ships), 'clip_vision' or 'siglip';
     llm: 'llama' or 'qwen2'."""
-    import os
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
                               LlamaConfig, Qwen2Config, SiglipVisionConfig, SiglipVisionModel)
 

@@ -1,7 +1,7 @@
 """Publish a trained small-vlm checkpoint to the Hugging Face Hub.
 
     python push.py                                      # asks for checkpoint, repo, visibility
-    python push.py out/run CKPT --repo user/name [--private] [--format remote|llava] [--yes]
+    python push.py out/run --repo user/name [--private] [--format remote|llava] [--yes]
     python push.py out/run --repo user/name --local-dir exported/   # writes the folder, uploads nothing
 
 Read top to bottom, this is the path from a checkpoint to the Hub:
@@ -199,14 +199,9 @@ def rename_to_llava(state_dict):
 
 def llava_processor(processor, config):
     """A LlavaProcessor that writes the same input_ids and pixel_values as our VLMProcessor.
-    LlavaImageProcessor's do_pad is LLaVA's expand2square (mean colour, centred), as our aspect 'pad'.
-    Aspect 'resize' maps to shortest-edge resize + centre crop; transformers rounds the long side
-    down (as CLIPImageProcessor, which LLaVA used) where ours rounds to nearest, so for some aspect
-    ratios the pixels differ slightly."""
+    LlavaImageProcessor's do_pad is LLaVA's expand2square (mean colour, centred), as our aspect 'pad';
+    aspect 'resize' maps to its shortest-edge resize + centre crop, computed the same way as ours."""
     ours = processor.image_processor
-    if ours.aspect == "resize":
-        print("note: image aspect 'resize': LlavaImageProcessor rounds the resized long side down where small-vlm "
-              "rounds to nearest, so some aspect ratios give slightly different pixels; --format remote is exact")
     image_processor = LlavaImageProcessorPil(
         do_pad=ours.aspect == "pad",
         size={"shortest_edge": ours.size},

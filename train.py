@@ -25,7 +25,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from model import build_connector
+from data import TEMPLATES
+from model import IGNORE_INDEX, build_connector
 
 # ----------------------------------------------------------------------------------------------
 # Settings: every key a config file or `key=value` can set. The README's table mirrors this.
@@ -42,7 +43,7 @@ class Config:
     init_from: str = ""  # a stage-1 run or final folder: its connector weights start this run
     # data
     template: str = "plain"  # plain (stage 1) | vicuna_v1 (stage 2, Vicuna) | chat (tokenizer's own)
-    data_path: str = ""  # LLaVA JSON/JSONL file(s), comma-separated, or a Hub dataset id
+    data_path: str = ""  # LLaVA JSON/JSONL file(s), comma-separated, or a Hub dataset id whose `image` column holds relative paths
     image_folder: str = ""  # image paths in the data are relative to this folder
     image_aspect: str = "pad"  # pad (square canvas in the mean colour) | resize (resize + centre crop)
     max_seq_len: int = 2048  # tokens per sample, image tokens included
@@ -127,9 +128,11 @@ def load_config(argv):
         path = opts.args.pop(0)
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")
+        with open(path) as f:
+            source = f.read()
         scope = {}
         try:
-            exec(compile(open(path).read(), path, "exec"), scope)
+            exec(compile(source, path, "exec"), scope)
         except Exception as e:  # a config file is Python: report its error as the user's, in one line
             raise ConfigError(f"config file {path!r} does not run: {type(e).__name__}: {e}") from None
         settings += [(k, v, path) for k, v in scope.items() if not k.startswith("_") and not callable(v)
@@ -151,7 +154,7 @@ def load_config(argv):
     return cfg, opts.dry_run
 
 
-CHOICES = {"template": ("plain", "vicuna_v1", "chat"), "image_aspect": ("pad", "resize"),
+CHOICES = {"template": TEMPLATES, "image_aspect": ("pad", "resize"),
            "precision": ("bf16", "fp16", "fp32"), "zero_stage": (0, 1, 2, 3)}
 
 
@@ -160,6 +163,8 @@ def check_config(cfg, world_size):
     for key, valid in CHOICES.items():
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"{key}={getattr(cfg, key)!r}: valid values are {', '.join(map(str, valid))}")
+    if cfg.offload and cfg.zero_stage == 0:
+        raise ConfigError("offload=True needs zero_stage 1, 2 or 3 (ZeRO does the offloading)")
     if not (cfg.train_vision or cfg.train_connector or cfg.train_lm):
         raise ConfigError("nothing to train: set at least one of train_vision, train_connector, train_lm")
     per_step = cfg.micro_batch_size * world_size
@@ -187,13 +192,15 @@ def check_out_dir(cfg):
     if cfg.resume:
         if not os.path.exists(latest):
             return None  # the run died before its first checkpoint: start it again
-        old = json.load(open(saved))
+        with open(saved) as f:
+            old = json.load(f)
         changed = [k for k in ("vision_model", "llm", "connector", "template", "data_path", "batch_size", "seed")
                    if old.get(k) != getattr(cfg, k)]
         if changed:
             raise ConfigError(f"resume=True, but {cfg.out_dir} was trained with different "
                               f"{', '.join(f'{k}={old.get(k)!r}' for k in changed)}; use another out_dir")
-        return open(latest).read().strip()
+        with open(latest) as f:
+            return f.read().strip()
     if cfg.overwrite:
         return None
     state = "a finished" if os.path.exists(os.path.join(cfg.out_dir, "final")) else "an unfinished"
@@ -203,9 +210,6 @@ def check_out_dir(cfg):
 
 # ----------------------------------------------------------------------------------------------
 # Param groups: one AdamW group per (component x decay / no decay), each with its own lr and wd.
-
-COMPONENTS = ("vision", "connector", "lm")
-
 
 def component_of(name):
     return {"vision_tower": "vision", "connector": "connector", "language_model": "lm"}[name.split(".")[0]]
@@ -242,8 +246,6 @@ def format_param_groups(groups):
 def deepspeed_config(cfg, accumulation):
     """Built here from Config, no 'auto' values: what you set is what DeepSpeed runs."""
     zero = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
-    if cfg.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     if cfg.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if cfg.zero_stage == 3:
@@ -371,6 +373,11 @@ def load_checkpoint(engine, cfg, tag, rank):
     return state
 
 
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def save_final(engine, processor, cfg, rank, summary):
     """out_dir/final: a folder that VLMForCausalLM/VLMProcessor.from_pretrained load for inference."""
     import deepspeed
@@ -382,8 +389,8 @@ def save_final(engine, processor, cfg, rank, summary):
             shutil.rmtree(partial_dir, ignore_errors=True)
             model.save_pretrained(partial_dir)
             processor.save_pretrained(partial_dir)
-            json.dump(dataclasses.asdict(cfg), open(os.path.join(partial_dir, "train_config.json"), "w"), indent=1)
-            json.dump(summary, open(os.path.join(partial_dir, "train_summary.json"), "w"), indent=1)
+            write_json(os.path.join(partial_dir, "train_config.json"), dataclasses.asdict(cfg))
+            write_json(os.path.join(partial_dir, "train_summary.json"), summary)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial_dir, final)
 
@@ -474,15 +481,18 @@ def check_images(dataset, cfg, sample=100):
 
 
 def prepare_out_dir(cfg, fresh):
-    """Writable, holding this run's resolved config; overwrite=True clears the previous run."""
+    """Writable, holding this run's resolved config; a fresh start with overwrite=True (or resume=True
+    and no checkpoint yet) clears what the previous run left."""
     try:
-        if fresh and cfg.overwrite:
+        if fresh and (cfg.overwrite or cfg.resume):  # resume=True before any checkpoint starts over
             for stale in ("checkpoints", "final", "metrics.jsonl"):
                 path = os.path.join(cfg.out_dir, stale)
-                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
     except OSError as e:
         raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from None
 
@@ -525,7 +535,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.precision != "fp32" and device.type == "cpu":
         raise ConfigError(f"precision={cfg.precision} needs a GPU; use precision=fp32 on CPU")
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     if rank == 0 and cfg.make_demo:
         prepare_demo(cfg)
     dist.barrier()
@@ -545,7 +557,6 @@ def main(argv=None):
     freeze_components(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
 
     # --- data (checked before any GPU work: a bad file fails here, not hours in)
     try:
@@ -569,10 +580,11 @@ def main(argv=None):
         raise ConfigError(f"{len(dataset)} records give no full step of batch_size={cfg.batch_size}; lower batch_size")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     if rank == 0:  # every check passed: only now does out_dir become this run's
-        prepare_out_dir(cfg, fresh=resume_tag is None and not cfg.resume)
+        prepare_out_dir(cfg, fresh=resume_tag is None)
     dist.barrier()
 
     # --- optimizer and engine
+    flops_per_token, flops_per_image = flops_per_token_and_image(model)  # before ZeRO-3 partitions the weights
     groups = build_param_groups(model, cfg)
     log_rank0(rank, format_param_groups(groups))
     peak_lrs = [g["lr"] for g in groups]
@@ -596,12 +608,10 @@ def main(argv=None):
 
         wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    peak_flops = device_peak_flops()
     log_rank0(rank, f"{len(dataset)} records, {steps_per_epoch} steps/epoch, {total_steps} steps, "
                     f"{world_size} processes x {cfg.micro_batch_size} samples x {accumulation} accumulation")
 
     # --- the loop
-    flops_per_token, flops_per_image = flops_per_token_and_image(model)
     step_loss, step_micro, skipped, skipped_before = 0.0, 0, [], 0  # skipped: (id, reason) this epoch
     window = {"samples": 0, "tokens": 0, "flops": 0.0, "wait": 0.0, "skipped": 0}
     last_loss, t_window, t_wait = float("nan"), time.time(), time.time()
@@ -613,7 +623,7 @@ def main(argv=None):
             skipped += batch["skipped"]
             window["skipped"] += len(batch["skipped"])
             if not batch["ids"]:  # every sample skipped: an all-masked step keeps ranks in lockstep
-                batch = {"input_ids": torch.tensor([[processor.tokenizer.pad_token_id]]), "labels": torch.tensor([[-100]]),
+                batch = {"input_ids": torch.tensor([[processor.tokenizer.pad_token_id]]), "labels": torch.tensor([[IGNORE_INDEX]]),
                          "attention_mask": torch.ones(1, 1, dtype=torch.long), "pixel_values": None, "ids": []}
             boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
             if boundary:

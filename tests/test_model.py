@@ -531,3 +531,14 @@ def test_eager_and_sdpa_attention_agree(vlm, tiny_backbones):
         a, b = sdpa(**batch).logits, eager.eval()(**batch).logits
     real = batch["attention_mask"].bool()  # padded rows attend to nothing; compare real tokens
     assert (a[real] - b[real]).abs().max() <= 1e-5
+
+
+def test_processor_adds_no_second_bos_when_the_prompt_has_one(tiny_vlm):
+    """A chat template that writes <s> itself (Llama-3, Mistral) must not get another: the
+    inference prompt must tokenize like the training prompt (data.tokenize_conversation)."""
+    _, processor = tiny_vlm
+    bos = processor.tokenizer.bos_token_id
+    plain = processor(text=["hello"])["input_ids"][0].tolist()
+    templated = processor(text=["<s>hello"])["input_ids"][0].tolist()
+    assert plain[0] == bos and plain.count(bos) == 1
+    assert templated == plain

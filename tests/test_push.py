@@ -256,3 +256,20 @@ def test_default_format_falls_back_to_remote_and_says_why(tiny_backbones, tmp_pa
     config = push.VLMConfig.from_pretrained(os.path.join(linear_run(tiny_backbones, tmp_path), "final"))
     assert push.choose_format(config, None) == "remote"
     assert "format: remote (llava is not possible: connector 'linear'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("aspect", ["pad", "resize"])
+def test_llava_image_processor_matches_ours(run, aspect):
+    """Both aspect modes give the native export the same pixels as training, odd sizes included."""
+    import copy
+
+    _, model, processor = run
+    ours = copy.deepcopy(processor)
+    ours.image_processor.aspect = aspect
+    theirs = push.llava_processor(ours, model.config).image_processor
+    images = [Image.new("RGB", size, (200, 30, 90)) for size in [(31, 20), (20, 31), (500, 375), (333, 334)]]
+    for image in images:
+        image.paste((10, 220, 40), (0, 0, image.width // 3, image.height // 2))  # not uniform: resampling shows
+        expected = ours.image_processor(image)["pixel_values"]
+        got = torch.as_tensor(theirs(image, return_tensors="pt")["pixel_values"])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
