@@ -19,6 +19,8 @@ lr_lm = 2e-5
 wd_connector = 0.0
 wd_lm = 0.0
 # 16 per GPU x 8 GPUs = 128 samples/step; 665K / 128 = ~5,200 steps for 1 epoch.
+# A sample is 576 image tokens (none for the ~40K text-only records) + its conversation, at most
+# max_seq_len = 2048 tokens: at most 128 x 2048 = 262K tokens/step.
 batch_size = 128
 micro_batch_size = 16
 epochs = 1

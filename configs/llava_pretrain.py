@@ -16,6 +16,8 @@ train_lm = False
 lr_connector = 1e-3
 wd_connector = 0.0
 # 32 per GPU x 8 GPUs x 1 accumulation = 256 samples/step; 558K / 256 = ~2,180 steps for 1 epoch.
+# A sample is ~620 tokens (576 image + ~40 caption and instruction): ~160K tokens/step, of which
+# only the ~40 caption tokens per sample are supervised.
 # With 1 GPU the same global batch is 32 x 1 x 8 accumulation steps.
 batch_size = 256
 micro_batch_size = 32
