@@ -26,6 +26,8 @@ import sys
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from model import VLMForCausalLM, VLMProcessor, inference_folder
+
 
 class UserError(Exception):
     """A mistake in the command line, the data or the checkpoint: main() prints it as one line."""
@@ -39,7 +41,7 @@ def read_checkpoint_config(ckpt):
     """(folder or repo id to load from, its config.json as a dict). A training run's output folder
     holds the model in final/; a path that does not exist is tried as a Hub repo id."""
     if os.path.isdir(ckpt):
-        folder = os.path.join(ckpt, "final") if os.path.isdir(os.path.join(ckpt, "final")) else ckpt
+        folder = inference_folder(ckpt)
         config_path = os.path.join(folder, "config.json")
         if not os.path.isfile(config_path):
             raise UserError(
@@ -72,8 +74,6 @@ def load_model(ckpt, device=None, dtype=None):
     source, config = read_checkpoint_config(ckpt)
     model_type = config.get("model_type")
     if model_type == "small_vlm":
-        from model import VLMForCausalLM, VLMProcessor
-
         model = VLMForCausalLM.from_pretrained(source, dtype=dtype)
         processor = VLMProcessor.from_pretrained(source)
     elif model_type == "llava":
@@ -247,7 +247,7 @@ def score(prediction, record, metric="auto"):
 # 5. The data file
 
 
-def load_records(path):
+def load_questions(path):
     """Records from a JSONL file; a line that is not a JSON object is an error naming file and line."""
     if not os.path.isfile(path):
         raise UserError(f"data file not found: {path}")
@@ -272,7 +272,7 @@ def load_records(path):
 
 
 def where(record):
-    """How errors name a record: its file, line and id when it came from load_records."""
+    """How errors name a record: its file, line and id when it came from load_questions."""
     return record.get("_where") or f"record {record.get('id')!r}"
 
 
@@ -438,7 +438,7 @@ def run(args):
     if args.image is not None and not os.path.isfile(args.image):
         raise UserError(f"image not found: {args.image}")
     if args.data is not None:
-        records = load_records(args.data)
+        records = load_questions(args.data)
         image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
         select_records(records, image_folder, args.metric, args.skip_missing)  # fail before a long model load
     dtype = getattr(torch, args.dtype) if args.dtype else None

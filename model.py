@@ -309,6 +309,13 @@ class VLMImageProcessor(ImageProcessingMixin):
         return BatchFeature({"pixel_values": torch.stack([self.transform(im) for im in images])})
 
 
+def inference_folder(path):
+    """A training run's output folder (out/<run>) holds its inference model in final/; any other
+    folder is taken as the model folder itself. train.py (init_from), eval.py and push.py use this."""
+    final = os.path.join(path, "final")
+    return final if os.path.isdir(final) else path
+
+
 def writes_own_bos(tokenizer, text):
     """True when `text` already starts with the BOS (a chat template wrote it): the tokenizer must
     then not add a second one. Training (data.py) and inference (the processor) share this rule."""

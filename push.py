@@ -30,7 +30,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaImageProcessorPil, LlavaProcessor
 
-from model import VLMConfig, VLMForCausalLM, VLMProcessor, vision_has_cls
+from model import VLMConfig, VLMForCausalLM, VLMProcessor, inference_folder, vision_has_cls
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,8 +45,7 @@ class PushError(Exception):
 
 def resolve_checkpoint(path):
     """out/<run> or out/<run>/final -> the folder holding the saved model and processor."""
-    final = os.path.join(path, "final")
-    folder = final if os.path.isdir(final) else path
+    folder = inference_folder(path)
     config_file = os.path.join(folder, "config.json")
     model_type = read_json(config_file).get("model_type") if os.path.isfile(config_file) else None
     if model_type != "small_vlm" or not os.path.isfile(os.path.join(folder, "processor_config.json")):

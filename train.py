@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from data import TEMPLATES
-from model import IGNORE_INDEX, build_connector
+from model import IGNORE_INDEX, build_connector, inference_folder
 
 # ----------------------------------------------------------------------------------------------
 # Settings: every key a config file or `key=value` can set. The README's table mirrors this.
@@ -450,7 +450,7 @@ def load_connector_weights(model, folder):
     deepspeed.initialize, so it also works under ZeRO-3 (nothing is partitioned yet)."""
     from safetensors.torch import load_file
 
-    folder = os.path.join(folder, "final") if os.path.isdir(os.path.join(folder, "final")) else folder
+    folder = inference_folder(folder)
     files = [f for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")] if os.path.isdir(folder) else []
     if not files:
         raise ConfigError(f"init_from={folder!r} holds no .safetensors weights; point it at a stage-1 run or final/")

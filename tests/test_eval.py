@@ -14,7 +14,7 @@ from eval import (
     format_question,
     generate_answers,
     load_model,
-    load_records,
+    load_questions,
     main,
     normalize_answer,
     option_letter,
@@ -322,8 +322,8 @@ def test_data_is_checked_before_the_model_loads(image_folder, tmp_path, capsys):
     assert "missing.png" in capsys.readouterr().err
 
 
-def test_load_records_names_file_and_line(tmp_path):
+def test_load_questions_names_file_and_line(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n[1, 2]\n")
     with pytest.raises(UserError, match=r"q.jsonl line 3: expected a JSON object"):
-        load_records(str(path))
+        load_questions(str(path))
