@@ -55,14 +55,14 @@ PRESETS = {
 }
 
 
-def vlm_config(preset):
+def vlm_config(preset, attn="sdpa"):
     """LLaVA-1.5's architecture: second-to-last layer, CLS dropped, mlp2x_gelu. The last vocabulary
     id stands in for <image> (llava-hf appends it to the vocabulary instead; the cost is the same)."""
     vision, text = PRESETS[preset]
     return VLMConfig(vision_config=vision, text_config=dict(text, max_position_embeddings=4096),
                      image_token_id=text["vocab_size"] - 1,
                      num_image_tokens=(vision["image_size"] // vision["patch_size"]) ** 2,
-                     connector="mlp2x_gelu", vision_feature_layer=-2, drop_cls=True, attn_implementation="sdpa")
+                     connector="mlp2x_gelu", vision_feature_layer=-2, drop_cls=True, attn_implementation=attn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +76,11 @@ def build_model(system, config, device, dtype):
     torch.set_default_dtype(dtype)
     try:
         with device:
-            return VLMForCausalLM(config) if system == OURS else LlavaForConditionalGeneration(llava_config(config))
+            if system == OURS:
+                return VLMForCausalLM(config)
+            peer_config = llava_config(config)
+            peer_config._attn_implementation = config._attn_implementation  # the same attention for both
+            return LlavaForConditionalGeneration(peer_config)
     finally:
         torch.set_default_dtype(default)
 
@@ -142,7 +146,8 @@ def make_sample(record, index, config, seed):
 
 
 def make_batches(stage, args, config, world_size, rank):
-    """This rank's warmup + steps micro-batches, chosen by train.py's sampler (length grouping on)."""
+    """This rank's warmup + steps micro-batches as lists of samples, chosen by train.py's sampler
+    (length grouping on); each system collates them its own way (bench_train)."""
     n_batches = args.warmup + args.steps
     records = draw_records(stage, args.lengths, config, max(2000, 4 * n_batches * args.micro_batch_size * world_size),
                            args.seed)
@@ -150,8 +155,8 @@ def make_batches(stage, args, config, world_size, rank):
     sampler = LengthGroupedSampler(lengths, [r["images"] > 0 for r in records], args.micro_batch_size, world_size,
                                    rank, args.seed)
     mine = list(sampler)[:n_batches * args.micro_batch_size]  # this rank's samples, in training order
-    return [collate([make_sample(records[i], i, config, args.seed) for i in mine[k:k + args.micro_batch_size]],
-                    pad_token_id=0) for k in range(0, len(mine), args.micro_batch_size)]
+    return [[make_sample(records[i], i, config, args.seed) for i in mine[k:k + args.micro_batch_size]]
+            for k in range(0, len(mine), args.micro_batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +168,7 @@ def stage_config(stage, args, env):
     return train.Config(train_lm=stage == "finetune", micro_batch_size=args.micro_batch_size,
                         batch_size=args.micro_batch_size * env.world_size, zero_stage=args.zero_stage,
                         offload=args.offload, precision=env.settings["precision"],
-                        gradient_checkpointing=not args.no_grad_ckpt)
+                        gradient_checkpointing=not args.no_grad_ckpt, pack_samples=args.pack)
 
 
 def model_flops(config, cfg):
@@ -174,12 +179,17 @@ def model_flops(config, cfg):
     return train.flops_per_token_and_image(model)
 
 
-def bench_train(system, stage, args, config, batches, env):
-    """Throughput of one system over the measured batches; an out-of-memory run is a result too."""
+def bench_train(system, stage, args, config, samples, env):
+    """Throughput of one system over the measured micro-batches; an out-of-memory run is a result
+    too. With --pack, ours packs each micro-batch as train.py does with pack_samples=True; the
+    peer, which has no packing, pads every sample to the longest in its micro-batch."""
+    pack = args.pack and system == OURS
     settings = {"system": system, "mode": "train", "stage": stage, **env.settings, "lengths": args.lengths,
                 "micro_batch_size": args.micro_batch_size, "grad_ckpt": not args.no_grad_ckpt,
-                "zero_stage": args.zero_stage, "offload": args.offload,
+                "zero_stage": args.zero_stage, "offload": args.offload, "packed": pack,
+                "attn_implementation": config._attn_implementation,
                 "trains": "connector" if stage == "pretrain" else "connector+lm"}
+    batches = [collate(s, pad_token_id=0, pack_length=MAX_SEQ_LEN if pack else 0) for s in samples]
     try:
         return settings | measure_train_steps(system, stage_config(stage, args, env), config, batches, env)
     except torch.OutOfMemoryError as e:
@@ -209,7 +219,7 @@ def measure_train_steps(system, cfg, config, batches, env):
     times, totals = [], torch.zeros(4, dtype=torch.float64, device=env.device)  # samples, tokens, real, FLOPs
     for step, batch in enumerate(batches):
         inputs = {k: batch[k].to(env.device) if batch[k] is not None else None
-                  for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+                  for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")}
         start = time.perf_counter()
         loss = engine(**inputs).loss
         engine.backward(loss)
@@ -218,7 +228,7 @@ def measure_train_steps(system, cfg, config, batches, env):
         if step < warmup:
             continue
         times.append(time.perf_counter() - start)
-        real = int(batch["attention_mask"].sum())
+        real = batch["num_tokens"]
         images = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])
         totals += torch.tensor([len(batch["ids"]), batch["input_ids"].numel(), real,
                                 per_token * real + per_image * images], dtype=torch.float64, device=env.device)
@@ -356,6 +366,10 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
     parser.add_argument("--no-grad-ckpt", dest="no_grad_ckpt", action="store_true",
                         help="keep activations instead of recomputing them in backward")
+    parser.add_argument("--pack", action="store_true",
+                        help="ours packs each micro-batch into rows of up to 2048 tokens (train.py's pack_samples)")
+    parser.add_argument("--attn", choices=train.CHOICES["attn_implementation"], default="sdpa",
+                        help="attention implementation of both systems (train.py's attn_implementation)")
     parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=2)
     parser.add_argument("--offload", action="store_true", help="ZeRO optimizer state in CPU memory")
     parser.add_argument("--seed", type=int, default=0)
@@ -407,7 +421,7 @@ def report(env, results, extra=None):
 def main(argv=None):
     args = parse_args(argv)
     env = setup(args)
-    config = vlm_config(args.preset)
+    config = vlm_config(args.preset, args.attn)
     if args.data or args.generate:
         args.micro_batch_size = args.micro_batch_size or 16
         report(env, *(bench_data if args.data else bench_generate)(args, config, env))

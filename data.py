@@ -425,27 +425,67 @@ def estimate_lengths(batch, num_image_tokens):
 # 6. Batching
 
 
-def collate(samples, pad_token_id):
-    """Right-padded (B, T) input_ids / attention_mask / labels and the batch's images (N, 3, H, W)
-    in sample order (None when it has none). Skipped samples are dropped and listed in "skipped";
-    a batch where every sample was skipped has B = 0."""
+def collate(samples, pad_token_id, pack_length=0):
+    """A micro-batch as tensors. Skipped samples are dropped and listed in "skipped" (a batch where
+    every sample was skipped has no rows); "num_tokens" counts the real (non-pad) tokens.
+
+    pack_length=0: one sample per row, right-padded: input_ids / labels / attention_mask /
+    position_ids (B, T).
+    pack_length=L: the samples packed into rows of at most L tokens (pack_rows), (R, T) with R <= B
+    and less padding. attention_mask is None and position_ids restart at 0
+    for every sample: from that, transformers builds a block-diagonal causal mask, so a token sees
+    only its own sample, and the loss equals the unpacked batch's.
+    Images (N, 3, H, W) come in the order their <image> tokens appear in the rows (row-major), as
+    the model's splice expects; None when the batch has none."""
     kept = [s for s in samples if "skipped" not in s]
-    longest = max((len(s["input_ids"]) for s in kept), default=0)
-    input_ids = torch.full((len(kept), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(kept), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(kept), longest), dtype=torch.long)
-    for row, sample in enumerate(kept):
-        n = len(sample["input_ids"])
-        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = sample["input_ids"], sample["labels"], 1
-    images = [s["pixel_values"] for s in kept if len(s["pixel_values"])]
+    rows = pack_rows([len(s["input_ids"]) for s in kept], pack_length) if pack_length else [[i] for i in range(len(kept))]
+    width = max((sum(len(kept[i]["input_ids"]) for i in row) for row in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        begin = 0
+        for i in row:
+            n = len(kept[i]["input_ids"])
+            input_ids[r, begin:begin + n], labels[r, begin:begin + n] = kept[i]["input_ids"], kept[i]["labels"]
+            # A sample's first token is never a target (nothing of its own comes before it); in a
+            # packed row the previous sample's last token would otherwise be trained to predict it.
+            labels[r, begin] = IGNORE_INDEX
+            attention_mask[r, begin:begin + n] = 1
+            position_ids[r, begin:begin + n] = torch.arange(n)
+            begin += n
+        position_ids[r, begin:] = torch.arange(width - begin)  # the padding: a segment of its own
+    images = [kept[i]["pixel_values"] for row in rows for i in row if len(kept[i]["pixel_values"])]
     return {
         "input_ids": input_ids,
-        "attention_mask": attention_mask,
         "labels": labels,
+        "attention_mask": None if pack_length else attention_mask,
+        "position_ids": position_ids,
         "pixel_values": torch.cat(images) if images else None,
-        "ids": [s["id"] for s in kept],
+        "num_tokens": int(attention_mask.sum()),
+        "ids": [kept[i]["id"] for row in rows for i in row],
         "skipped": [(s["id"], s["skipped"]) for s in samples if "skipped" in s],
     }
+
+
+def pack_rows(lengths, capacity):
+    """[[sample index, ...] per row] for the rows x width (computed positions, padding included)
+    that is smallest, every row holding at most `capacity` tokens. For each row count R from the
+    fewest possible up to one sample per row, samples go longest first into the emptiest row (the
+    rows come out evenly filled); the best R wins. One sample per row is the unpacked batch, so
+    packing never computes more positions than padding does."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best, best_cost = [[i] for i in order], len(lengths) * max(lengths, default=0)
+    for n_rows in range(max(1, math.ceil(sum(lengths) / capacity)), len(lengths)):
+        rows, fill = [[] for _ in range(n_rows)], [0] * n_rows
+        for i in order:
+            emptiest = fill.index(min(fill))
+            rows[emptiest].append(i)
+            fill[emptiest] += lengths[i]
+        if max(fill) <= capacity and n_rows * max(fill) < best_cost:
+            best, best_cost = rows, n_rows * max(fill)
+    return best
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class Config:
     max_seq_len: int = 2048  # tokens per sample, image tokens included
     skip_bad_samples: bool = False  # skip and count bad records instead of stopping
     group_by_length: bool = True  # LLaVA's modality-aware length grouping (less padding)
+    pack_samples: bool = False  # pack each micro-batch into rows of up to max_seq_len tokens, attention kept within each sample (no padding)
     num_workers: int = 4  # DataLoader worker processes per rank
     make_demo: bool = False  # create the demo data and tiny backbones at these paths if missing
     # what trains, and how fast
@@ -74,7 +75,7 @@ class Config:
     offload: bool = False  # ZeRO optimizer state (and stage-3 parameters) in CPU memory
     precision: str = "bf16"  # bf16 | fp16 | fp32 (fp32 on CPU)
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: str = "sdpa"  # sdpa | flex_attention | flash_attention_2 | eager (GPU; CPU runs use sdpa)
     seed: int = 0  # model init, data order, dropout
     # output
     out_dir: str = "out/run"  # checkpoints/, metrics.jsonl, train_config.json, final/
@@ -155,7 +156,8 @@ def load_config(argv):
 
 
 CHOICES = {"template": TEMPLATES, "image_aspect": ("pad", "resize"),
-           "precision": ("bf16", "fp16", "fp32"), "zero_stage": (0, 1, 2, 3)}
+           "precision": ("bf16", "fp16", "fp32"), "zero_stage": (0, 1, 2, 3),
+           "attn_implementation": ("sdpa", "flex_attention", "flash_attention_2", "eager")}
 
 
 def check_config(cfg, world_size):
@@ -400,9 +402,10 @@ def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, e
     """One line in out_dir/metrics.jsonl (rank 0), a progress line, and wandb if on."""
     import torch.distributed as dist
 
-    sums = torch.tensor([window["samples"], window["tokens"], window["flops"], window["skipped"]], dtype=torch.float64)
+    sums = torch.tensor([window["samples"], window["tokens"], window["positions"], window["flops"], window["skipped"]],
+                        dtype=torch.float64)
     dist.all_reduce(sums)
-    samples, tokens, flops, skipped = sums.tolist()
+    samples, tokens, positions, flops, skipped = sums.tolist()
     peak = device_peak_flops()
     grad_norm = engine.get_global_grad_norm()  # a float or a tensor, by ZeRO stage
     grad_norm = None if grad_norm is None else float(grad_norm)
@@ -411,6 +414,7 @@ def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, e
     record = {"step": step, "epoch": epoch, "loss": loss,
               "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "grad_norm": grad_norm,
               "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+              "padding": 1 - tokens / positions if positions else 0.0,
               "mfu": flops / elapsed / (world_size * peak) if peak else None,
               "data_wait": window["wait"] / elapsed, "skipped": int(skipped), "memory_gb": memory / 2**30}
     if rank != 0:
@@ -572,7 +576,8 @@ def main(argv=None):
                                    group_by_modality=cfg.group_by_length)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
+        collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id,
+                           pack_length=cfg.max_seq_len if cfg.pack_samples else 0),
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
         worker_init_fn=ignore_sigterm)
     steps_per_epoch = len(loader) // accumulation
@@ -613,7 +618,7 @@ def main(argv=None):
 
     # --- the loop
     step_loss, step_micro, skipped, skipped_before = 0.0, 0, [], 0  # skipped: (id, reason) this epoch
-    window = {"samples": 0, "tokens": 0, "flops": 0.0, "wait": 0.0, "skipped": 0}
+    window = {"samples": 0, "tokens": 0, "positions": 0, "flops": 0.0, "wait": 0.0, "skipped": 0}
     last_loss, t_window, t_wait = float("nan"), time.time(), time.time()
     while step < total_steps:
         sampler.set_epoch(epoch)
@@ -623,15 +628,17 @@ def main(argv=None):
             skipped += batch["skipped"]
             window["skipped"] += len(batch["skipped"])
             if not batch["ids"]:  # every sample skipped: an all-masked step keeps ranks in lockstep
-                batch = {"input_ids": torch.tensor([[processor.tokenizer.pad_token_id]]), "labels": torch.tensor([[IGNORE_INDEX]]),
-                         "attention_mask": torch.ones(1, 1, dtype=torch.long), "pixel_values": None, "ids": []}
+                batch = {"input_ids": torch.tensor([[processor.tokenizer.pad_token_id]]),
+                         "labels": torch.tensor([[IGNORE_INDEX]]), "attention_mask": None,
+                         "position_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": None,
+                         "num_tokens": 0, "ids": []}
             boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
             if boundary:
                 factor = lr_factor(step, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
                 for g, peak in zip(optimizer.param_groups, peak_lrs):
                     g["lr"] = peak * factor
             inputs = {k: batch[k].to(device, non_blocking=True) if batch[k] is not None else None
-                      for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+                      for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")}
             loss = engine(**inputs).loss
             loss_value = loss.item()  # the one GPU sync per micro-batch
             if not math.isfinite(loss_value):
@@ -641,10 +648,11 @@ def main(argv=None):
             engine.step()  # steps the optimizer only at the accumulation boundary
             batches_done += 1
             step_loss, step_micro = step_loss + loss_value, step_micro + 1
-            n_tokens = int(batch["attention_mask"].sum())  # counted on the CPU copy
+            n_tokens = batch["num_tokens"]  # real tokens, not padding
             n_images = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])
             window["samples"] += len(batch["ids"])
             window["tokens"] += n_tokens
+            window["positions"] += batch["input_ids"].numel()  # computed, padding included
             window["flops"] += flops_per_token * n_tokens + flops_per_image * n_images
             t_wait = time.time()
             if not boundary:

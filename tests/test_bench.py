@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import bench
+from data import collate
 from model import IGNORE_INDEX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,15 +76,26 @@ def test_realistic_lengths_are_a_llava_like_mix():
 def test_realistic_batches_are_padded_and_supervise_answers():
     config = bench.vlm_config("tiny")
     args = bench.parse_args(["--lengths", "realistic", "--steps", "6", "--warmup", "0", "--micro_batch_size", "4"])
-    batches = bench.make_batches("finetune", args, config, world_size=1, rank=0)
-    assert len(batches) == 6
-    masks = [b["attention_mask"] for b in batches]
-    assert any(not m.all() for m in masks)  # padding per micro-batch shows up
+    micro_batches = bench.make_batches("finetune", args, config, world_size=1, rank=0)
+    assert len(micro_batches) == 6 and all(len(samples) == 4 for samples in micro_batches)
+    batches = [collate(samples, pad_token_id=0) for samples in micro_batches]
+    assert any(not b["attention_mask"].all() for b in batches)  # padding per micro-batch shows up
     for b in batches:
         supervised = b["labels"] != IGNORE_INDEX
         assert (b["labels"][supervised] == b["input_ids"][supervised]).all()
         assert not (supervised & (b["input_ids"] == config.image_token_id)).any()
-        assert 0 < supervised.sum() < b["attention_mask"].sum()
+        assert 0 < supervised.sum() < b["num_tokens"]
         images = (b["input_ids"] == config.image_token_id).sum()
         n_images = 0 if b["pixel_values"] is None else len(b["pixel_values"])
         assert images == n_images * config.num_image_tokens
+
+
+@pytest.mark.slow
+def test_packed_finetune_runs_with_less_padding():
+    lines = run_bench("--stage", "finetune", "--lengths", "realistic", "--pack", "--steps", "3", "--warmup", "1",
+                      "--micro_batch_size", "8")
+    systems, ratio = split(lines)
+    ours, peer = systems[bench.OURS], systems[bench.PEER]
+    assert ours["packed"] and not peer["packed"]
+    assert ours["mean_seq_len"] == peer["mean_seq_len"]  # the same samples
+    assert ours["padding"] < peer["padding"] and ours["real_tokens_per_s"] > 0

@@ -16,6 +16,7 @@ from data import (
     chat_template_for,
     collate,
     load_records,
+    pack_rows,
     make_demo_data,
     render_pieces,
     tokenize_conversation,
@@ -303,6 +304,57 @@ def test_text_only_and_multi_image_records_batch_together(tmp_path, processor):
     assert (batch["labels"][short, lengths[short]:] == IGNORE_INDEX).all()
 
     assert collate(samples[:1], pad)["pixel_values"] is None
+
+
+def test_packed_batch_keeps_samples_whole_and_images_in_token_order(tmp_path, processor):
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (32, 32), rgb).save(tmp_path / f"{name}.png")
+    records = [{"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]},
+               {"id": "pair", "image": ["green.png", "blue.png"],
+                "conversations": [{"from": "human", "value": "<image> <image> two?"}, {"from": "gpt", "value": "yes"}]},
+               {"id": "one", "image": "red.png", "conversations": ONE_TURN}]
+    dataset = VLMDataset(write_json(tmp_path / "d.json", records), str(tmp_path), processor, "vicuna_v1")
+    samples = [dataset[i] for i in range(3)]
+    lengths = [len(s["input_ids"]) for s in samples]
+    batch = collate(samples, processor.tokenizer.pad_token_id, pack_length=sum(lengths))  # room for all in one row
+    assert batch["input_ids"].shape == (1, sum(lengths)) and batch["attention_mask"] is None
+    assert batch["num_tokens"] == sum(lengths) and sorted(batch["ids"]) == ["one", "pair", "text"]
+    begin = 0
+    for sample_id in batch["ids"]:  # each sample whole and in place, positions restarting at 0
+        sample = samples[["text", "pair", "one"].index(sample_id)]
+        n = len(sample["input_ids"])
+        assert batch["input_ids"][0, begin:begin + n].tolist() == sample["input_ids"].tolist()
+        assert batch["labels"][0, begin + 1:begin + n].tolist() == sample["labels"][1:].tolist()
+        assert batch["position_ids"][0, begin:begin + n].tolist() == list(range(n))
+        begin += n
+    # images in the order their tokens appear in the packed row: the splice fills them in that order
+    expected = [c for i in batch["ids"] for c in {"pair": [1, 2], "one": [0], "text": []}[i]]
+    assert batch["pixel_values"].mean(dim=(2, 3)).argmax(dim=1).tolist() == expected
+    assert batch["ids"][0] != "text"  # longest first: the packed order differs from the input order
+
+
+@pytest.mark.parametrize("lengths, capacity, rows", [
+    ([9, 2, 2, 2, 2, 1], 10, 2),  # evenly filled: 9 and 2+2+2+2+1
+    ([6, 4, 3, 3, 2, 2], 10, 3),  # 3 rows of width 8 (24 positions) beat 6 rows of 6 (36)
+    ([30, 3, 3], 100, 1),
+    ([10, 10, 10], 10, 3),  # no room to share
+    ([5, 5, 5, 5], 10, 4),  # equal lengths: packing saves nothing, so rows stay one sample each
+])
+def test_pack_rows_fills_rows_without_overflow(lengths, capacity, rows):
+    packed = pack_rows(lengths, capacity)
+    assert sorted(i for row in packed for i in row) == list(range(len(lengths)))  # every sample once
+    fills = [sum(lengths[i] for i in row) for row in packed]
+    assert len(packed) == rows and max(fills) <= capacity
+
+
+def test_packing_never_computes_more_positions_than_padding():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = rng.integers(1, 2049, size=rng.integers(1, 33)).tolist()
+        packed = pack_rows(lengths, 2048)
+        width = max(sum(lengths[i] for i in row) for row in packed)
+        assert width <= 2048 and len(packed) * width <= len(lengths) * max(lengths)
 
 
 # ----------------------------------------------------------------------------------------------

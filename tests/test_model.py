@@ -334,6 +334,64 @@ def test_nothing_supervised_gives_zero_loss_that_backpropagates(tiny_vlm):
     loss.backward()
 
 
+def random_samples(processor, shapes, seed=0):
+    """Training samples (as data.py makes them) of (images, text tokens) each: [BOS, <image> x 16
+    per image, text], the text supervised."""
+    g = torch.Generator().manual_seed(seed)
+    samples, P, image_id = [], processor.num_image_tokens, processor.image_token_id
+    for i, (n_images, n_text) in enumerate(shapes):
+        ids = torch.cat([torch.tensor([1]), torch.full((n_images * P,), image_id), torch.randint(3, 200, (n_text,), generator=g)])
+        labels = ids.clone()
+        labels[:1 + n_images * P] = IGNORE_INDEX
+        samples.append({"id": str(i), "input_ids": ids, "labels": labels,
+                        "pixel_values": torch.randn(n_images, 3, 32, 32, generator=g)})
+    return samples
+
+
+SHAPES = [(1, 20), (0, 35), (1, 7), (2, 12), (0, 5)]  # 37, 36, 24, 45, 6 tokens
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_give_the_unpacked_loss_and_gradients(tiny_backbones, attn):
+    from data import collate
+
+    model, processor = build_vlm(*tiny_backbones, attn_implementation=attn)
+    samples = random_samples(processor, SHAPES)
+    for sample in samples:  # a sample's first token is never a target, even when labelled
+        sample["labels"][0] = sample["input_ids"][0]
+    padded, packed = collate(samples, 0), collate(samples, 0, pack_length=64)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # really packed: 5 samples in fewer rows
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss = model.train()(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels",
+                                                      "pixel_values")}).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.isclose(loss_a, loss_b, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and any("connector" in n for n in grads_a)
+    assert all((grads_a[n] - grads_b[n]).abs().max() <= 1e-6 for n in grads_a)
+
+
+def test_packed_samples_do_not_see_each_other(vlm):
+    from data import collate
+
+    model, processor = vlm
+    samples = random_samples(processor, SHAPES)
+    batch = collate(samples, 0, pack_length=200)  # all five in one row
+    assert batch["input_ids"].shape[0] == 1
+    changed = [dict(s) for s in samples]
+    changed[2] = dict(samples[2], input_ids=samples[2]["input_ids"].flip(0),
+                      pixel_values=torch.randn_like(samples[2]["pixel_values"]))
+    with torch.no_grad():
+        logits = [model(**{k: b[k] for k in ("input_ids", "position_ids", "pixel_values")}, use_cache=False).logits[0]
+                  for b in (batch, collate(changed, 0, pack_length=200))]  # (T, V) each
+    owner = torch.cat([torch.full((len(samples[int(i)]["input_ids"]),), int(i)) for i in batch["ids"]])  # (T,)
+    assert (logits[0][owner == 2] - logits[1][owner == 2]).abs().max() > 1e-3  # the changed sample changed
+    assert (logits[0][owner != 2] - logits[1][owner != 2]).abs().max() <= 1e-5  # no other sample did
+
+
 # ----------------------------------------------------------------------------------------------
 # Generation
 
