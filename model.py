@@ -269,10 +269,20 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
 # 7. Processor: image transform + tokenizer
 
 
+def resize(pixels, height, width):
+    """(H, W, 3) uint8 -> (3, height, width) uint8, bicubic with antialiasing. The (H, W, 3) layout
+    seen as (1, 3, H, W) is channels-last, which takes torch's vectorized uint8 kernel."""
+    return F.interpolate(pixels.permute(2, 0, 1)[None], size=(height, width), mode="bicubic", antialias=True)[0]
+
+
 class VLMImageProcessor(ImageProcessingMixin):
     """PIL image -> (3, size, size) normalized tensor.
     aspect `pad`: paste centred on a square canvas of the mean colour (LLaVA's expand2square), then
-    resize; `resize`: resize the short side to `size`, then centre-crop (CLIP's own transform)."""
+    resize; `resize`: resize the short side to `size`, then centre-crop (CLIP's own transform).
+
+    Resizing is bicubic with antialiasing, as LLaVA's PIL resize, but done by torch on the uint8
+    image: 2-3x faster than PIL here, and on photos at most one level in 255 apart from PIL's
+    output (bench.py --data measures both)."""
 
     model_input_names = ["pixel_values"]
     valid_kwargs = ImagesKwargs  # the keyword overrides from_pretrained accepts (size, image_mean, ...)
@@ -285,24 +295,21 @@ class VLMImageProcessor(ImageProcessingMixin):
         self.image_mean, self.image_std = list(image_mean), list(image_std)
 
     def transform(self, image):
-        image = image.convert("RGB")
+        image = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
         if self.aspect == "pad":
             side = max(image.size)
             canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in self.image_mean))
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-            image = canvas.resize((self.size, self.size), Image.BICUBIC)
+            pixels = resize(torch.from_numpy(np.array(canvas)), self.size, self.size)  # (3, S, S)
         else:
-            # the long side = int(size * long / short), as CLIPImageProcessor computes it, so a
-            # native LLaVA export sees the same pixels
+            # the long side = int(size * long / short), as CLIPImageProcessor computes it
             short = min(image.size)
             w, h = int(self.size * image.width / short), int(self.size * image.height / short)
-            image = image.resize((w, h), Image.BICUBIC)
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            image = image.crop((left, top, left + self.size, top + self.size))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
-        return (pixels.float() / 255.0 - mean) / std
+            top, left = (h - self.size) // 2, (w - self.size) // 2
+            pixels = resize(torch.from_numpy(np.array(image)), h, w)[:, top:top + self.size, left:left + self.size]
+        # (pixels / 255 - mean) / std as one multiply-add in place
+        std, mean = torch.tensor(self.image_std).view(3, 1, 1), torch.tensor(self.image_mean).view(3, 1, 1)
+        return pixels.float().mul_(1 / (255 * std)).sub_(mean / std)
 
     def __call__(self, images, return_tensors="pt", **kwargs):
         images = [images] if isinstance(images, Image.Image) else list(images)

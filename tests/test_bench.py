@@ -11,7 +11,7 @@ import pytest
 
 import bench
 from data import collate
-from model import IGNORE_INDEX
+from model import CLIP_STD, IGNORE_INDEX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,8 @@ def test_data_pipeline_same_pixels():
     assert systems[bench.OURS]["image_processor"] == "VLMImageProcessor"
     assert systems[bench.PEER]["image_processor"].startswith("CLIPImageProcessor")
     assert all(line["samples_per_s"] > 0 for line in systems.values())
-    assert ratio["max_pixel_difference"] < 1e-5  # both pipelines produced the same tensors: a fair race
+    # the same tensors but for resampling rounding (torch's resize vs PIL's): a fair race
+    assert ratio["max_pixel_difference"] <= 1 / (255 * min(CLIP_STD)) + 1e-5  # one level in 255
 
 
 @pytest.mark.slow
