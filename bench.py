@@ -14,6 +14,7 @@ Read top to bottom: presets, the two models, batches, the training step, the dat
 generation, setup and main.
 """
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -181,17 +182,18 @@ def model_flops(config, cfg):
 
 def bench_train(system, stage, args, config, samples, env):
     """Throughput of one system over the measured micro-batches; an out-of-memory run is a result
-    too. With --pack, ours packs each micro-batch as train.py does with pack_samples=True; the
-    peer, which has no packing, pads every sample to the longest in its micro-batch."""
-    pack = args.pack and system == OURS
+    too. --pack and --compile are our levers (train.py's pack_samples and compile); the peer runs
+    as transformers ships it, every sample padded to the longest in its micro-batch."""
+    pack, compiled = args.pack and system == OURS, args.compile and system == OURS
     settings = {"system": system, "mode": "train", "stage": stage, **env.settings, "lengths": args.lengths,
                 "micro_batch_size": args.micro_batch_size, "grad_ckpt": not args.no_grad_ckpt,
-                "zero_stage": args.zero_stage, "offload": args.offload, "packed": pack,
+                "zero_stage": args.zero_stage, "offload": args.offload, "packed": pack, "compiled": compiled,
                 "attn_implementation": config._attn_implementation,
                 "trains": "connector" if stage == "pretrain" else "connector+lm"}
     batches = [collate(s, pad_token_id=0, pack_length=MAX_SEQ_LEN if pack else 0) for s in samples]
     try:
-        return settings | measure_train_steps(system, stage_config(stage, args, env), config, batches, env)
+        cfg = dataclasses.replace(stage_config(stage, args, env), compile=compiled)
+        return settings | measure_train_steps(system, cfg, config, batches, env)
     except torch.OutOfMemoryError as e:
         error = f"out of memory: {str(e).splitlines()[0]}"
     gc.collect()  # the failed engine went with the exception: free its memory for the next system
@@ -209,6 +211,8 @@ def measure_train_steps(system, cfg, config, batches, env):
     train.freeze_components(names, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        train.compile_blocks(model)
     optimizer = train.make_optimizer(train.build_param_groups(names, cfg), cfg)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=train.deepspeed_config(cfg, accumulation=1))
@@ -368,6 +372,8 @@ def parse_args(argv=None):
                         help="keep activations instead of recomputing them in backward")
     parser.add_argument("--pack", action="store_true",
                         help="ours packs each micro-batch into rows of up to 2048 tokens (train.py's pack_samples)")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours compiles each transformer block (train.py's compile=True)")
     parser.add_argument("--attn", choices=train.CHOICES["attn_implementation"], default="sdpa",
                         help="attention implementation of both systems (train.py's attn_implementation)")
     parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=2)

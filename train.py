@@ -75,6 +75,7 @@ class Config:
     offload: bool = False  # ZeRO optimizer state (and stage-3 parameters) in CPU memory
     precision: str = "bf16"  # bf16 | fp16 | fp32 (fp32 on CPU)
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
+    compile: bool = False  # torch.compile each transformer block of the LLM and the vision tower (ZeRO 0-2)
     attn_implementation: str = "sdpa"  # sdpa | flex_attention | flash_attention_2 | eager (GPU; CPU runs use sdpa)
     seed: int = 0  # model init, data order, dropout
     # output
@@ -165,6 +166,9 @@ def check_config(cfg, world_size):
     for key, valid in CHOICES.items():
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"{key}={getattr(cfg, key)!r}: valid values are {', '.join(map(str, valid))}")
+    if cfg.compile and cfg.zero_stage == 3:
+        raise ConfigError("compile=True needs zero_stage 0, 1 or 2 (ZeRO-3 gathers parameters inside the blocks, "
+                          "which breaks the compiled graphs)")
     if cfg.offload and cfg.zero_stage == 0:
         raise ConfigError("offload=True needs zero_stage 1, 2 or 3 (ZeRO does the offloading)")
     if not (cfg.train_vision or cfg.train_connector or cfg.train_lm):
@@ -220,6 +224,16 @@ def component_of(name):
 def freeze_components(model, cfg):
     for name, p in model.named_parameters():
         p.requires_grad_(getattr(cfg, f"train_{component_of(name)}"))
+
+
+def compile_blocks(model):
+    """torch.compile each repeated block (LLM decoder layers, vision encoder layers) on its own:
+    the blocks are where the time goes, each compiles once and is reused by the others of its
+    shape, and the glue around them (the splice, the loss) stays plain Python."""
+    blocks = [*model.language_model.get_decoder().layers, *model.vision_tower.encoder.layers]
+    for block in blocks:
+        block.compile(dynamic=True)  # one graph for every batch and sequence length
+    return len(blocks)
 
 
 def build_param_groups(model, cfg):
@@ -549,6 +563,8 @@ def main(argv=None):
     # --- model: pretrained encoder + LLM + a fresh (or stage-1) connector
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     attn = cfg.attn_implementation if device.type == "cuda" else "sdpa"
+    if attn != cfg.attn_implementation:
+        log_rank0(rank, f"attn_implementation={cfg.attn_implementation} is for GPUs; this CPU run uses sdpa")
     try:
         model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
                                      cfg.image_aspect, dtype=dtype, attn_implementation=attn)
@@ -561,6 +577,8 @@ def main(argv=None):
     freeze_components(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        log_rank0(rank, f"compiling {compile_blocks(model)} blocks (the first steps are slow)")
 
     # --- data (checked before any GPU work: a bad file fails here, not hours in)
     try:
