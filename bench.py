@@ -3,6 +3,8 @@
     python bench.py --preset tiny --stage pretrain finetune          # CPU, seconds
     python bench.py --preset llava7b --stage pretrain                # one GPU
     deepspeed --num_gpus 8 bench.py --preset llava7b --stage finetune --lengths realistic
+    python bench.py --preset qwen1.5b --stage finetune --lengths realistic --pack --attn flex_attention
+    python bench.py --preset llava7b --stage finetune --lengths realistic --padding   # no model
     python bench.py --preset llava7b --data                          # image + text pipeline, per worker
     python bench.py --preset llava7b --generate --batch_size 8 --max_new_tokens 128
 
@@ -253,6 +255,31 @@ def measure_train_steps(system, cfg, config, batches, env):
             "padding": 1 - real / tokens, "mean_seq_len": real / samples}
 
 
+def bench_padding(args, config):
+    """No model: the share of computed positions that are padding for the stage's length mix, with
+    length-grouped or random micro-batches, padded or packed (train.py's group_by_length and
+    pack_samples). One JSON line per stage and combination."""
+    for stage in args.stage:
+        records = draw_records(stage, args.lengths, config, 20000, args.seed)
+        lengths = [r["images"] * config.num_image_tokens + r["text"] for r in records]
+        n = args.micro_batch_size or LLAVA_MICRO_BATCH[stage]
+        for grouped in (True, False):
+            sampler = LengthGroupedSampler(lengths if grouped else [1] * len(lengths), [r["images"] > 0 for r in records],
+                                           n, seed=args.seed, group_by_modality=grouped)
+            order = list(sampler)
+            for pack in (False, True):
+                real = computed = 0
+                for k in range(0, len(order), n):  # token ids stand in for samples: only lengths matter here
+                    samples = [{"id": i, "input_ids": torch.zeros(lengths[i], dtype=torch.long),
+                                "labels": torch.zeros(lengths[i], dtype=torch.long),
+                                "pixel_values": torch.zeros(0, 3, 1, 1)} for i in order[k:k + n]]
+                    batch = collate(samples, pad_token_id=0, pack_length=MAX_SEQ_LEN if pack else 0)
+                    real, computed = real + batch["num_tokens"], computed + batch["input_ids"].numel()
+                print(json.dumps({"mode": "padding", "stage": stage, "lengths": args.lengths, "micro_batch_size": n,
+                                  "group_by_length": grouped, "pack_samples": pack, "padding": 1 - real / computed,
+                                  "computed_per_sample": computed / len(order)}), flush=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # The data pipeline alone: JPEG decode, pad to square, resize, normalize, tokenize, collate
 
@@ -379,6 +406,8 @@ def parse_args(argv=None):
     parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=2)
     parser.add_argument("--offload", action="store_true", help="ZeRO optimizer state in CPU memory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--padding", action="store_true",
+                        help="no model: padding share with/without length grouping and packing")
     parser.add_argument("--data", action="store_true", help="benchmark the data pipeline alone")
     parser.add_argument("--generate", action="store_true", help="benchmark batched greedy generation")
     parser.add_argument("--batch_size", type=int, default=8, help="--generate: prompts per batch")
@@ -426,8 +455,10 @@ def report(env, results, extra=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    env = setup(args)
     config = vlm_config(args.preset, args.attn)
+    if args.padding:
+        return bench_padding(args, config)
+    env = setup(args)
     if args.data or args.generate:
         args.micro_batch_size = args.micro_batch_size or 16
         report(env, *(bench_data if args.data else bench_generate)(args, config, env))

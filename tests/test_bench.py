@@ -100,3 +100,14 @@ def test_packed_finetune_runs_with_less_padding():
     assert ours["packed"] and not peer["packed"]
     assert ours["mean_seq_len"] == peer["mean_seq_len"]  # the same samples
     assert ours["padding"] < peer["padding"] and ours["real_tokens_per_s"] > 0
+
+
+def test_padding_mode_shows_what_grouping_and_packing_save(capsys):
+    bench.main(["--preset", "tiny", "--stage", "finetune", "--lengths", "realistic", "--padding"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    padding = {(r["group_by_length"], r["pack_samples"]): r["padding"] for r in lines}
+    assert len(lines) == 4 and all(0 <= p < 1 for p in padding.values())
+    for grouped in (True, False):
+        assert padding[grouped, True] <= padding[grouped, False]  # packing never adds padding
+    assert padding[False, False] > 0.2 > padding[True, False]  # random order pads a lot; grouping little
+    assert padding[False, True] < padding[False, False] / 2  # packing recovers most of it

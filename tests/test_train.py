@@ -63,6 +63,10 @@ def test_value_checks():
         train.check_config(Config(template="llama3", data_path="x"), 1)
     with pytest.raises(ConfigError, match="nothing to train"):
         train.check_config(Config(train_connector=False, data_path="x"), 1)
+    with pytest.raises(ConfigError, match="attn_implementation='flash': valid values are sdpa, flex_attention"):
+        train.check_config(Config(attn_implementation="flash", data_path="x"), 1)
+    with pytest.raises(ConfigError, match="compile=True needs zero_stage 0, 1 or 2"):
+        train.check_config(Config(compile=True, zero_stage=3, data_path="x"), 1)
 
 
 def test_dry_run_prints_config_and_loads_nothing(tmp_path):
