@@ -264,8 +264,9 @@ def bench_padding(args, config):
         lengths = [r["images"] * config.num_image_tokens + r["text"] for r in records]
         n = args.micro_batch_size or LLAVA_MICRO_BATCH[stage]
         for grouped in (True, False):
-            sampler = LengthGroupedSampler(lengths if grouped else [1] * len(lengths), [r["images"] > 0 for r in records],
-                                           n, seed=args.seed, group_by_modality=grouped)
+            has_image = [r["images"] > 0 for r in records]
+            sampler = LengthGroupedSampler(lengths if grouped else [1] * len(lengths), has_image, n, seed=args.seed,
+                                           group_by_modality=grouped)
             order = list(sampler)
             for pack in (False, True):
                 real = computed = 0

@@ -432,14 +432,15 @@ def collate(samples, pad_token_id, pack_length=0):
     pack_length=0: one sample per row, right-padded: input_ids / labels / attention_mask /
     position_ids (B, T).
     pack_length=L: the samples packed into rows of at most L tokens (pack_rows), (R, T) with R <= B
-    and less padding. attention_mask is None and position_ids restart at 0
-    for every sample: from that, transformers builds a block-diagonal causal mask, so a token sees
-    only its own sample, and the loss equals the unpacked batch's.
+    and less padding. attention_mask is None and position_ids restart at 0 for every sample: from
+    that, transformers builds a block-diagonal causal mask, so a token sees only its own sample, and
+    the loss equals the unpacked batch's.
     Images (N, 3, H, W) come in the order their <image> tokens appear in the rows (row-major), as
     the model's splice expects; None when the batch has none."""
     kept = [s for s in samples if "skipped" not in s]
-    rows = pack_rows([len(s["input_ids"]) for s in kept], pack_length) if pack_length else [[i] for i in range(len(kept))]
-    width = max((sum(len(kept[i]["input_ids"]) for i in row) for row in rows), default=0)
+    lengths = [len(s["input_ids"]) for s in kept]
+    rows = pack_rows(lengths, pack_length) if pack_length else [[i] for i in range(len(kept))]  # sample indices
+    width = max((sum(lengths[i] for i in row) for row in rows), default=0)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -447,7 +448,7 @@ def collate(samples, pad_token_id, pack_length=0):
     for r, row in enumerate(rows):
         begin = 0
         for i in row:
-            n = len(kept[i]["input_ids"])
+            n = lengths[i]
             input_ids[r, begin:begin + n], labels[r, begin:begin + n] = kept[i]["input_ids"], kept[i]["labels"]
             # A sample's first token is never a target (nothing of its own comes before it); in a
             # packed row the previous sample's last token would otherwise be trained to predict it.

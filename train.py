@@ -49,7 +49,7 @@ class Config:
     max_seq_len: int = 2048  # tokens per sample, image tokens included
     skip_bad_samples: bool = False  # skip and count bad records instead of stopping
     group_by_length: bool = True  # LLaVA's modality-aware length grouping (less padding)
-    pack_samples: bool = False  # pack each micro-batch into rows of up to max_seq_len tokens, attention kept within each sample (no padding)
+    pack_samples: bool = False  # pack each micro-batch into rows of up to max_seq_len tokens (attention stays per sample)
     num_workers: int = 4  # DataLoader worker processes per rank
     make_demo: bool = False  # create the demo data and tiny backbones at these paths if missing
     # what trains, and how fast
@@ -228,8 +228,9 @@ def freeze_components(model, cfg):
 
 def compile_blocks(model):
     """torch.compile each repeated block (LLM decoder layers, vision encoder layers) on its own:
-    the blocks are where the time goes, each compiles once and is reused by the others of its
-    shape, and the glue around them (the splice, the loss) stays plain Python."""
+    the blocks are where the time goes, blocks of one kind share their compiled code, and the glue
+    around them (the splice, the loss) stays plain Python. The first steps compile a few variants
+    (with and without gradients, a batch of one row)."""
     blocks = [*model.language_model.get_decoder().layers, *model.vision_tower.encoder.layers]
     for block in blocks:
         block.compile(dynamic=True)  # one graph for every batch and sequence length

@@ -340,7 +340,8 @@ def random_samples(processor, shapes, seed=0):
     g = torch.Generator().manual_seed(seed)
     samples, P, image_id = [], processor.num_image_tokens, processor.image_token_id
     for i, (n_images, n_text) in enumerate(shapes):
-        ids = torch.cat([torch.tensor([1]), torch.full((n_images * P,), image_id), torch.randint(3, 200, (n_text,), generator=g)])
+        text = torch.randint(3, 200, (n_text,), generator=g)
+        ids = torch.cat([torch.tensor([1]), torch.full((n_images * P,), image_id), text])
         labels = ids.clone()
         labels[:1 + n_images * P] = IGNORE_INDEX
         samples.append({"id": str(i), "input_ids": ids, "labels": labels,
