@@ -414,7 +414,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="--generate: prompts per batch")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="--generate: tokens per prompt")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the launcher
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.attn in ("flex_attention", "flash_attention_2") and not torch.cuda.is_available():
+        parser.error(f"--attn {args.attn} needs a GPU; on the CPU use sdpa or eager")
+    return args
 
 
 def setup(args):

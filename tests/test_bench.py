@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import bench
 from data import collate
@@ -111,3 +112,10 @@ def test_padding_mode_shows_what_grouping_and_packing_save(capsys):
         assert padding[grouped, True] <= padding[grouped, False]  # packing never adds padding
     assert padding[False, False] > 0.2 > padding[True, False]  # random order pads a lot; grouping little
     assert padding[False, True] < padding[False, False] / 2  # packing recovers most of it
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU-only machines")
+def test_gpu_only_attention_is_refused_on_cpu(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--attn", "flex_attention"])
+    assert "--attn flex_attention needs a GPU" in capsys.readouterr().err
