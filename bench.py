@@ -16,7 +16,6 @@ Read top to bottom: presets, the two models, batches, the training step, the dat
 generation, setup and main.
 """
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -166,12 +165,15 @@ def make_batches(stage, args, config, world_size, rank):
 # The training step: forward, backward, optimizer step, as train.py runs it
 
 
-def stage_config(stage, args, env):
-    """train.Config for the stage: pretrain trains the connector; finetune the connector and the LLM."""
+def stage_config(stage, args, env, system):
+    """train.Config for the stage: pretrain trains the connector; finetune the connector and the LLM.
+    --pack and --compile are our levers (pack_samples, compile); the peer runs as transformers ships it."""
+    ours = system == OURS
     return train.Config(train_lm=stage == "finetune", micro_batch_size=args.micro_batch_size,
                         batch_size=args.micro_batch_size * env.world_size, zero_stage=args.zero_stage,
                         offload=args.offload, precision=env.settings["precision"],
-                        gradient_checkpointing=not args.no_grad_ckpt, pack_samples=args.pack)
+                        gradient_checkpointing=not args.no_grad_ckpt, pack_samples=args.pack and ours,
+                        compile=args.compile and ours)
 
 
 def model_flops(config, cfg):
@@ -184,17 +186,15 @@ def model_flops(config, cfg):
 
 def bench_train(system, stage, args, config, samples, env):
     """Throughput of one system over the measured micro-batches; an out-of-memory run is a result
-    too. --pack and --compile are our levers (train.py's pack_samples and compile); the peer runs
-    as transformers ships it, every sample padded to the longest in its micro-batch."""
-    pack, compiled = args.pack and system == OURS, args.compile and system == OURS
+    too. Unpacked, every sample is padded to the longest in its micro-batch."""
+    cfg = stage_config(stage, args, env, system)
     settings = {"system": system, "mode": "train", "stage": stage, **env.settings, "lengths": args.lengths,
-                "micro_batch_size": args.micro_batch_size, "grad_ckpt": not args.no_grad_ckpt,
-                "zero_stage": args.zero_stage, "offload": args.offload, "packed": pack, "compiled": compiled,
-                "attn_implementation": config._attn_implementation,
+                "micro_batch_size": args.micro_batch_size, "grad_ckpt": cfg.gradient_checkpointing,
+                "zero_stage": args.zero_stage, "offload": args.offload, "packed": cfg.pack_samples,
+                "compiled": cfg.compile, "attn_implementation": config._attn_implementation,
                 "trains": "connector" if stage == "pretrain" else "connector+lm"}
-    batches = [collate(s, pad_token_id=0, pack_length=MAX_SEQ_LEN if pack else 0) for s in samples]
+    batches = [collate(s, pad_token_id=0, pack_length=cfg.max_seq_len if cfg.pack_samples else 0) for s in samples]
     try:
-        cfg = dataclasses.replace(stage_config(stage, args, env), compile=compiled)
         return settings | measure_train_steps(system, cfg, config, batches, env)
     except torch.OutOfMemoryError as e:
         error = f"out of memory: {str(e).splitlines()[0]}"
@@ -264,9 +264,8 @@ def bench_padding(args, config):
         lengths = [r["images"] * config.num_image_tokens + r["text"] for r in records]
         n = args.micro_batch_size or LLAVA_MICRO_BATCH[stage]
         for grouped in (True, False):
-            has_image = [r["images"] > 0 for r in records]
-            sampler = LengthGroupedSampler(lengths if grouped else [1] * len(lengths), has_image, n, seed=args.seed,
-                                           group_by_modality=grouped)
+            sampler = LengthGroupedSampler(lengths, [r["images"] > 0 for r in records], n, seed=args.seed,
+                                           group_by_length=grouped)
             order = list(sampler)
             for pack in (False, True):
                 real = computed = 0

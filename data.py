@@ -6,7 +6,7 @@ Read top to bottom, this is the path of one record to a batch:
   3. tokenize_conversation - the pieces -> input_ids and labels, built together from one tokenization.
   4. chat_template_for     - the same prompt format as a Jinja chat template, for inference.
   5. VLMDataset            - record -> {input_ids, labels, pixel_values}; bad records raise or skip.
-  6. collate               - samples -> a right-padded batch with all images stacked.
+  6. collate               - samples -> a right-padded (or packed) batch with all images stacked.
   7. LengthGroupedSampler  - LLaVA's modality-aware length grouping, sharded across ranks.
   8. the demo data         - a synthetic coloured-shapes task drawn with PIL (`python data.py --make-demo DIR`).
 """
@@ -408,7 +408,8 @@ class VLMDataset(torch.utils.data.Dataset):
         full_path = os.path.join(self.image_folder, path)
         try:
             with Image.open(full_path) as image:
-                return image.convert("RGB")
+                image.load()  # decode now: a corrupt file fails here, naming its record
+                return image  # the image processor converts to RGB if needed
         except FileNotFoundError:
             raise ValueError(f"image {full_path} not found (image_folder={self.image_folder!r})") from None
         except OSError as e:
@@ -464,7 +465,7 @@ def collate(samples, pad_token_id, pack_length=0):
         "attention_mask": None if pack_length else attention_mask,
         "position_ids": position_ids,
         "pixel_values": torch.cat(images) if images else None,
-        "num_tokens": int(attention_mask.sum()),
+        "num_tokens": sum(lengths),
         "ids": [kept[i]["id"] for row in rows for i in row],
         "skipped": [(s["id"], s["skipped"]) for s in samples if "skipped" in s],
     }
@@ -496,15 +497,16 @@ def pack_rows(lengths, capacity):
 class LengthGroupedSampler(torch.utils.data.Sampler):
     """LLaVA's "group by modality length": image and text-only records form separate batches (a
     batch never mixes them), records of similar length share a batch (less padding), and the
-    order of batches is shuffled. One global batch = micro_batch_size x world_size samples; rank r
-    takes slice r of every global batch. Deterministic for (seed, epoch)."""
+    order of batches is shuffled (group_by_length=False: a plain shuffle). One global batch =
+    micro_batch_size x world_size samples; rank r takes slice r of every global batch.
+    Deterministic for (seed, epoch)."""
 
-    def __init__(self, lengths, has_image, micro_batch_size, world_size=1, rank=0, seed=0, group_by_modality=True):
+    def __init__(self, lengths, has_image, micro_batch_size, world_size=1, rank=0, seed=0, group_by_length=True):
         if len(lengths) != len(has_image) or not len(lengths):
             raise ValueError(f"lengths ({len(lengths)}) and has_image ({len(has_image)}) must be equal and non-empty")
         self.lengths, self.has_image = np.asarray(lengths), np.asarray(has_image, dtype=bool)
         self.micro_batch_size, self.world_size, self.rank = micro_batch_size, world_size, rank
-        self.seed, self.group_by_modality = seed, group_by_modality
+        self.seed, self.group_by_length = seed, group_by_length
         self.epoch, self.to_skip = 0, 0
 
     def set_epoch(self, epoch):
@@ -519,7 +521,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         size = self.micro_batch_size * self.world_size
         everything = np.arange(len(self.lengths))
-        groups = [everything[self.has_image], everything[~self.has_image]] if self.group_by_modality else [everything]
+        groups = [everything[self.has_image], everything[~self.has_image]] if self.group_by_length else [everything]
         batches, leftovers = [], []
         for group in groups:
             group = rng.permutation(group)
@@ -528,7 +530,8 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             mega = size * max(1, min(50, len(group) // (4 * size)))
             for begin in range(0, len(group), mega):
                 chunk = group[begin:begin + mega]
-                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                if self.group_by_length:
+                    chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
                 full = len(chunk) // size * size
                 batches += [chunk[b:b + size] for b in range(0, full, size)]
                 leftovers += list(chunk[full:])
@@ -538,7 +541,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         # the same number of full micro-batches (as DistributedSampler does; a few samples are
         # seen twice per epoch).
         if leftovers:
-            tail = np.array(leftovers)[np.argsort(-self.lengths[leftovers], kind="stable")]
+            tail = np.array(leftovers)
+            if self.group_by_length:
+                tail = tail[np.argsort(-self.lengths[tail], kind="stable")]
             repeat = np.resize(np.concatenate(batches) if batches else tail, -len(tail) % size)
             tail = np.concatenate([tail, repeat])
             batches += [tail[b:b + size] for b in range(0, len(tail), size)]

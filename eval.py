@@ -337,13 +337,13 @@ def select_records(records, image_folder, metric="auto", skip_missing=False):
 # 6. Evaluate
 
 
-def evaluate(model, processor, records, image_folder, metric="auto", suffix=True, batch_size=8, max_new_tokens=32,
-             temperature=0.0, top_p=1.0, skip_missing=False, progress=False):
-    """Answers and scores every record. Returns {"overall": {"count", "accuracy"}, "categories":
-    {name: {"count", "accuracy"}}, "missing": [ids skipped for a missing image], "answers": one row
-    per answered record: {"id", "prompt", "prediction", "answer", "correct"}}. Accuracy is the mean
-    of `correct` (a VQA soft score can be 1/3 or 2/3)."""
-    asked, paths, missing = select_records(records, image_folder, metric, skip_missing)
+def evaluate(model, processor, asked, paths, missing=(), metric="auto", suffix=True, batch_size=8,
+             max_new_tokens=32, temperature=0.0, top_p=1.0, progress=False):
+    """Answers and scores the records select_records chose (`asked`, their image `paths`, the
+    `missing` ids it left out). Returns {"overall": {"count", "accuracy"}, "categories": {name:
+    {"count", "accuracy"}}, "missing": [ids], "answers": one row per answered record: {"id",
+    "prompt", "prediction", "answer", "correct"}}. Accuracy is the mean of `correct` (a VQA soft
+    score can be 1/3 or 2/3)."""
     prompts = [build_prompt(processor, format_question(r, suffix), has_image=p is not None)
                for r, p in zip(asked, paths)]
     predictions = generate_answers(model, processor, prompts, paths, batch_size, max_new_tokens,
@@ -359,7 +359,7 @@ def evaluate(model, processor, records, image_folder, metric="auto", suffix=True
     return {
         "overall": summarize([row["correct"] for row in rows]),
         "categories": {name: summarize(scores) for name, scores in sorted(by_category.items())},
-        "missing": missing,
+        "missing": list(missing),
         "answers": rows,
     }
 
@@ -440,7 +440,7 @@ def run(args):
     if args.data is not None:
         records = load_questions(args.data)
         image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
-        select_records(records, image_folder, args.metric, args.skip_missing)  # fail before a long model load
+        selected = select_records(records, image_folder, args.metric, args.skip_missing)  # before the model loads
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, processor = load_model(args.ckpt, device=args.device, dtype=dtype)
     generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
@@ -450,8 +450,8 @@ def run(args):
         print(generate_answers(model, processor, [prompt], [args.image], **generation)[0])
         return
 
-    results = evaluate(model, processor, records, image_folder, args.metric, not args.no_suffix, args.batch_size,
-                       progress=True, skip_missing=args.skip_missing, **generation)
+    results = evaluate(model, processor, *selected, args.metric, not args.no_suffix, args.batch_size, progress=True,
+                       **generation)
     out_dir = args.out or default_out_dir(args.data, args.ckpt)
     settings = dict(ckpt=args.ckpt, data=args.data, image_folder=image_folder, metric=args.metric,
                     suffix=not args.no_suffix, batch_size=args.batch_size, device=str(model.device),

@@ -590,9 +590,8 @@ def main(argv=None):
     if len(dataset) == 0:
         raise ConfigError(f"data_path={cfg.data_path!r} holds no records")
     check_images(dataset, cfg)
-    sampler = LengthGroupedSampler(dataset.lengths if cfg.group_by_length else [1] * len(dataset), dataset.has_image,
-                                   cfg.micro_batch_size, world_size, rank, cfg.seed,
-                                   group_by_modality=cfg.group_by_length)
+    sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, cfg.micro_batch_size, world_size, rank,
+                                   cfg.seed, group_by_length=cfg.group_by_length)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
         collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id,

@@ -421,6 +421,8 @@ def test_length_grouping_reduces_padding():
     grouped = padded_tokens(list(LengthGroupedSampler(lengths, has_image, 8)))
     shuffled = padded_tokens(np.random.default_rng(0).permutation(2000).tolist())
     assert grouped < 0.6 * shuffled
+    ungrouped = list(LengthGroupedSampler(lengths, has_image, 8, group_by_length=False))  # group_by_length=False
+    assert sorted(ungrouped) == list(range(2000)) and grouped < 0.6 * padded_tokens(ungrouped)
 
 
 # ----------------------------------------------------------------------------------------------

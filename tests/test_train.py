@@ -110,6 +110,14 @@ def test_param_groups(tiny_vlm):
         assert (id(p) in grouped) == (not n.startswith("vision_tower")) == p.requires_grad
 
 
+def test_compile_blocks_compiles_every_block(tiny_vlm):
+    model, _ = tiny_vlm
+    blocks = [*model.language_model.get_decoder().layers, *model.vision_tower.encoder.layers]
+    assert all(block._compiled_call_impl is None for block in blocks)
+    assert train.compile_blocks(model) == len(blocks) == 4  # 2 LLM + 2 vision layers
+    assert all(block._compiled_call_impl is not None for block in blocks)  # what nn.Module.compile sets
+
+
 def test_lr_schedule():
     total = 100
     factors = [lr_factor(s, total, 0.1, 0.1) for s in range(total)]
