@@ -139,8 +139,8 @@ def test_same_logits_and_loss_as_transformers_llava(vlm):
 # The splice
 
 
-def test_image_features_land_exactly_at_image_tokens(vlm, monkeypatch):
-    model, processor = vlm
+def test_image_features_land_exactly_at_image_tokens(tiny_vlm, monkeypatch):
+    model, processor = tiny_vlm  # a model of its own: the test replaces get_image_features
     batch = mixed_batch(processor)  # 3 images: sample 0 has 2, sample 1 none, sample 2 one
     n, p, d = 3, model.config.num_image_tokens, model.config.text_config.hidden_size
     known = torch.arange(n * p * d, dtype=torch.float32).view(n, p, d)  # every value distinct
@@ -294,11 +294,11 @@ def test_clip_keeping_cls_has_patches_plus_one_tokens(tiny_backbones):
 
 
 @pytest.mark.parametrize("layer", [-1, -2, 0])
-def test_vision_feature_layer_picks_that_hidden_state(vlm, monkeypatch, layer):
-    model, processor = vlm
+def test_vision_feature_layer_picks_that_hidden_state(tiny_vlm, layer):
+    model, processor = tiny_vlm  # a model of its own: the test replaces a submodule
     pixel_values = processor.image_processor([RED, GREEN])["pixel_values"]
-    monkeypatch.setattr(model, "connector", nn.Identity())  # see the raw vision features
-    monkeypatch.setattr(model.config, "vision_feature_layer", layer)
+    model.connector = nn.Identity()  # see the raw vision features
+    model.config.vision_feature_layer = layer
     with torch.no_grad():
         hidden_states = model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         features = model.get_image_features(pixel_values)
@@ -434,8 +434,8 @@ def test_cached_generation_equals_uncached_argmax(vlm):
     assert torch.equal(cached, ids)
 
 
-def test_generation_stops_at_eos(vlm, monkeypatch):
-    model, processor = vlm
+def test_generation_stops_at_eos(tiny_vlm):
+    model, processor = tiny_vlm  # a model of its own: the test replaces the LM head
     single = processor(text=[f"{IMAGE_TOKEN} What?"], images=[RED])
     prompt_len = single["input_ids"].shape[1]
     with torch.no_grad():
@@ -453,7 +453,7 @@ def test_generation_stops_at_eos(vlm, monkeypatch):
         biased.weight.copy_(head.weight)
         biased.bias.zero_()
         biased.bias[eos] = 1e4
-    monkeypatch.setattr(model.language_model, "lm_head", biased)
+    model.language_model.lm_head = biased
     batch = processor(text=[f"{IMAGE_TOKEN} What?", "Describe the photo."], images=[RED])
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=8, do_sample=False)
