@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from eval import SHORT_ANSWER_SUFFIX  # the demo's QA carries LLaVA's suffix, as LLaVA's VQA data does
-from model import IGNORE_INDEX, IMAGE_TOKEN, writes_own_bos
+from model import IGNORE_INDEX, IMAGE_TOKEN, image_text_separator, writes_own_bos
 
 TEMPLATES = ("plain", "vicuna_v1", "chat")
 VICUNA_SYSTEM = (
@@ -161,12 +161,14 @@ def render_pieces(conversations, template, tokenizer):
     pieces are what the model must generate: the assistant answers with their end-of-turn marker."""
     turns = check_turns(conversations)
     if template == "plain":
-        return plain_pieces(turns)
-    if template == "vicuna_v1":
-        return vicuna_pieces(turns, tokenizer.eos_token)
-    if template == "chat":
-        return chat_pieces(turns, tokenizer)
-    raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+        pieces = plain_pieces(turns)
+    elif template == "vicuna_v1":
+        pieces = vicuna_pieces(turns, tokenizer.eos_token)
+    elif template == "chat":
+        pieces = chat_pieces(turns, tokenizer)
+    else:
+        raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+    return separate_images(pieces, image_text_separator(tokenizer))
 
 
 def check_turns(conversations):
@@ -191,9 +193,10 @@ def check_turns(conversations):
 
 
 def move_images_to_front(text):
-    """LLaVA puts every <image> at the start of its turn: "<image>\\n" + the rest of the text."""
+    """LLaVA puts every <image> at the start of its turn: "<image>\\n" + the rest of the text, and
+    a turn that is only an image becomes "<image>" (the whole turn is stripped)."""
     n = text.count(IMAGE_TOKEN)
-    return (IMAGE_TOKEN + "\n") * n + text.replace(IMAGE_TOKEN, "").strip() if n else text
+    return ((IMAGE_TOKEN + "\n") * n + text.replace(IMAGE_TOKEN, "").strip()).strip() if n else text
 
 
 def plain_pieces(turns):
@@ -214,9 +217,12 @@ def vicuna_pieces(turns, eos):
 
 
 def chat_pieces(turns, tokenizer):
-    """The tokenizer's chat template. The answer to message k is what rendering messages[:k+1] adds
-    to the prompt messages[:k] + generation prompt (minus trailing whitespace after its end marker);
-    that only works when every shorter rendering is a prefix of the full one."""
+    """The tokenizer's chat template. The model's answer k starts where messages[:k] rendered with
+    the generation prompt ends, and runs to the end of the answer as the template writes it (some
+    templates trim answers) plus its end-of-turn token, the first special token after it: what the
+    model must generate to answer and stop. Nothing the template writes after that is supervised
+    (Llama-3's first template opens the next assistant header even without a generation prompt).
+    Finding the starts needs a template whose shorter renderings are prefixes of the full one."""
     if not tokenizer.chat_template:
         raise ValueError("template='chat' needs a tokenizer with a chat template; use vicuna_v1 or plain")
     messages = [{"role": role, "content": text} for role, text in turns]
@@ -226,22 +232,50 @@ def chat_pieces(turns, tokenizer):
                                              add_generation_prompt=add_generation_prompt)
 
     full = render(len(messages), False)
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
     pieces, done = [], 0
     for k in range(1, len(messages), 2):
-        prompt, turn = render(k, True), render(k + 1, False)
-        start, end = len(prompt), len(turn.rstrip())
-        if not (full.startswith(prompt) and full.startswith(turn) and done <= start < end
-                and messages[k]["content"] in full[start:end]):
+        start = len(render(k, True))
+        if not (full.startswith(render(k, True)) and done <= start):
             raise ValueError(
-                "the tokenizer's chat template is not prefix-stable (rendering the first "
-                f"{k} messages with add_generation_prompt=True is not a prefix of the full conversation, or "
-                "the answer is not where expected), so the assistant spans cannot be found; "
-                "use template='vicuna_v1' or a prefix-stable chat template"
-            )
+                f"the tokenizer's chat template is not prefix-stable: the first {k} messages rendered with "
+                "add_generation_prompt=True are not a prefix of the whole conversation, so the answers cannot "
+                "be found; use template='vicuna_v1' or a prefix-stable chat template")
+        answer = messages[k]["content"].strip()
+        begin = full.find(answer, start)
+        if begin < 0 or full[start:begin].strip():
+            raise ValueError(f"the chat template does not write answer {k // 2 + 1} right after its prompt "
+                             f"(looked for {answer[:40]!r}), so its tokens cannot be found; use template='vicuna_v1'")
+        answer_end = begin + len(answer)
+        after = full[answer_end:]
+        marker = next((t for t in specials if after.lstrip().startswith(t)), None)
+        end = answer_end + len(after) - len(after.lstrip()) + len(marker) if marker else answer_end
         pieces += [(full[done:start], False), (full[start:end], True)]
         done = end
     pieces.append((full[done:], False))
     return [piece for piece in pieces if piece[0]]
+
+
+# <image> followed by text (not by another <image>, not at the end)
+IMAGE_BEFORE_TEXT = re.compile(re.escape(IMAGE_TOKEN) + "(?!" + re.escape(IMAGE_TOKEN) + r"|\Z)")
+
+
+def separate_images(pieces, separator):
+    """Writes `separator` (model.image_text_separator: " " for SentencePiece tokenizers) after every
+    <image> that text follows, as LLaVA's separate tokenization of that text does, and as the
+    inference chat template (chat_template_for) writes it. A piece that ends in an image gives the
+    separator to the next piece: in `plain`, "<image>" + " caption", the caption's first word."""
+    if not separator:
+        return pieces
+    separated, after_image = [], False
+    for text, supervised in pieces:
+        if not text:
+            continue
+        if after_image and not text.startswith(IMAGE_TOKEN):
+            text = separator + text
+        after_image = text.endswith(IMAGE_TOKEN)
+        separated.append((IMAGE_BEFORE_TEXT.sub(IMAGE_TOKEN + separator, text), supervised))
+    return separated
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,14 +337,18 @@ def truncate(input_ids, labels, image_id, max_seq_len):
 # 4. The same prompt format as a chat template, for inference
 
 # content (a string, or a list of {"type": "image"} / {"type": "text"} items) -> the turn text
-# training used: every image as "<image>\n" at the start of the turn (move_images_to_front).
+# training used: every image as "<image>\n" at the start of the turn (move_images_to_front), an
+# image-only turn as "<image>", and SEP after each image (separate_images).
 CONTENT_MACRO = r"""{%- macro vlm_content(content) -%}
 {%- if content is string -%}{%- set text = content -%}
 {%- else -%}{%- set text = '<image>' * (content | selectattr('type', 'equalto', 'image') | list | length)
  + (content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}
 {%- endif -%}
 {%- set n = text.count('<image>') -%}
-{%- if n > 0 -%}{{ '<image>\n' * n + text.replace('<image>', '').strip() }}{%- else -%}{{ text }}{%- endif -%}
+{%- set rest = text.replace('<image>', '').strip() -%}
+{%- if n == 0 -%}{{ text }}
+{%- elif rest -%}{{ ('<image>' + SEP + '\n') * n + rest }}
+{%- else -%}{{ ('<image>' + SEP + '\n') * (n - 1) + '<image>' + SEP }}{%- endif -%}
 {%- endmacro -%}
 """
 
@@ -342,16 +380,16 @@ CHAT_PREAMBLE = r"""{%- set vlm = namespace(messages=[]) -%}
 def chat_template_for(template, tokenizer):
     """A Jinja chat template that renders, with add_generation_prompt=True, exactly the training
     prompt of render_pieces up to the answer. Stored on the final processor for eval and the Hub."""
+    macro = f"{{%- set SEP = {json.dumps(image_text_separator(tokenizer))} -%}}" + CONTENT_MACRO  # Jinja literal
     if template == "plain":
-        return CONTENT_MACRO + PLAIN_TEMPLATE
+        return macro + PLAIN_TEMPLATE
     if template == "vicuna_v1":
-        system, eos = json.dumps(VICUNA_SYSTEM), json.dumps(tokenizer.eos_token)  # as Jinja string literals
-        constants = f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}"
-        return CONTENT_MACRO + constants + VICUNA_TEMPLATE
+        system, eos = json.dumps(VICUNA_SYSTEM), json.dumps(tokenizer.eos_token)
+        return macro + f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}" + VICUNA_TEMPLATE
     if template == "chat":
         if not tokenizer.chat_template:
             raise ValueError("template='chat' needs a tokenizer with a chat template; use vicuna_v1 or plain")
-        return CONTENT_MACRO + CHAT_PREAMBLE + tokenizer.chat_template
+        return macro + CHAT_PREAMBLE + tokenizer.chat_template
     raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
 
 

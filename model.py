@@ -12,9 +12,10 @@ Read top to bottom, this is the path of an image and a prompt through the model:
   8. build_vlm        - assembles a new model from a pretrained encoder and LLM.
   9. tiny backbones   - small random CLIP/SigLIP + Llama/Qwen2 + tokenizer for tests and the demo.
 
-This file imports only torch, transformers, PIL and numpy, so push.py can ship it verbatim as
+This file imports only torch, transformers (with its tokenizers), PIL and numpy, so push.py can ship it verbatim as
 the remote code of a Hub repo (`trust_remote_code=True`).
 """
+import json
 import os
 import re
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tokenizers import Tokenizer
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -39,6 +41,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.processing_utils import ImagesKwargs
+from transformers.tokenization_utils_base import generate_merges
+from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
 IMAGE_TOKEN = "<image>"
@@ -394,15 +398,52 @@ def add_image_token(tokenizer, image_token=IMAGE_TOKEN):
     return tokenizer.convert_tokens_to_ids(image_token)
 
 
+def load_tokenizer(name_or_path):
+    """AutoTokenizer, with one repair. A tokenizer shipped only as a SentencePiece BPE model
+    (Llama-2 / Vicuna: tokenizer.model and no tokenizer.json) is converted by transformers with its
+    merges ranked by piece id instead of piece score. SentencePiece scores whitespace-only pieces
+    ("▁▁", "▁▁▁▁", ...) lowest, so it merges them last: "Hello  world" -> `▁Hello ▁ ▁world`; the
+    id ranking merges (▁, ▁) first -> `▁Hello ▁▁ world`, ids LLaVA never trained on (code
+    indentation in ShareGPT answers, say). Re-ranked by score, the fast tokenizer gives
+    SentencePiece's pieces; final/ saves the repaired tokenizer.json, so eval and the Hub get it."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    sp_file = tokenizer.init_kwargs.get("vocab_file")
+    shipped_json = cached_file(name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False)
+    if tokenizer.is_fast and sp_file and str(sp_file).endswith(".model") and not shipped_json:
+        import sentencepiece  # only tokenizers converted from SentencePiece need it
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        if state["model"]["type"] == "BPE":
+            scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
+            state["model"]["merges"] = [list(m) for m in generate_merges(state["model"]["vocab"], scores)]
+            tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+    return tokenizer
+
+
+def image_text_separator(tokenizer):
+    """What the prompt writes between an <image> and the text after it: " " or "".
+    LLaVA tokenizes the text between images on its own (tokenizer_image_token). A SentencePiece
+    tokenizer starts every text with a word boundary ("What" -> `▁What`), so LLaVA's text after an
+    image starts with one: `<image> ▁What`. Tokenized in one piece after the special <image> token,
+    the same text gets none (`<image> What`). Written as a space, "<image> What", one tokenization
+    gives LLaVA's ids. Byte-level tokenizers (Qwen, Llama-3) add no boundary: no separator."""
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
+        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; add it first (add_image_token)")
+    alone = tokenizer("What", add_special_tokens=False)["input_ids"]
+    after_image = tokenizer(IMAGE_TOKEN + "What", add_special_tokens=False)["input_ids"][1:]
+    return "" if alone == after_image else " "
+
+
 def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2, drop_cls=True,
               image_aspect="pad", dtype=None, attn_implementation=None):
-    """A new VLM: pretrained encoder + pretrained LLM + fresh connector. Returns (model, processor)."""
-    load = {"dtype": dtype} if dtype is not None else {}
-    if attn_implementation:
-        load["attn_implementation"] = attn_implementation
-    vision_tower = load_vision_tower(vision_model, **load)
-    language_model = AutoModelForCausalLM.from_pretrained(llm, **load)
-    tokenizer = AutoTokenizer.from_pretrained(llm)
+    """A new VLM: pretrained encoder + pretrained LLM + fresh connector. Returns (model, processor).
+    dtype=None loads the LLM in its saved dtype (Vicuna: fp16, Qwen2.5: bf16) and the rest in that
+    dtype too: the image features must reach the LLM in the dtype of its embeddings."""
+    load = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto", **load)
+    vision_tower = load_vision_tower(vision_model, dtype=language_model.dtype, **load)
+    tokenizer = load_tokenizer(llm)
     image_token_id = add_image_token(tokenizer)
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
         language_model.resize_token_embeddings(len(tokenizer))

@@ -72,3 +72,62 @@ def read_weights(folder):
 
     return {k: v for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")
             for k, v in load_file(os.path.join(folder, f)).items()}
+
+
+def make_vicuna_like_tokenizer(folder, corpus):
+    """A folder shaped like lmsys/vicuna-7b-v1.5's tokenizer: a SentencePiece BPE tokenizer.model
+    trained here with Llama-2's settings (byte fallback, split digits, dummy prefix, whitespace-only
+    pieces, no normalization) and, as in Llama-2's model, the whitespace-only pieces ("▁▁", ...)
+    scored -1e9 so that they merge last; a tokenizer_config.json with legacy=false and no
+    tokenizer.json. Returns the folder."""
+    import io
+    import json
+
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=buffer, model_type="bpe", vocab_size=400, byte_fallback=True,
+        split_digits=True, add_dummy_prefix=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        minloglevel=2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(buffer.getvalue())
+    # Llama-2 lists whitespace-only pieces first after the 256 bytes (id 259 is "▁▁"), scored -1e9.
+    pieces = list(proto.pieces)
+    first_merge = next(i for i, p in enumerate(pieces) if p.type == 1)  # type 1: a normal piece
+    spaces = [sentencepiece_model_pb2.ModelProto.SentencePiece(piece="▁" * n, score=-1e9, type=1) for n in (2, 4, 3)]
+    del proto.pieces[:]
+    proto.pieces.extend(pieces[:first_merge] + spaces + pieces[first_merge:])
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(proto.SerializeToString())
+    special = {name: {"content": text, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+               for name, text in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))}
+    config = {"add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": False,
+              "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+              "tokenizer_class": "LlamaTokenizer", **special}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=1)
+    return folder
+
+
+# Lines without newlines or tabs, as SentencePiece trains on lines: "\n" then falls back to the
+# byte <0x0A>, as in Llama-2. Frequent words become word-start pieces ("▁world").
+VICUNA_LIKE_CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. USER: What is this? ASSISTANT: Hello world",
+    "What is the man holding? The man is holding an umbrella in the rain. There are three people in the world.",
+    "select luxury furniture 3 - inch gel memory foam mattress topper, olympic athlete in action, hello world",
+    "def add(a, b): return a + b print(add(1, 2)) Hello world, hello world, the world is round",
+    "Answer the question using a single word or phrase. Red Brown Laptop 12345 cafe world",
+] * 50
+
+
+@pytest.fixture(scope="session")
+def vicuna_like_tokenizer(tmp_path_factory):
+    """The folder of a Vicuna-shaped SentencePiece tokenizer (make_vicuna_like_tokenizer)."""
+    return make_vicuna_like_tokenizer(str(tmp_path_factory.mktemp("vicuna-tokenizer")), VICUNA_LIKE_CORPUS)

@@ -460,3 +460,170 @@ def test_demo_data_is_deterministic_balanced_and_loads(tmp_path, processor):
 
 def has_no_image(dataset):
     return 1 - sum(dataset.has_image) / len(dataset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Equal to LLaVA-1.5's own preprocessing on a SentencePiece (Llama-2 / Vicuna) tokenizer
+
+
+@pytest.fixture(scope="module")
+def vicuna_processor(vicuna_like_tokenizer):
+    """Our processor around the Vicuna-shaped SentencePiece tokenizer, 3 image tokens per image."""
+    from model import VLMImageProcessor, VLMProcessor, add_image_token, load_tokenizer
+
+    tokenizer = load_tokenizer(vicuna_like_tokenizer)
+    add_image_token(tokenizer)
+    return VLMProcessor(VLMImageProcessor(size=32), tokenizer, num_image_tokens=3)
+
+
+class LlavaRules:
+    """What LLaVA-1.5's preprocessing (llava/train/train.py, llava/mm_utils.py) gives, written from its
+    rules on the raw SentencePiece model, independent of data.py:
+    - its slow LlamaTokenizer with legacy=False: BOS, then the text with SentencePiece's word-start
+      "▁" at its start but none after a "</s>" inside it;
+    - tokenizer_image_token: the text between <image> markers is tokenized on its own (its BOS
+      dropped), one image id between the pieces;
+    - plain labels: all but BOS and the image; vicuna_v1 labels: each answer and its </s>."""
+
+    def __init__(self, folder, bos, eos):
+        import sentencepiece
+        from sentencepiece import sentencepiece_model_pb2
+
+        self.with_prefix = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+        proto = sentencepiece_model_pb2.ModelProto()
+        with open(os.path.join(folder, "tokenizer.model"), "rb") as f:
+            proto.ParseFromString(f.read())
+        proto.normalizer_spec.add_dummy_prefix = False
+        self.without_prefix = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.bos, self.eos = bos, eos
+
+    def text(self, text):
+        ids = []
+        for k, part in enumerate(text.split("</s>")):
+            ids += [self.eos] if k else []
+            ids += (self.with_prefix if k == 0 else self.without_prefix).encode(part) if part else []
+        return ids
+
+    def with_images(self, prompt, image):
+        ids = [self.bos]
+        for k, chunk in enumerate(prompt.split("<image>")):
+            ids += ([image] if k else []) + self.text(chunk)
+        return ids
+
+    def plain(self, caption, image):
+        ids = self.with_images("<image>" + caption + "\n", image)
+        return ids, [IGNORE_INDEX, IGNORE_INDEX] + ids[2:]
+
+    def vicuna(self, turns, image):
+        """turns: [(question, answer)], the first question with "<image>\\n" in front when there is one."""
+        prompt = VICUNA_SYSTEM + " " + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in turns)
+        ids = self.with_images(prompt, image)
+        labels = [IGNORE_INDEX] * len(ids)
+        for k, (q, a) in enumerate(turns):  # the ids of each answer + </s> sit where the prefix up to it ends
+            before = (VICUNA_SYSTEM + " " + "".join(f"USER: {q2} ASSISTANT: {a2}</s>" for q2, a2 in turns[:k])
+                      + f"USER: {q} ASSISTANT:")
+            start = len(self.with_images(before, image))
+            end = len(self.with_images(before + f" {a}</s>", image))
+            labels[start:end] = ids[start:end]
+        return ids, labels
+
+
+def expand_images(ids, labels, image_id, n):
+    """One image id -> n image ids (label -100), as the processor writes them."""
+    out_ids, out_labels = [], []
+    for token, label in zip(ids, labels):
+        out_ids += [token] * (n if token == image_id else 1)
+        out_labels += [IGNORE_INDEX] * n if token == image_id else [label]
+    return out_ids, out_labels
+
+
+CAPTIONS = ["select luxury furniture 3 - inch gel memory foam mattress topper", "olympic athlete in action",
+            "Hello  world, the   world is round", "   leading spaces and a\ttab", "cafe 12345 東京"]
+QA = [[("What is the man holding?", "The man is holding an umbrella in the rain.")],
+      [("What is this?", "Red"), ("Hello  world?", "def add(a, b):\n    return a + b\n\nprint(add(1, 2))")],
+      [("Answer the question using a single word or phrase.", "Brown "), ("Three people?", " Yes, three.")]]
+
+
+@pytest.mark.parametrize("caption", CAPTIONS)
+@pytest.mark.parametrize("where", ["before", "after", "alone"])
+def test_plain_ids_and_labels_equal_llavas(vicuna_processor, vicuna_like_tokenizer, caption, where):
+    tokenizer, image = vicuna_processor.tokenizer, vicuna_processor.image_token_id
+    llava = LlavaRules(vicuna_like_tokenizer, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    human = {"before": "<image>\nDescribe the photo.", "after": "Describe the photo.\n<image>", "alone": "<image>"}[where]
+    conversation = [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]
+    expected = expand_images(*llava.plain(caption, image), image, 3)
+    assert tokenize_conversation(conversation, "plain", vicuna_processor) == expected
+
+
+@pytest.mark.parametrize("turns", QA, ids=["one-turn", "code", "spaces"])
+@pytest.mark.parametrize("image", ["front", "back", "alone", "none"])
+def test_vicuna_ids_and_labels_equal_llavas(vicuna_processor, vicuna_like_tokenizer, turns, image):
+    tokenizer, image_id = vicuna_processor.tokenizer, vicuna_processor.image_token_id
+    llava = LlavaRules(vicuna_like_tokenizer, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    first = turns[0][0]
+    human = {"front": f"<image>\n{first}", "back": f"{first}\n<image>", "alone": "<image>", "none": first}[image]
+    conversation = [{"from": "human", "value": human}, {"from": "gpt", "value": turns[0][1]}]
+    for q, a in turns[1:]:
+        conversation += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    # LLaVA moves the image to the front of its turn and strips the turn (preprocess_multimodal)
+    first_turn = {"front": f"<image>\n{first}", "back": f"<image>\n{first}", "alone": "<image>", "none": first}[image]
+    expected = expand_images(*llava.vicuna([(first_turn, turns[0][1]), *turns[1:]], image_id), image_id, 3)
+    assert tokenize_conversation(conversation, "vicuna_v1", vicuna_processor) == expected
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
+def test_inference_prompt_ids_equal_the_training_prompt_ids(vicuna_processor, template):
+    """The chat template stored with the model writes the separator after <image> too, so the prompt
+    ids at inference (our processor, and LlavaProcessor with the same template and tokenizer) are
+    the training ids up to the first answer."""
+    conversation = [{"from": "human", "value": "What is the man holding?\n<image>"},
+                    {"from": "gpt", "value": "An umbrella."}]
+    input_ids, labels = tokenize_conversation(conversation, template, vicuna_processor)
+    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    chat_template = chat_template_for(template, vicuna_processor.tokenizer)
+    for content in ("What is the man holding?\n<image>", [{"type": "image"}, {"type": "text", "text": "What is the man holding?"}]):
+        prompt = vicuna_processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      chat_template=chat_template, add_generation_prompt=True)
+        ids = vicuna_processor(text=prompt, images=[Image.new("RGB", (8, 8))])["input_ids"][0].tolist()
+        assert ids == input_ids[:first_answer]
+
+
+# ----------------------------------------------------------------------------------------------
+# template=chat: what the template writes around an answer
+
+
+TRIMMING = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # trims answers, as Llama-3's does
+HEADER_ALWAYS = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>{% endfor %}"
+                 "{{ '<|im_start|>assistant\n' }}")  # opens the next answer even without add_generation_prompt (Llama-3, 2024-04)
+
+
+@pytest.mark.parametrize("chat_template", [TRIMMING, HEADER_ALWAYS], ids=["trimming", "header-always"])
+def test_chat_supervises_each_answer_as_rendered_and_its_end_token(processor, chat_template):
+    tokenizer = processor.tokenizer
+    original = tokenizer.chat_template
+    tokenizer.chat_template = chat_template
+    conversation = [{"from": "human", "value": "<image>\nWhat is it?"},
+                    {"from": "gpt", "value": "A man holding an umbrella in the rain. "},
+                    {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "  a circle\n"}]
+    try:
+        _, labels = tokenize_conversation(conversation, "chat", processor)
+        _, one_turn_labels = tokenize_conversation(conversation[:2], "chat", processor)
+    finally:
+        tokenizer.chat_template = original
+    assert [tokenizer.decode(run) for run in supervised_runs(labels)] == [
+        "A man holding an umbrella in the rain.<|im_end|>", "a circle<|im_end|>"]
+    assert [tokenizer.decode(run) for run in supervised_runs(one_turn_labels)] == [
+        "A man holding an umbrella in the rain.<|im_end|>"]
+
+
+def test_chat_template_that_drops_the_answer_is_refused_with_that_reason(processor):
+    tokenizer = processor.tokenizer
+    original = tokenizer.chat_template
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'user' %}{{ m['content'] }}"
+                               "{% endif %}<|im_end|>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    try:
+        with pytest.raises(ValueError, match="does not write answer 1 right after its prompt"):
+            render_pieces(ONE_TURN, "chat", tokenizer)
+    finally:
+        tokenizer.chat_template = original

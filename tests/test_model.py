@@ -601,3 +601,39 @@ def test_processor_adds_no_second_bos_when_the_prompt_has_one(tiny_vlm):
     templated = processor(text=["<s>hello"])["input_ids"][0].tolist()
     assert plain[0] == bos and plain.count(bos) == 1
     assert templated == plain
+
+
+# ----------------------------------------------------------------------------------------------
+# Real backbones' shapes: a SentencePiece-only tokenizer, an LLM saved in bf16
+
+
+def test_vicuna_shaped_tokenizer_loads_and_splits_like_sentencepiece(vicuna_like_tokenizer, tiny_backbones):
+    """Vicuna ships tokenizer.model and no tokenizer.json. It must load, and its pieces must be
+    SentencePiece's: runs of spaces merge last (`▁Hello ▁ ▁world`, not `▁Hello ▁▁ world`)."""
+    import sentencepiece
+
+    from model import load_tokenizer
+
+    assert not os.path.exists(os.path.join(vicuna_like_tokenizer, "tokenizer.json"))
+    tokenizer = load_tokenizer(vicuna_like_tokenizer)
+    reference = sentencepiece.SentencePieceProcessor(model_file=os.path.join(vicuna_like_tokenizer, "tokenizer.model"))
+    texts = ["Hello  world", "the   world\tis  round", "def add(a, b):\n    return a + b\n\n\n  x", "cafe 12345 東京 😀"]
+    for text in texts:
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == reference.encode(text), text
+    assert tokenizer("Hello")["input_ids"][0] == tokenizer.bos_token_id == reference.bos_id()
+
+
+def test_llm_saved_in_bf16_builds_a_model_that_runs(tiny_backbones, tmp_path):
+    """Qwen2.5 ships bf16 weights, Vicuna fp16, CLIP fp32: build_vlm(dtype=None) must give one dtype
+    throughout, so the image features meet the LLM's embeddings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    vision, llm = tiny_backbones
+    AutoModelForCausalLM.from_pretrained(llm, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16-llm")
+    AutoTokenizer.from_pretrained(llm).save_pretrained(tmp_path / "bf16-llm")
+    model, processor = build_vlm(vision, str(tmp_path / "bf16-llm"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    batch = processor(text=[f"{IMAGE_TOKEN}\nWhat is it?"], images=[RED])
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
