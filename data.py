@@ -235,21 +235,25 @@ def chat_pieces(turns, tokenizer):
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
     pieces, done = [], 0
     for k in range(1, len(messages), 2):
-        start = len(render(k, True))
-        if not (full.startswith(render(k, True)) and done <= start):
+        prompt, turn = render(k, True), render(k + 1, False)
+        start, answer = len(prompt), messages[k]["content"].strip()
+        begin = full.find(answer, start)  # text between prompt and answer (Qwen3's empty <think>) is generated too
+        if begin < 0:
+            raise ValueError(f"the chat template does not write answer {k // 2 + 1} after its prompt (looked for "
+                             f"{answer[:40]!r}), so its tokens cannot be found; use template='vicuna_v1'")
+        if not (full.startswith(prompt) and done <= start and turn[:begin + len(answer)] == full[:begin + len(answer)]):
             raise ValueError(
-                f"the tokenizer's chat template is not prefix-stable: the first {k} messages rendered with "
-                "add_generation_prompt=True are not a prefix of the whole conversation, so the answers cannot "
-                "be found; use template='vicuna_v1' or a prefix-stable chat template")
-        answer = messages[k]["content"].strip()
-        begin = full.find(answer, start)
-        if begin < 0 or full[start:begin].strip():
-            raise ValueError(f"the chat template does not write answer {k // 2 + 1} right after its prompt "
-                             f"(looked for {answer[:40]!r}), so its tokens cannot be found; use template='vicuna_v1'")
+                f"the tokenizer's chat template is not prefix-stable: the first {k} messages (with the generation "
+                "prompt) or the first answer(s) render differently inside the whole conversation, so the answers "
+                "cannot be found; use template='vicuna_v1' or a prefix-stable chat template")
         answer_end = begin + len(answer)
         after = full[answer_end:]
         marker = next((t for t in specials if after.lstrip().startswith(t)), None)
-        end = answer_end + len(after) - len(after.lstrip()) + len(marker) if marker else answer_end
+        if marker:
+            end = answer_end + len(after) - len(after.lstrip()) + len(marker)
+        else:  # a template that ends turns with plain text: the turn as rendered, minus trailing whitespace
+            turn = turn.rstrip()
+            end = len(turn) if full.startswith(turn) and len(turn) > answer_end else answer_end
         pieces += [(full[done:start], False), (full[start:end], True)]
         done = end
     pieces.append((full[done:], False))

@@ -623,7 +623,7 @@ def test_chat_template_that_drops_the_answer_is_refused_with_that_reason(process
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'user' %}{{ m['content'] }}"
                                "{% endif %}<|im_end|>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     try:
-        with pytest.raises(ValueError, match="does not write answer 1 right after its prompt"):
+        with pytest.raises(ValueError, match="does not write answer 1 after its prompt"):
             render_pieces(ONE_TURN, "chat", tokenizer)
     finally:
         tokenizer.chat_template = original
