@@ -237,16 +237,17 @@ def chat_pieces(turns, tokenizer):
     for k in range(1, len(messages), 2):
         prompt, turn = render(k, True), render(k + 1, False)
         start, answer = len(prompt), messages[k]["content"].strip()
-        begin = full.find(answer, start)  # text between prompt and answer (Qwen3's empty <think>) is generated too
-        if begin < 0:
+        stable = full.startswith(prompt) and done <= start
+        begin = full.find(answer, start) if stable else -1  # text between prompt and answer is generated too
+        answer_end = begin + len(answer)
+        if stable and begin < 0:
             raise ValueError(f"the chat template does not write answer {k // 2 + 1} after its prompt (looked for "
                              f"{answer[:40]!r}), so its tokens cannot be found; use template='vicuna_v1'")
-        if not (full.startswith(prompt) and done <= start and turn[:begin + len(answer)] == full[:begin + len(answer)]):
+        if not stable or turn[:answer_end] != full[:answer_end]:  # Qwen3 drops earlier answers' <think>
             raise ValueError(
                 f"the tokenizer's chat template is not prefix-stable: the first {k} messages (with the generation "
                 "prompt) or the first answer(s) render differently inside the whole conversation, so the answers "
                 "cannot be found; use template='vicuna_v1' or a prefix-stable chat template")
-        answer_end = begin + len(answer)
         after = full[answer_end:]
         marker = next((t for t in specials if after.lstrip().startswith(t)), None)
         if marker:
