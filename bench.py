@@ -89,13 +89,13 @@ def build_model(system, config, device, dtype):
 
 def with_our_names(peer):
     """The peer's parameters under our names (push.LLAVA_NAMES read backwards: model.vision_tower ->
-    vision_tower, model.multi_modal_projector -> connector, the rest -> language_model), so
-    train.freeze_components and train.build_param_groups treat both models alike."""
+    vision_tower, model.multi_modal_projector -> connector, the rest -> language_model), and its
+    vision tower, so train.prepare_for_training and train.build_param_groups treat both models alike."""
     def named_parameters():
         for name, p in peer.named_parameters():
             ours, theirs = next((o, t) for o, t in LLAVA_NAMES if name.startswith(t))
             yield ours + name[len(theirs):], p
-    return SimpleNamespace(named_parameters=named_parameters)
+    return SimpleNamespace(named_parameters=named_parameters, vision_tower=peer.model.vision_tower)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,8 +154,8 @@ def make_batches(stage, args, config, world_size, rank):
     records = draw_records(stage, args.lengths, config, max(2000, 4 * n_batches * args.micro_batch_size * world_size),
                            args.seed)
     lengths = [r["images"] * config.num_image_tokens + r["text"] for r in records]
-    sampler = LengthGroupedSampler(lengths, [r["images"] > 0 for r in records], args.micro_batch_size, world_size,
-                                   rank, args.seed)
+    sampler = LengthGroupedSampler(lengths, [r["images"] > 0 for r in records], args.micro_batch_size * world_size,
+                                   args.micro_batch_size, world_size, rank, args.seed)
     mine = list(sampler)[:n_batches * args.micro_batch_size]  # this rank's samples, in training order
     return [[make_sample(records[i], i, config, args.seed) for i in mine[k:k + args.micro_batch_size]]
             for k in range(0, len(mine), args.micro_batch_size)]
@@ -210,11 +210,7 @@ def measure_train_steps(system, cfg, config, batches, env):
 
     model = build_model(system, config, env.device, env.dtype)
     names = model if system == OURS else with_our_names(model)
-    train.freeze_components(names, cfg)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        train.compile_blocks(model)
+    train.prepare_for_training(model, cfg, names)  # as train.py does: modes, checkpointing, compiled blocks
     optimizer = train.make_optimizer(train.build_param_groups(names, cfg), cfg)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=train.deepspeed_config(cfg, accumulation=1))
@@ -264,7 +260,7 @@ def bench_padding(args, config):
         lengths = [r["images"] * config.num_image_tokens + r["text"] for r in records]
         n = args.micro_batch_size or LLAVA_MICRO_BATCH[stage]
         for grouped in (True, False):
-            sampler = LengthGroupedSampler(lengths, [r["images"] > 0 for r in records], n, seed=args.seed,
+            sampler = LengthGroupedSampler(lengths, [r["images"] > 0 for r in records], n, n, seed=args.seed,
                                            group_by_length=grouped)
             order = list(sampler)
             for pack in (False, True):

@@ -541,14 +541,21 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     """LLaVA's "group by modality length": image and text-only records form separate batches (a
     batch never mixes them), records of similar length share a batch (less padding), and the
     order of batches is shuffled (group_by_length=False: a plain shuffle). One global batch =
-    micro_batch_size x world_size samples; rank r takes slice r of every global batch.
-    Deterministic for (seed, epoch)."""
+    `batch_size` samples = one optimizer step; it is cut into micro-batches of micro_batch_size
+    (neighbours in length), and micro-batch j of a step goes to rank j % world_size.
 
-    def __init__(self, lengths, has_image, micro_batch_size, world_size=1, rank=0, seed=0, group_by_length=True):
+    The order of an epoch's global batches depends only on (seed, epoch, batch_size), not on the
+    micro-batch size or the number of processes, so a run resumed with other ones continues with
+    the very next samples (skip); only which rank and micro-batch a sample of a step lands in changes."""
+
+    def __init__(self, lengths, has_image, batch_size, micro_batch_size, world_size=1, rank=0, seed=0,
+                 group_by_length=True):
         if len(lengths) != len(has_image) or not len(lengths):
             raise ValueError(f"lengths ({len(lengths)}) and has_image ({len(has_image)}) must be equal and non-empty")
+        if batch_size % (micro_batch_size * world_size):
+            raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch_size x world_size")
         self.lengths, self.has_image = np.asarray(lengths), np.asarray(has_image, dtype=bool)
-        self.micro_batch_size, self.world_size, self.rank = micro_batch_size, world_size, rank
+        self.batch_size, self.micro_batch_size, self.world_size, self.rank = batch_size, micro_batch_size, world_size, rank
         self.seed, self.group_by_length = seed, group_by_length
         self.epoch, self.to_skip = 0, 0
 
@@ -556,13 +563,15 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def skip(self, n):
-        """The next pass starts after this rank's first n samples (resuming mid-epoch)."""
+        """The next pass starts after the epoch's first n samples (whole steps: resuming mid-epoch)."""
+        if n % self.batch_size:
+            raise ValueError(f"can only skip whole steps of {self.batch_size} samples, got {n}")
         self.to_skip = n
 
     def global_batches(self):
         """[global batch of indices, ...] for this epoch, the same on every rank."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        size = self.micro_batch_size * self.world_size
+        size = self.batch_size
         everything = np.arange(len(self.lengths))
         groups = [everything[self.has_image], everything[~self.has_image]] if self.group_by_length else [everything]
         batches, leftovers = [], []
@@ -580,9 +589,8 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
                 leftovers += list(chunk[full:])
         batches = [batches[b] for b in rng.permutation(len(batches))]
         # The incomplete remainders of the groups go last, sorted by length (LLaVA does the same).
-        # They are padded by repeating indices from the start of the epoch, so that every rank gets
-        # the same number of full micro-batches (as DistributedSampler does; a few samples are
-        # seen twice per epoch).
+        # They are padded by repeating indices from the start of the epoch, so that every step is
+        # whole (as DistributedSampler does; a few samples are seen twice per epoch).
         if leftovers:
             tail = np.array(leftovers)
             if self.group_by_length:
@@ -593,15 +601,16 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return batches
 
     def __iter__(self):
-        start = self.rank * self.micro_batch_size
-        mine = [int(i) for batch in self.global_batches() for i in batch[start:start + self.micro_batch_size]]
         skip, self.to_skip = self.to_skip, 0
-        return iter(mine[skip:])
+        for batch in self.global_batches()[skip // self.batch_size:]:
+            micro = self.micro_batch_size
+            for j in range(self.rank, self.batch_size // micro, self.world_size):  # this rank's micro-batches
+                yield from (int(i) for i in batch[j * micro:(j + 1) * micro])
 
     def __len__(self):
-        """Samples the next pass yields on this rank: ceil(N / global batch) micro-batches, less the skip."""
-        n_batches = math.ceil(len(self.lengths) / (self.micro_batch_size * self.world_size))
-        return max(0, n_batches * self.micro_batch_size - self.to_skip)
+        """Samples the next pass yields on this rank: its share of every step left in the epoch."""
+        steps = math.ceil(len(self.lengths) / self.batch_size) - self.to_skip // self.batch_size
+        return steps * self.batch_size // self.world_size
 
 
 # ----------------------------------------------------------------------------------------------

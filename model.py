@@ -263,9 +263,13 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         head: (K, D) -> (K, V) instead of (B, T, V), e.g. 40 of 620 positions in pretraining."""
         targets = labels[:, 1:]  # (B, T-1)
         supervised = targets != IGNORE_INDEX
-        logits = self.get_output_embeddings()(hidden[:, :-1][supervised])  # (K, V)
-        if logits.shape[0] == 0:  # nothing supervised: a zero that keeps the graph connected
-            return hidden.sum() * 0.0, logits
+        head = self.get_output_embeddings()
+        logits = head(hidden[:, :-1][supervised])  # (K, V)
+        if logits.shape[0] == 0:
+            # Nothing supervised (every sample of a micro-batch skipped): a zero loss that still runs
+            # the head, so every parameter a normal step touches gets a (zero) gradient and the
+            # ranks' gradient reductions under ZeRO stay in step.
+            return head(hidden[:, :1]).float().sum() * 0.0, logits
         return F.cross_entropy(logits.float(), targets[supervised]), logits
 
 

@@ -17,6 +17,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from data import TEMPLATES
-from model import IGNORE_INDEX, build_connector, inference_folder
+from data import TEMPLATES, LengthGroupedSampler, VLMDataset, chat_template_for, collate
+from model import IGNORE_INDEX, build_connector, build_vlm, inference_folder
 
 # ----------------------------------------------------------------------------------------------
 # Settings: every key a config file or `key=value` can set. The README's table mirrors this.
@@ -87,6 +88,7 @@ class Config:
     overwrite: bool = False  # start again in an out_dir that holds another run
     wandb: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "small-vlm"  # the Weights & Biases project name
+    log_sample_ids: bool = False  # write out_dir/sample_ids_rank{R}.jsonl: the record ids each step trained on
 
 
 class ConfigError(Exception):
@@ -226,15 +228,38 @@ def freeze_components(model, cfg):
         p.requires_grad_(getattr(cfg, f"train_{component_of(name)}"))
 
 
+def prepare_for_training(model, cfg, ours=None):
+    """A built model made ready to train, the same way in train.py and bench.py: what trains
+    (train_*), each part's mode, gradient checkpointing, compiled blocks. `ours`: the model as our
+    names see it (bench.py passes its view of the transformers peer)."""
+    ours = ours or model
+    freeze_components(ours, cfg)
+    # from_pretrained leaves every module in eval mode, and transformers recomputes a layer in
+    # backward (gradient checkpointing) only while that layer is in training mode. Everything the
+    # gradients flow through trains in training mode, a frozen LLM too: in stage 1 the connector's
+    # gradients come through the whole LLM, whose activations are what checkpointing saves.
+    model.train()
+    if not cfg.train_vision:
+        # A frozen tower comes before everything that trains: no gradient flows through it, so
+        # there is nothing to recompute, and eval mode keeps it deterministic (no dropout).
+        ours.vision_tower.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        compile_blocks(model)
+
+
+def repeated_blocks(model):
+    """The LLM's decoder layers and the vision tower's encoder layers."""
+    return [*model.language_model.get_decoder().layers, *model.vision_tower.encoder.layers]
+
+
 def compile_blocks(model):
-    """torch.compile each repeated block (LLM decoder layers, vision encoder layers) on its own:
-    the blocks are where the time goes, blocks of one kind share their compiled code, and the glue
-    around them (the splice, the loss) stays plain Python. The first steps compile a few variants
-    (with and without gradients, a batch of one row)."""
-    blocks = [*model.language_model.get_decoder().layers, *model.vision_tower.encoder.layers]
-    for block in blocks:
+    """torch.compile each repeated block on its own: the blocks are where the time goes, blocks of
+    one kind share their compiled code, and the glue around them (the splice, the loss) stays plain
+    Python. The first steps compile a few variants (with and without gradients, a batch of one row)."""
+    for block in repeated_blocks(model):
         block.compile(dynamic=True)  # one graph for every batch and sequence length
-    return len(blocks)
 
 
 def build_param_groups(model, cfg):
@@ -386,6 +411,9 @@ def load_checkpoint(engine, cfg, tag, rank):
     path, state = engine.load_checkpoint(root, tag=tag, load_module_strict=False)
     if path is None:
         raise ConfigError(f"could not load checkpoint {root}/{tag}; remove it from {root}/latest or set overwrite=True")
+    if "samples_done" not in state:  # written before positions were counted in samples
+        raise ConfigError(f"checkpoint {root}/{tag} was written by an older small-vlm (no data position in "
+                          "samples); start the run again with overwrite=True")
     set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=False))
     return state
 
@@ -395,21 +423,34 @@ def write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def save_final(engine, processor, cfg, rank, summary):
-    """out_dir/final: a folder that VLMForCausalLM/VLMProcessor.from_pretrained load for inference."""
+def whole_state_dict(model, zero3, rank):
+    """The model's weights, whole, on rank 0. Under ZeRO-3 each rank holds a slice of every
+    parameter: they are gathered one at a time and rank 0 keeps a CPU copy of each, so a GPU never
+    holds more than one whole parameter beyond its slices (gathering all at once would put a whole
+    model on every GPU: +13.5 GB for a 7B LLM in bf16)."""
     import deepspeed
 
+    state = model.state_dict()  # under ZeRO-3: buffers whole, parameters as empty placeholders
+    if zero3:
+        for name, p in model.named_parameters(remove_duplicate=False):
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0:
+                    state[name] = p.detach().cpu().clone()
+    return state
+
+
+def save_final(engine, processor, cfg, rank, summary):
+    """out_dir/final: a folder that VLMForCausalLM/VLMProcessor.from_pretrained load for inference."""
     final, partial_dir = os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "final.partial")
-    model = engine.module
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=cfg.zero_stage == 3):
-        if rank == 0:
-            shutil.rmtree(partial_dir, ignore_errors=True)
-            model.save_pretrained(partial_dir)
-            processor.save_pretrained(partial_dir)
-            write_json(os.path.join(partial_dir, "train_config.json"), dataclasses.asdict(cfg))
-            write_json(os.path.join(partial_dir, "train_summary.json"), summary)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial_dir, final)
+    state = whole_state_dict(engine.module, cfg.zero_stage == 3, rank)
+    if rank == 0:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        engine.module.save_pretrained(partial_dir, state_dict=state)
+        processor.save_pretrained(partial_dir)
+        write_json(os.path.join(partial_dir, "train_config.json"), dataclasses.asdict(cfg))
+        write_json(os.path.join(partial_dir, "train_summary.json"), summary)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial_dir, final)
 
 
 def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, engine, window, elapsed,
@@ -531,8 +572,41 @@ def log_rank0(rank, *args):
 # The run
 
 
+def use_one_process_without_launcher():
+    """`python train.py ...` without the deepspeed launcher: one process (one GPU, or the CPU).
+    The launcher sets these; without them DeepSpeed would look for MPI to find its ranks."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as probe:  # a free port for the (one-member) process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def build_training_model(cfg, device):
+    """The model main() trains: build_vlm (pretrained encoder + LLM + a fresh connector), stage 1's
+    connector when init_from is set, the training prompt format as the processor's chat template,
+    and prepare_for_training. Returns (model, processor)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    attn = cfg.attn_implementation if device.type == "cuda" else "sdpa"
+    try:
+        model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
+                                     cfg.image_aspect, dtype=dtype, attn_implementation=attn)
+    except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
+        raise ConfigError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
+                          f"{str(e).splitlines()[0]}") from None
+    if cfg.init_from:
+        load_connector_weights(model, cfg.init_from)
+    processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
+    prepare_for_training(model, cfg)
+    return model, processor
+
+
 def main(argv=None):
     cfg, dry_run = load_config(sys.argv[1:] if argv is None else argv)
+    if not dry_run:
+        use_one_process_without_launcher()
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     accumulation = check_config(cfg, world_size)
     log_rank0(rank, json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -542,8 +616,6 @@ def main(argv=None):
 
     import deepspeed
     import torch.distributed as dist
-    from data import LengthGroupedSampler, VLMDataset, chat_template_for, collate
-    from model import build_vlm
 
     # --- processes, seeds, output folder
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -561,25 +633,12 @@ def main(argv=None):
         prepare_demo(cfg)
     dist.barrier()
 
-    # --- model: pretrained encoder + LLM + a fresh (or stage-1) connector
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-    attn = cfg.attn_implementation if device.type == "cuda" else "sdpa"
-    if attn != cfg.attn_implementation:
+    # --- model: pretrained encoder + LLM + a fresh (or stage-1) connector, ready to train
+    if device.type != "cuda" and cfg.attn_implementation != "sdpa":
         log_rank0(rank, f"attn_implementation={cfg.attn_implementation} is for GPUs; this CPU run uses sdpa")
-    try:
-        model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
-                                     cfg.image_aspect, dtype=dtype, attn_implementation=attn)
-    except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
-        raise ConfigError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
-                          f"{str(e).splitlines()[0]}") from None
-    if cfg.init_from:
-        load_connector_weights(model, cfg.init_from)
-    processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
-    freeze_components(model, cfg)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, processor = build_training_model(cfg, device)
     if cfg.compile:
-        log_rank0(rank, f"compiling {compile_blocks(model)} blocks (the first steps are slow)")
+        log_rank0(rank, f"compiling {len(repeated_blocks(model))} blocks (the first steps are slow)")
 
     # --- data (checked before any GPU work: a bad file fails here, not hours in)
     try:
@@ -590,8 +649,8 @@ def main(argv=None):
     if len(dataset) == 0:
         raise ConfigError(f"data_path={cfg.data_path!r} holds no records")
     check_images(dataset, cfg)
-    sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, cfg.micro_batch_size, world_size, rank,
-                                   cfg.seed, group_by_length=cfg.group_by_length)
+    sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, cfg.batch_size, cfg.micro_batch_size,
+                                   world_size, rank, cfg.seed, group_by_length=cfg.group_by_length)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
         collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id,
@@ -615,10 +674,12 @@ def main(argv=None):
         model=model, optimizer=make_optimizer(groups, cfg), config=deepspeed_config(cfg, accumulation))
 
     # --- resume
-    step, epoch, batches_done = 0, 0, 0
+    # The data position is the samples of this epoch already trained (whole steps of batch_size),
+    # so a run resumed with another micro_batch_size or number of GPUs takes the very next ones.
+    step, epoch, samples_done = 0, 0, 0
     if resume_tag:
         state = load_checkpoint(engine, cfg, resume_tag, rank)
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        step, epoch, samples_done = state["step"], state["epoch"], state["samples_done"]
         log_rank0(rank, f"resumed from {cfg.out_dir}/checkpoints/{resume_tag} at step {step}")
 
     # --- pre-emption: SIGTERM asks for a checkpoint at the next step boundary
@@ -636,11 +697,13 @@ def main(argv=None):
 
     # --- the loop
     step_loss, step_micro, skipped, skipped_before = 0.0, 0, [], 0  # skipped: (id, reason) this epoch
+    step_ids = []  # the record ids of this step's micro-batches (log_sample_ids)
+    id_log = open(os.path.join(cfg.out_dir, f"sample_ids_rank{rank}.jsonl"), "a") if cfg.log_sample_ids else None
     window = {"samples": 0, "tokens": 0, "positions": 0, "flops": 0.0, "wait": 0.0, "skipped": 0}
     last_loss, t_window, t_wait = float("nan"), time.time(), time.time()
     while step < total_steps:
         sampler.set_epoch(epoch)
-        sampler.skip(batches_done * cfg.micro_batch_size)
+        sampler.skip(samples_done)
         for batch in loader:
             window["wait"] += time.time() - t_wait
             skipped += batch["skipped"]
@@ -664,7 +727,7 @@ def main(argv=None):
                                          "lower the learning rate or check those samples, then resume=True")
             engine.backward(loss)  # scales by 1/accumulation
             engine.step()  # steps the optimizer only at the accumulation boundary
-            batches_done += 1
+            step_ids += batch["ids"]
             step_loss, step_micro = step_loss + loss_value, step_micro + 1
             n_tokens = batch["num_tokens"]  # real tokens, not padding
             n_images = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])
@@ -677,7 +740,11 @@ def main(argv=None):
                 continue
 
             # one optimizer step done: average the loss over micro-batches and ranks
-            step += 1
+            step, samples_done = step + 1, samples_done + cfg.batch_size
+            if id_log:
+                id_log.write(json.dumps({"step": step, "epoch": epoch, "ids": step_ids}) + "\n")
+                id_log.flush()
+            step_ids = []
             reduced = torch.tensor([step_loss, step_micro, float(stop["signal"])], dtype=torch.float64)
             dist.all_reduce(reduced)
             last_loss, step_loss, step_micro = reduced[0].item() / reduced[1].item(), 0.0, 0
@@ -686,7 +753,7 @@ def main(argv=None):
                          time.time() - t_window, metrics, wandb_run)
                 window = dict.fromkeys(window, 0)
                 t_window = time.time()
-            position = {"epoch": epoch, "batches_done": batches_done}
+            position = {"epoch": epoch, "samples_done": samples_done}
             if reduced[2].item() > 0:  # some rank got SIGTERM
                 save_checkpoint(engine, cfg, step, position, rank)
                 log_rank0(rank, f"SIGTERM: saved step {step} in {cfg.out_dir}/checkpoints; continue with the same "
@@ -700,17 +767,18 @@ def main(argv=None):
             if skipped:
                 log_rank0(rank, f"epoch {epoch}: skipped {len(skipped)} bad samples on rank 0: {skipped[:10]}")
             skipped_before += len(skipped)
-            epoch, batches_done, skipped = epoch + 1, 0, []
+            epoch, samples_done, skipped = epoch + 1, 0, []
 
     # --- the end: a last checkpoint (to resume or extend) and the inference folder
-    save_checkpoint(engine, cfg, step, {"epoch": epoch, "batches_done": batches_done}, rank)
+    save_checkpoint(engine, cfg, step, {"epoch": epoch, "samples_done": samples_done}, rank)
     if skipped_before + len(skipped):
         log_rank0(rank, f"skipped {skipped_before + len(skipped)} bad samples on rank 0 in all; this epoch: {skipped[:10]}")
     save_final(engine, processor, cfg, rank, {"final_loss": last_loss, "steps": step,
                                               "samples": step * cfg.batch_size, "skipped_rank0": skipped_before + len(skipped)})
     log_rank0(rank, f"done: {cfg.out_dir}/final (load with VLMForCausalLM.from_pretrained, or python eval.py)")
-    if metrics:
-        metrics.close()
+    for log in (metrics, id_log):
+        if log:
+            log.close()
 
 
 if __name__ == "__main__":

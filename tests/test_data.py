@@ -368,34 +368,34 @@ def make_lengths(n=480, seed=0):
 
 def test_sampler_ranks_are_disjoint_and_complete():
     lengths, has_image = make_lengths(n=480)
-    has_image = [i < 384 for i in range(480)]  # both groups divisible by the global batch of 4 x 3
-    shares = [list(LengthGroupedSampler(lengths, has_image, 4, world_size=3, rank=r, seed=1)) for r in range(3)]
-    assert all(len(share) == 160 == len(LengthGroupedSampler(lengths, has_image, 4, 3, r)) for r, share in
+    has_image = [i < 384 for i in range(480)]  # both groups divisible by the global batch of 12
+    shares = [list(LengthGroupedSampler(lengths, has_image, 12, 4, world_size=3, rank=r, seed=1)) for r in range(3)]
+    assert all(len(share) == 160 == len(LengthGroupedSampler(lengths, has_image, 12, 4, 3, r)) for r, share in
                enumerate(shares))
     assert sorted(sum(shares, [])) == list(range(480))
 
     # Uneven sizes: every rank gets the same count, together they cover everything.
     lengths, has_image = make_lengths(n=101)
-    shares = [list(LengthGroupedSampler(lengths, has_image, 4, world_size=3, rank=r)) for r in range(3)]
+    shares = [list(LengthGroupedSampler(lengths, has_image, 24, 4, world_size=3, rank=r)) for r in range(3)]
     assert len({len(share) for share in shares}) == 1 and len(shares[0]) % 4 == 0
-    assert len(shares[0]) == len(LengthGroupedSampler(lengths, has_image, 4, world_size=3))
+    assert len(shares[0]) == len(LengthGroupedSampler(lengths, has_image, 24, 4, world_size=3))
     assert set(sum(shares, [])) == set(range(101))
 
 
 def test_sampler_batches_never_mix_modalities():
     lengths, has_image = make_lengths(n=480)
     has_image = [i % 5 != 0 for i in range(480)]  # 384 image, 96 text-only: divisible by 8
-    order = list(LengthGroupedSampler(lengths, has_image, micro_batch_size=8, seed=3))
+    order = list(LengthGroupedSampler(lengths, has_image, batch_size=16, micro_batch_size=8, seed=3))
     for b in range(0, len(order), 8):
         assert len({has_image[i] for i in order[b:b + 8]}) == 1
 
 
 def test_sampler_order_is_deterministic_per_seed_and_epoch():
     lengths, has_image = make_lengths()
-    sampler = LengthGroupedSampler(lengths, has_image, 4, seed=5)
+    sampler = LengthGroupedSampler(lengths, has_image, 8, 4, seed=5)
     first = list(sampler)
-    assert first == list(LengthGroupedSampler(lengths, has_image, 4, seed=5))
-    assert first != list(LengthGroupedSampler(lengths, has_image, 4, seed=6))
+    assert first == list(LengthGroupedSampler(lengths, has_image, 8, 4, seed=5))
+    assert first != list(LengthGroupedSampler(lengths, has_image, 8, 4, seed=6))
     sampler.set_epoch(1)
     second = list(sampler)
     assert second != first and sorted(second) == sorted(first)
@@ -403,13 +403,40 @@ def test_sampler_order_is_deterministic_per_seed_and_epoch():
 
 def test_sampler_skip_resumes_mid_epoch_once():
     lengths, has_image = make_lengths()
-    sampler = LengthGroupedSampler(lengths, has_image, 4, world_size=2, rank=1, seed=2)
+    sampler = LengthGroupedSampler(lengths, has_image, 8, 4, world_size=2, rank=1, seed=2)
     sampler.set_epoch(3)
     full = list(sampler)
-    sampler.skip(37)
-    assert len(sampler) == len(full) - 37
-    assert list(sampler) == full[37:]
+    sampler.skip(5 * 8)  # 5 steps of 8: this rank's 5 micro-batches of 4
+    assert len(sampler) == len(full) - 20
+    assert list(sampler) == full[20:]
     assert list(sampler) == full  # the skip applies to one pass only
+    with pytest.raises(ValueError, match="whole steps"):
+        sampler.skip(37)
+
+
+def step_contents(batch_size, micro, world, skip_steps=0, seed=4):
+    """{step: sorted sample indices} that every rank together trains, from `skip_steps` on."""
+    lengths, has_image = make_lengths(n=203, seed=1)
+    steps = {}
+    for rank in range(world):
+        sampler = LengthGroupedSampler(lengths, has_image, batch_size, micro, world, rank, seed=seed)
+        sampler.skip(skip_steps * batch_size)
+        share = list(sampler)
+        per_step = batch_size // world
+        for k in range(0, len(share), per_step):
+            steps.setdefault(skip_steps + k // per_step, []).extend(share[k:k + per_step])
+    return {step: sorted(ids) for step, ids in steps.items()}
+
+
+def test_sampler_steps_do_not_depend_on_micro_batch_or_processes():
+    """Resuming after an out-of-memory error with a smaller micro-batch, or on another GPU count,
+    trains the very next samples: each step holds the same samples whatever the split."""
+    two_ranks = step_contents(batch_size=16, micro=4, world=2)
+    assert step_contents(16, 2, 1) == step_contents(16, 8, 2) == step_contents(16, 1, 4) == two_ranks
+    resumed = step_contents(16, 2, 1, skip_steps=5)  # 2 ranks ran 5 steps, 1 rank continues
+    assert resumed == {s: ids for s, ids in two_ranks.items() if s >= 5}
+    seen = sum((two_ranks[s] for s in range(5)), []) + sum(resumed.values(), [])
+    assert sorted(seen) == sorted(sum(two_ranks.values(), []))  # the epoch, every sample as often as once
 
 
 def test_length_grouping_reduces_padding():
@@ -418,10 +445,10 @@ def test_length_grouping_reduces_padding():
     def padded_tokens(order, batch=8):
         return sum(max(lengths[i] for i in order[b:b + batch]) * batch for b in range(0, len(order), batch))
 
-    grouped = padded_tokens(list(LengthGroupedSampler(lengths, has_image, 8)))
+    grouped = padded_tokens(list(LengthGroupedSampler(lengths, has_image, 8, 8)))
     shuffled = padded_tokens(np.random.default_rng(0).permutation(2000).tolist())
     assert grouped < 0.6 * shuffled
-    ungrouped = list(LengthGroupedSampler(lengths, has_image, 8, group_by_length=False))  # group_by_length=False
+    ungrouped = list(LengthGroupedSampler(lengths, has_image, 8, 8, group_by_length=False))  # group_by_length=False
     assert sorted(ungrouped) == list(range(2000)) and grouped < 0.6 * padded_tokens(ungrouped)
 
 

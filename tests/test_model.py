@@ -332,6 +332,9 @@ def test_nothing_supervised_gives_zero_loss_that_backpropagates(tiny_vlm):
     loss = model.train()(**batch, labels=torch.full_like(batch["input_ids"], IGNORE_INDEX)).loss
     assert loss.item() == 0.0
     loss.backward()
+    for module in (model.language_model.lm_head, model.language_model.model.layers[0], model.connector):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None and not g.any() for g in grads)  # reached, and zero
 
 
 def random_samples(processor, shapes, seed=0):

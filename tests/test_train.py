@@ -114,7 +114,8 @@ def test_compile_blocks_compiles_every_block(tiny_vlm):
     model, _ = tiny_vlm
     blocks = [*model.language_model.get_decoder().layers, *model.vision_tower.encoder.layers]
     assert all(block._compiled_call_impl is None for block in blocks)
-    assert train.compile_blocks(model) == len(blocks) == 4  # 2 LLM + 2 vision layers
+    train.compile_blocks(model)
+    assert train.repeated_blocks(model) == blocks and len(blocks) == 4  # 2 LLM + 2 vision layers
     assert all(block._compiled_call_impl is not None for block in blocks)  # what nn.Module.compile sets
 
 
@@ -238,3 +239,77 @@ def test_compiled_blocks_give_the_same_losses(demo_dir, tmp_path):
     assert "compiling 4 blocks" in run.out  # 2 LLM layers + 2 vision layers
     assert sorted(runs[True]) == [1, 2, 3]
     assert all(abs(runs[False][s] - runs[True][s]) <= 1e-4 for s in runs[False]), runs
+
+
+# ---------------------------------------------------------------------------------------------
+# The model as train.py builds it
+
+
+def count_layer_calls(model, batch):
+    """Runs of the LLM decoder layers and vision encoder layers during one forward + backward: 2 per
+    layer when gradient checkpointing recomputes it in backward, 1 when it does not. Counted as each
+    layer's MLP starts: transformers checkpoints a layer's forward, inside the layer's own hooks, and
+    torch stops a recomputation as soon as it has the last saved tensor it needs."""
+    calls = {"lm": 0, "vision": 0}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_, part=part: calls.update({part: calls[part] + 1}))
+             for part, layers in (("lm", model.language_model.get_decoder().layers),
+                                  ("vision", model.vision_tower.encoder.layers)) for layer in layers]
+    try:
+        model(**batch).loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_training_model_recomputes_layers_when_checkpointing(tiny_backbones, stage, checkpointing):
+    """train.py's own model builder: the LLM trains in training mode (a frozen one too: stage 1's
+    gradients reach the connector through it), so gradient checkpointing recomputes every LLM layer
+    in backward; the frozen vision tower runs once, in eval mode."""
+    from PIL import Image
+
+    vision, llm = tiny_backbones
+    cfg = Config(vision_model=vision, llm=llm, template="vicuna_v1", precision="fp32", train_lm=stage == "finetune",
+                 gradient_checkpointing=checkpointing)
+    model, processor = train.build_training_model(cfg, torch.device("cpu"))
+    assert model.training and model.language_model.training and model.connector.training
+    assert not model.vision_tower.training
+    batch = processor(text=["<image>\nWhat is it? a red square", "<image>\nAnd this? blue"],
+                      images=[Image.new("RGB", (32, 32), "red"), Image.new("RGB", (40, 32), "blue")], padding_side="right")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["input_ids"] == processor.image_token_id, -100)
+    layers = len(model.language_model.get_decoder().layers)
+    assert count_layer_calls(model, batch) == {"lm": layers * (2 if checkpointing else 1), "vision": 2}
+
+
+def test_loss_with_nothing_supervised_reaches_every_trained_parameter(tiny_backbones):
+    """A micro-batch whose samples were all skipped trains as one pad token with no label: its zero
+    loss must still give every trained parameter a gradient (the untied LM head included), as a
+    normal step does, or ZeRO's reductions wait on the rank that lacks it."""
+    vision, llm = tiny_backbones
+    cfg = Config(vision_model=vision, llm=llm, precision="fp32", train_lm=True)
+    model, processor = train.build_training_model(cfg, torch.device("cpu"))
+    pad = processor.tokenizer.pad_token_id
+    loss = model(input_ids=torch.tensor([[pad]]), labels=torch.tensor([[-100]]),
+                 position_ids=torch.zeros(1, 1, dtype=torch.long)).loss
+    assert loss.item() == 0.0
+    loss.backward()
+    assert model.language_model.lm_head.weight.grad is not None  # not tied to the embeddings here
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+@pytest.mark.slow
+def test_python_train_py_without_the_launcher_trains(demo_dir, tmp_path):
+    """nanoGPT's habit: `python train.py CONFIG` is one process, no launcher, no MPI."""
+    out = tmp_path / "plain"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    from conftest import train_args
+
+    run = subprocess.run([sys.executable, "train.py", *train_args(demo_dir, out, "max_steps=2")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "1 processes x 4 samples x 2 accumulation" in run.stdout
+    assert os.path.exists(out / "final" / "model.safetensors")
