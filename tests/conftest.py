@@ -43,7 +43,13 @@ def train_args(demo_dir, out_dir, *overrides):
             "log_every=1", "save_every=0", "max_seq_len=128", "overwrite=false", f"out_dir={out_dir}", *overrides]
 
 
-_ports = iter(range(29600, 29700))
+def free_port():
+    """A port no one listens on now (so that concurrent test runs do not collide)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def launch(args, procs=1, wait=True, timeout=300):
@@ -51,7 +57,7 @@ def launch(args, procs=1, wait=True, timeout=300):
     (wait=False) or the finished CompletedProcess-like Popen with .out holding its output."""
     import subprocess
 
-    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(next(_ports)), "train.py", *map(str, args)]
+    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "train.py", *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     if wait:
