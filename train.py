@@ -8,12 +8,15 @@ Read top to bottom: settings, config parsing, checks, model, param groups, DeepS
 learning-rate schedule, checkpoints, the loop, the final inference folder.
 """
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -163,11 +166,26 @@ CHOICES = {"template": TEMPLATES, "image_aspect": ("pad", "resize"),
            "attn_implementation": ("sdpa", "flex_attention", "flash_attention_2", "eager")}
 
 
+# key -> (lowest, highest) valid value, both included (None: no bound)
+RANGES = {"lr_vision": (0, None), "lr_connector": (0, None), "lr_lm": (0, None), "wd_vision": (0, None),
+          "wd_connector": (0, None), "wd_lm": (0, None), "batch_size": (1, None), "micro_batch_size": (1, None),
+          "epochs": (0, None), "max_steps": (0, None), "warmup_ratio": (0, 1), "min_lr_ratio": (0, 1),
+          "grad_clip": (0, None), "max_seq_len": (2, None), "num_workers": (0, None), "seed": (0, 2**32 - 1),
+          "log_every": (1, None), "save_every": (0, None), "keep_checkpoints": (1, None)}
+
+
 def check_config(cfg, world_size):
     """Value checks that need no files; returns gradient accumulation steps."""
     for key, valid in CHOICES.items():
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"{key}={getattr(cfg, key)!r}: valid values are {', '.join(map(str, valid))}")
+    for key, (low, high) in RANGES.items():
+        value = getattr(cfg, key)
+        if (low is not None and value < low) or (high is not None and value > high) or value != value:  # NaN too
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {bounds} (default {getattr(Config, key)!r})")
+    if cfg.max_steps == 0 and cfg.epochs == 0:
+        raise ConfigError("max_steps=0 and epochs=0 train nothing: set epochs >= 1 or max_steps >= 1")
     if cfg.compile and cfg.zero_stage == 3:
         raise ConfigError("compile=True needs zero_stage 0, 1 or 2 (ZeRO-3 gathers parameters inside the blocks, "
                           "which breaks the compiled graphs)")
@@ -189,11 +207,18 @@ def check_config(cfg, world_size):
     return cfg.batch_size // per_step
 
 
+RUN_FILES = ("checkpoints", "final", "metrics.jsonl")  # what a run writes beside train_config.json
+
+
 def check_out_dir(cfg):
     """Refuse to mix two runs in one folder; returns the checkpoint to resume from (or None)."""
     saved = os.path.join(cfg.out_dir, "train_config.json")
     latest = os.path.join(cfg.out_dir, "checkpoints", "latest")
     if not os.path.exists(saved):
+        foreign = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
+        if foreign:  # someone else's files by our names: never delete or mix with them
+            raise ConfigError(f"out_dir {cfg.out_dir} holds {', '.join(foreign)} but no small-vlm run (no "
+                              "train_config.json); choose a new or empty out_dir")
         if cfg.resume:
             raise ConfigError(f"resume=True but {cfg.out_dir} holds no run; drop resume=True to start one")
         return None
@@ -208,7 +233,16 @@ def check_out_dir(cfg):
             raise ConfigError(f"resume=True, but {cfg.out_dir} was trained with different "
                               f"{', '.join(f'{k}={old.get(k)!r}' for k in changed)}; use another out_dir")
         with open(latest) as f:
-            return f.read().strip()
+            tag = f.read().strip()
+        root = os.path.dirname(latest)
+        problem = checkpoint_problem(os.path.join(root, tag)) if tag else "it is empty"
+        if problem:
+            complete = [d for d in sorted(os.listdir(root), reverse=True)
+                        if re.fullmatch(r"step\d+", d) and not checkpoint_problem(os.path.join(root, d))]
+            offer = (f"the newest complete checkpoint is {complete[0]}: write {complete[0]} into {latest} to resume "
+                     "from it" if complete else "no complete checkpoint is left: start again with overwrite=True")
+            raise ConfigError(f"cannot resume: {latest} names {tag!r}, and {problem}; {offer}")
+        return tag
     if cfg.overwrite:
         return None
     state = "a finished" if os.path.exists(os.path.join(cfg.out_dir, "final")) else "an unfinished"
@@ -390,9 +424,10 @@ def save_checkpoint(engine, cfg, step, position, rank):
         shutil.rmtree(os.path.join(root, partial_tag), ignore_errors=True)
     dist.barrier()
     frozen = any(not p.requires_grad for p in engine.module.parameters())
-    engine.save_checkpoint(root, tag=partial_tag, client_state={"step": step, **position}, save_latest=False,
-                           exclude_frozen_parameters=frozen)  # frozen weights come from the base models
-    torch.save(rng_state(), os.path.join(root, partial_tag, f"rng_rank{rank}.pt"))
+    with disk_full_says_so(os.path.join(root, partial_tag)):
+        engine.save_checkpoint(root, tag=partial_tag, client_state={"step": step, **position}, save_latest=False,
+                               exclude_frozen_parameters=frozen)  # frozen weights come from the base models
+        torch.save(rng_state(), os.path.join(root, partial_tag, f"rng_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
@@ -406,9 +441,45 @@ def save_checkpoint(engine, cfg, step, position, rank):
     dist.barrier()
 
 
+@contextlib.contextmanager
+def disk_full_says_so(path):
+    """A save that fails for lack of space (torch reports it as "unexpected pos") says so, and where."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        folder = next(p for p in (path, os.path.dirname(path), ".") if os.path.isdir(p))
+        free = shutil.disk_usage(folder).free
+        if getattr(e, "errno", None) != errno.ENOSPC and "unexpected pos" not in str(e) and free > 2**20:
+            raise
+        raise ConfigError(f"the disk is full ({free / 2**20:.0f} MiB free) while writing {path}; free some space "
+                          "and continue with resume=True (checkpoints/latest still names the last complete "
+                          "checkpoint)") from None
+
+
+def checkpoint_problem(folder):
+    """Why a checkpoint folder cannot be resumed from, or None when it looks complete: every rank
+    wrote its RNG state, and DeepSpeed's model (and, under ZeRO, per-rank optimizer) files are there."""
+    if not os.path.isdir(folder):
+        return f"{folder} does not exist"
+    files = os.listdir(folder)
+    ranks = len([f for f in files if re.fullmatch(r"rng_rank\d+\.pt", f)])
+    models = len([f for f in files if f.endswith("model_states.pt")])
+    optimizers = len([f for f in files if f.endswith("optim_states.pt")])
+    if not ranks or not models:
+        return f"{folder} lacks its {'RNG' if not ranks else 'model'} state files"
+    if models not in (1, ranks) or optimizers not in (0, ranks):
+        return f"{folder} has {models} model and {optimizers} optimizer state files for {ranks} ranks"
+    return None
+
+
 def load_checkpoint(engine, cfg, tag, rank):
     root = os.path.join(cfg.out_dir, "checkpoints")
-    path, state = engine.load_checkpoint(root, tag=tag, load_module_strict=False)
+    try:
+        path, state = engine.load_checkpoint(root, tag=tag, load_module_strict=False)
+    except (AssertionError, RuntimeError, OSError, KeyError) as e:  # a damaged file DeepSpeed cannot read
+        raise ConfigError(f"checkpoint {root}/{tag} cannot be loaded ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); point "
+                          f"{root}/latest at an older step, or start again with overwrite=True") from None
     if path is None:
         raise ConfigError(f"could not load checkpoint {root}/{tag}; remove it from {root}/latest or set overwrite=True")
     if "samples_done" not in state:  # written before positions were counted in samples
@@ -445,17 +516,19 @@ def save_final(engine, processor, cfg, rank, summary):
     state = whole_state_dict(engine.module, cfg.zero_stage == 3, rank)
     if rank == 0:
         shutil.rmtree(partial_dir, ignore_errors=True)
-        engine.module.save_pretrained(partial_dir, state_dict=state)
-        processor.save_pretrained(partial_dir)
-        write_json(os.path.join(partial_dir, "train_config.json"), dataclasses.asdict(cfg))
-        write_json(os.path.join(partial_dir, "train_summary.json"), summary)
+        with disk_full_says_so(partial_dir):
+            engine.module.save_pretrained(partial_dir, state_dict=state)
+            processor.save_pretrained(partial_dir)
+            write_json(os.path.join(partial_dir, "train_config.json"), dataclasses.asdict(cfg))
+            write_json(os.path.join(partial_dir, "train_summary.json"), summary)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial_dir, final)
 
 
 def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, engine, window, elapsed,
              metrics, wandb_run):
-    """One line in out_dir/metrics.jsonl (rank 0), a progress line, and wandb if on."""
+    """One line in out_dir/metrics.jsonl (rank 0), a progress line, and wandb if on. Returns the samples
+    trained and skipped in this window, summed over ranks."""
     import torch.distributed as dist
 
     sums = torch.tensor([window["samples"], window["tokens"], window["positions"], window["flops"], window["skipped"]],
@@ -474,7 +547,7 @@ def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, e
               "mfu": flops / elapsed / (world_size * peak) if peak else None,
               "data_wait": window["wait"] / elapsed, "skipped": int(skipped), "memory_gb": memory / 2**30}
     if rank != 0:
-        return
+        return samples, skipped
     metrics.write(json.dumps(record) + "\n")
     metrics.flush()
     eta = elapsed / cfg.log_every * (total_steps - step)
@@ -484,6 +557,20 @@ def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, e
     if wandb_run:
         wandb_run.log({k: v for k, v in record.items() if k != "lr"} |
                       {f"lr/{k}": v for k, v in record["lr"].items()}, step=step)
+    return samples, skipped
+
+
+MAX_SKIPPED_SHARE = 0.5  # a run that skips more of its samples than this stops: its data or settings are wrong
+
+
+def check_skipped_share(totals, reasons):
+    """Stops a run that trains on (almost) nothing, such as every image missing, or max_seq_len
+    too short for any sample: skip_bad_samples=True is for a few bad records, not for bad settings."""
+    seen = totals["trained"] + totals["skipped"]
+    if seen and totals["skipped"] > MAX_SKIPPED_SHARE * seen:
+        why = f"; e.g. record {reasons[0][0]!r}: {reasons[0][1]}" if reasons else ""
+        raise ConfigError(f"{int(totals['skipped'])} of the {int(seen)} samples so far were bad and skipped, more than "
+                          f"{MAX_SKIPPED_SHARE:.0%}{why}; fix the data or the settings (image_folder, max_seq_len)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,8 +582,13 @@ def prepare_demo(cfg):
     from data import demo_corpus, make_demo_data
     from model import make_tiny_backbones
 
-    data_dir = os.path.dirname(cfg.data_path.split(",")[0])
-    if not os.path.exists(cfg.data_path.split(",")[0]):
+    data_file = cfg.data_path.split(",")[0]
+    data_dir, backbones_dir = os.path.dirname(data_file), os.path.dirname(cfg.llm)
+    for wanted, folder in ((data_file, data_dir), (cfg.llm, backbones_dir)):
+        if not os.path.exists(wanted) and os.path.isdir(folder) and os.listdir(folder):
+            raise ConfigError(f"make_demo=True: {wanted} does not exist, and the demo writes its files only into a "
+                              f"new or empty folder, which {folder} is not; check the path for a typo")
+    if not os.path.exists(data_file):
         make_demo_data(data_dir)
     if not (os.path.exists(cfg.vision_model) and os.path.exists(cfg.llm)):
         vision_dir, llm_dir = make_tiny_backbones(os.path.dirname(cfg.llm), corpus=demo_corpus(), image_size=64,
@@ -542,10 +634,10 @@ def check_images(dataset, cfg, sample=100):
 
 def prepare_out_dir(cfg, fresh):
     """Writable, holding this run's resolved config; a fresh start with overwrite=True (or resume=True
-    and no checkpoint yet) clears what the previous run left."""
+    and no checkpoint yet) clears what the previous run left (check_out_dir made sure it is one)."""
     try:
         if fresh and (cfg.overwrite or cfg.resume):  # resume=True before any checkpoint starts over
-            for stale in ("checkpoints", "final", "metrics.jsonl"):
+            for stale in RUN_FILES:
                 path = os.path.join(cfg.out_dir, stale)
                 if os.path.isdir(path):
                     shutil.rmtree(path)
@@ -557,10 +649,23 @@ def prepare_out_dir(cfg, fresh):
         raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from None
 
 
-def ignore_sigterm(_worker_id):
-    """DataLoader workers leave SIGTERM to their rank, which checkpoints before exiting; a worker
-    dying on it would crash the rank mid-save."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # pre-emption, Ctrl-C: finish the step, save, exit
+
+
+def leave_stop_signals_to_the_rank(_worker_id):
+    """DataLoader workers leave SIGTERM and SIGINT (Ctrl-C reaches the whole process group) to their
+    rank, which checkpoints before exiting; a worker dying on them would crash the rank mid-save.
+    So the rank must end with exit_now, never sys.exit: Python's exit joins its worker processes
+    after a SIGTERM that these ignore, and would wait forever."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def exit_now(code):
+    """Ends this process at once (its DataLoader workers see their parent gone and stop)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def log_rank0(rank, *args):
@@ -596,6 +701,13 @@ def build_training_model(cfg, device):
     except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
         raise ConfigError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
                           f"{str(e).splitlines()[0]}") from None
+    layers = model.config.vision_config.num_hidden_layers + 1  # hidden states: the embeddings, then each layer's
+    if not -layers <= cfg.vision_layer < layers:
+        raise ConfigError(f"vision_layer={cfg.vision_layer} is out of range: {cfg.vision_model} has {layers} hidden "
+                          f"states, so it must be between {-layers} and {layers - 1} (LLaVA: -2)")
+    if cfg.max_seq_len <= model.config.num_image_tokens:
+        raise ConfigError(f"max_seq_len={cfg.max_seq_len} leaves no room for text after one image's "
+                          f"{model.config.num_image_tokens} image tokens; raise it (LLaVA: 2048)")
     if cfg.init_from:
         load_connector_weights(model, cfg.init_from)
     processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
@@ -656,7 +768,7 @@ def main(argv=None):
         collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id,
                            pack_length=cfg.max_seq_len if cfg.pack_samples else 0),
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
-        worker_init_fn=ignore_sigterm)
+        worker_init_fn=leave_stop_signals_to_the_rank)
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(dataset)} records give no full step of batch_size={cfg.batch_size}; lower batch_size")
@@ -683,8 +795,10 @@ def main(argv=None):
         log_rank0(rank, f"resumed from {cfg.out_dir}/checkpoints/{resume_tag} at step {step}")
 
     # --- pre-emption: SIGTERM asks for a checkpoint at the next step boundary
-    stop = {"signal": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    stop = {"signal": 0}
+    for number in STOP_SIGNALS:
+        # the first signal names the stop (the launcher answers Ctrl-C by sending SIGTERM after it)
+        signal.signal(number, lambda received, _: stop.update(signal=stop["signal"] or received))
 
     wandb_run = None
     if cfg.wandb and rank == 0:
@@ -701,6 +815,7 @@ def main(argv=None):
     id_log = open(os.path.join(cfg.out_dir, f"sample_ids_rank{rank}.jsonl"), "a") if cfg.log_sample_ids else None
     window = {"samples": 0, "tokens": 0, "positions": 0, "flops": 0.0, "wait": 0.0, "skipped": 0}
     last_loss, t_window, t_wait = float("nan"), time.time(), time.time()
+    totals = {"trained": 0, "skipped": 0}  # samples, all ranks, this run (check_skipped_share)
     while step < total_steps:
         sampler.set_epoch(epoch)
         sampler.skip(samples_done)
@@ -745,20 +860,24 @@ def main(argv=None):
                 id_log.write(json.dumps({"step": step, "epoch": epoch, "ids": step_ids}) + "\n")
                 id_log.flush()
             step_ids = []
-            reduced = torch.tensor([step_loss, step_micro, float(stop["signal"])], dtype=torch.float64)
+            reduced = torch.tensor([step_loss, step_micro, float(stop["signal"] > 0)], dtype=torch.float64)
             dist.all_reduce(reduced)
             last_loss, step_loss, step_micro = reduced[0].item() / reduced[1].item(), 0.0, 0
             if step % cfg.log_every == 0 or step == total_steps:
-                log_step(cfg, rank, world_size, step, total_steps, epoch, last_loss, optimizer, engine, window,
-                         time.time() - t_window, metrics, wandb_run)
+                trained, skipped_now = log_step(cfg, rank, world_size, step, total_steps, epoch, last_loss, optimizer,
+                                                engine, window, time.time() - t_window, metrics, wandb_run)
+                totals["trained"] += trained
+                totals["skipped"] += skipped_now
+                check_skipped_share(totals, skipped)
                 window = dict.fromkeys(window, 0)
                 t_window = time.time()
             position = {"epoch": epoch, "samples_done": samples_done}
-            if reduced[2].item() > 0:  # some rank got SIGTERM
+            if reduced[2].item() > 0:  # some rank got SIGTERM or SIGINT
                 save_checkpoint(engine, cfg, step, position, rank)
-                log_rank0(rank, f"SIGTERM: saved step {step} in {cfg.out_dir}/checkpoints; continue with the same "
-                                f"command plus resume=True")
-                sys.exit(143)
+                received = signal.Signals(stop["signal"] or signal.SIGTERM)
+                log_rank0(rank, f"{received.name}: saved step {step} in {cfg.out_dir}/checkpoints; continue with the "
+                                f"same command plus resume=True")
+                exit_now(128 + received.value)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_checkpoint(engine, cfg, step, position, rank)
             if step >= total_steps:
@@ -790,4 +909,4 @@ if __name__ == "__main__":
         # a DataLoader worker's error arrives wrapped with its traceback; the record's message is its last line
         message = str(e).strip().splitlines()[-1].removeprefix("data.BadRecord: ")
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        exit_now(2)

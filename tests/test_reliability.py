@@ -2,6 +2,7 @@
 Every run here goes through the real `deepspeed` launcher with CPU ranks."""
 import json
 import os
+import re
 import signal
 import time
 
@@ -130,6 +131,8 @@ def test_out_dir_of_another_run_is_refused(demo_dir, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
+    ("vision_layer=99", "vision_layer=99 is out of range: "),
+    ("max_seq_len=16", "max_seq_len=16 leaves no room for text after one image's 16 image tokens"),
     ("data_path=/nowhere/train.json", "/nowhere/train.json"),
     ("image_folder=/nowhere", "/nowhere"),
     ("connector=mlp2x_foo", "unknown connector 'mlp2x_foo'"),
@@ -169,3 +172,105 @@ def test_skip_bad_samples_trains_on_and_reports_them(demo_dir, tmp_path):
     assert run.returncode == 0, run.out[-3000:]
     assert "skipped 1 bad samples" in run.out and "broken-1" in run.out
     assert sum(json.loads(line)["skipped"] for line in open(out / "metrics.jsonl")) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Never hang, never destroy, never report success on nothing
+
+
+def run_processes(out_dir):
+    """Processes still running whose command line names out_dir (a run's ranks and their workers)."""
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-f", f"out_dir={out_dir}"], capture_output=True, text=True).stdout.split()
+    return [pid for pid in found if int(pid) != os.getpid()]
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_bad_record_with_dataloader_workers_ends_every_process(demo_dir, tmp_path, procs):
+    """A corrupt image met mid-run with num_workers=2: one error line, and the job ends (it used to
+    hang for ever: Python's exit joins worker processes that ignore SIGTERM)."""
+    records = [r for r in json.load(open(demo_dir / "finetune.json")) if r.get("image")][:16]
+    (tmp_path / "images").mkdir()
+    for r in records:
+        (tmp_path / "images" / r["image"]).write_bytes((demo_dir / "images" / r["image"]).read_bytes())
+    (tmp_path / "images" / records[9]["image"]).write_bytes(b"not an image")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    run = launch(train_args(demo_dir, out, f"data_path={data}", f"image_folder={tmp_path / 'images'}",
+                            "num_workers=2", "max_steps=4"), procs=procs, timeout=240)
+    assert run.returncode != 0 and f"error: record id={records[9]['id']!r}" in run.out, run.out[-3000:]
+    assert procs == 2 or "Traceback" not in run.out  # with 2, the launcher reports the rank it stopped
+    time.sleep(2)
+    assert not run_processes(out)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(demo_dir, tmp_path):
+    out = tmp_path / "mine"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "precious.pt").write_text("keep")
+    (out / "metrics.jsonl").write_text("keep")
+    run = launch(train_args(demo_dir, out, "overwrite=true"))
+    assert run.returncode == 2, run.out[-3000:]
+    assert f"error: out_dir {out} holds checkpoints, metrics.jsonl but no small-vlm run" in run.out
+    assert (out / "checkpoints" / "precious.pt").read_text() == "keep" and (out / "metrics.jsonl").read_text() == "keep"
+
+
+def test_run_that_trains_on_nothing_fails(demo_dir, tmp_path):
+    """skip_bad_samples=True with max_seq_len too short for any sample (16 image tokens + text > 17):
+    every sample is skipped; the run must fail, write no final/ and say why."""
+    out = tmp_path / "run"
+    run = launch(train_args(demo_dir, out, "skip_bad_samples=true", "max_seq_len=17", "max_steps=2"))
+    assert run.returncode == 2, run.out[-3000:]
+    assert "were bad and skipped, more than 50%" in run.out and "max_seq_len=17" in run.out
+    assert not (out / "final").exists()
+
+
+def test_make_demo_writes_only_into_a_new_or_empty_folder(demo_dir, tmp_path):
+    folder = tmp_path / "my_data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    run = launch(train_args(demo_dir, tmp_path / "run", "make_demo=true", f"data_path={folder}/finetnue.json"))
+    assert run.returncode == 2, run.out[-3000:]
+    assert f"{folder}/finetnue.json does not exist, and the demo writes its files only into a new or empty" in run.out
+    assert sorted(os.listdir(folder)) == ["notes.txt"]
+
+
+def test_damaged_checkpoints_are_named_and_the_newest_complete_one_offered(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    run = launch(train_args(demo_dir, out, "max_steps=4", "save_every=2"))
+    assert run.returncode == 0, run.out[-3000:]
+    ckpt, args = out / "checkpoints", train_args(demo_dir, out, "max_steps=6", "save_every=2", "resume=true")
+    cfg, _ = __import__("train").load_config(args)
+    (ckpt / "latest").write_text("")
+    with pytest.raises(ConfigError, match="names '', and it is empty; the newest complete checkpoint is step00000004"):
+        check_out_dir(cfg)
+    (ckpt / "latest").write_text("step00000099")
+    with pytest.raises(ConfigError, match="step00000099 does not exist; the newest complete checkpoint is step00000004"):
+        check_out_dir(cfg)
+    (ckpt / "latest").write_text("step00000004")
+    next((ckpt / "step00000004").glob("*model_states.pt")).unlink()
+    with pytest.raises(ConfigError, match="lacks its model state files; the newest complete checkpoint is step00000002"):
+        check_out_dir(cfg)
+    resumed = launch(args)  # the same, through train.py: one line, exit 2, nothing overwritten
+    assert resumed.returncode == 2 and "error: cannot resume:" in resumed.out and "Traceback" not in resumed.out
+    (ckpt / "latest").write_text("step00000002")  # as offered
+    resumed = launch(args)
+    assert resumed.returncode == 0 and "at step 2" in resumed.out, resumed.out[-3000:]
+
+
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(demo_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    proc = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2", "num_workers=1"), procs=2, wait=False)
+    wait_for(lambda: last_step(out) >= 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's process group
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "SIGINT: saved step" in output and "resume=True" in output, output[-3000:]
+    assert not re.search(r'File ".*train\.py"', output)  # (the deepspeed runner prints its own KeyboardInterrupt)
+    saved = int((out / "checkpoints" / "latest").read_text()[4:])
+    assert saved >= 3
+    run = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2", "resume=true", "num_workers=1"), procs=2)
+    assert run.returncode == 0, run.out[-3000:]
+    assert_same_run(out, reference)

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,22 @@ def test_value_checks():
         train.check_config(Config(attn_implementation="flash", data_path="x"), 1)
     with pytest.raises(ConfigError, match="compile=True needs zero_stage 0, 1 or 2"):
         train.check_config(Config(compile=True, zero_stage=3, data_path="x"), 1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"lr_lm": -1.0}, "lr_lm=-1.0 is out of range: it must be at least 0"),
+    ({"batch_size": 0}, "batch_size=0 is out of range: it must be at least 1"),
+    ({"log_every": 0}, "log_every=0 is out of range"),
+    ({"seed": -1}, "seed=-1 is out of range: it must be between 0 and"),
+    ({"num_workers": -1}, "num_workers=-1 is out of range"),
+    ({"max_steps": -1}, "max_steps=-1 is out of range"),
+    ({"min_lr_ratio": 1.5}, "min_lr_ratio=1.5 is out of range: it must be between 0 and 1"),
+    ({"lr_connector": float("nan")}, "lr_connector=nan is out of range"),
+    ({"epochs": 0}, "max_steps=0 and epochs=0 train nothing"),
+])
+def test_every_key_is_range_checked_before_anything_runs(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train.check_config(Config(data_path="x", **override), world_size=1)
 
 
 def test_dry_run_prints_config_and_loads_nothing(tmp_path):
