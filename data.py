@@ -23,14 +23,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from eval import SHORT_ANSWER_SUFFIX  # the demo's QA carries LLaVA's suffix, as LLaVA's VQA data does
-from model import IGNORE_INDEX, IMAGE_TOKEN, image_text_separator, writes_own_bos
+from model import IGNORE_INDEX, IMAGE_TOKEN, image_text_separator, to_rgb, writes_own_bos
 
 TEMPLATES = ("plain", "vicuna_v1", "chat")
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# LLaVA-1.5's answer-format suffixes: its VQA training questions end with them, and evaluation
+# (eval.py, lmms-eval) appends them to ask for the format the benchmarks score.
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+MULTIPLE_CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}  # LLaVA's "from" -> chat role
 
 
@@ -449,14 +452,30 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def load_image(self, path):
         full_path = os.path.join(self.image_folder, path)
-        try:
-            with Image.open(full_path) as image:
-                image.load()  # decode now: a corrupt file fails here, naming its record
-                return image  # the image processor converts to RGB if needed
-        except FileNotFoundError:
-            raise ValueError(f"image {full_path} not found (image_folder={self.image_folder!r})") from None
-        except OSError as e:
-            raise ValueError(f"image {full_path} cannot be read: {e}") from None
+        if not os.path.isfile(full_path):
+            raise ValueError(f"image {full_path} not found (image_folder={self.image_folder!r})")
+        return load_image(full_path)
+
+
+# Larger images are refused: a decompression bomb (a small file of 14000x14000 pixels) would take
+# gigabytes to decode, and LLaVA's training images are at most a few megapixels.
+MAX_IMAGE_PIXELS = 50_000_000  # e.g. 7000 x 7000
+
+
+def load_image(path):
+    """The decoded 8-bit RGB image at `path`; an unreadable, truncated, oversized or
+    floating-point file raises ValueError naming it (a bad record: reported, or skipped)."""
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image {path} has {image.width}x{image.height} pixels, more than the "
+                                 f"{MAX_IMAGE_PIXELS:,} small-vlm decodes (data.MAX_IMAGE_PIXELS); downscale it")
+            image.load()  # decode now: a corrupt or truncated file fails here, naming its record
+            return to_rgb(image)
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {path} cannot be read: {e}") from None
+    except ValueError as e:
+        raise ValueError(str(e) if str(path) in str(e) else f"image {path}: {e}") from None
 
 
 def estimate_lengths(batch, num_image_tokens):

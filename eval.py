@@ -24,9 +24,8 @@ import string
 import sys
 
 import torch
-from PIL import Image, UnidentifiedImageError
-
-from model import VLMForCausalLM, VLMProcessor, inference_folder
+from data import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, load_image
+from model import IMAGE_TOKEN, VLMForCausalLM, VLMProcessor, inference_folder, to_rgb
 
 
 class UserError(Exception):
@@ -63,10 +62,11 @@ def read_checkpoint_config(ckpt):
         return ckpt, json.load(f)
 
 
-def load_model(ckpt, device=None, dtype=None):
+def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
     """(model, processor) in eval mode on `device` (default: cuda when available, else cpu) in
     `dtype` (default: bfloat16 on CUDA, float32 on CPU). The config's model_type picks the classes:
-    small_vlm -> model.py's; llava -> transformers' LLaVA; an auto_map -> the folder's own code."""
+    small_vlm -> model.py's; llava -> transformers' LLaVA; an auto_map -> the folder's own code,
+    which is someone else's Python: it runs only with trust_remote_code=True."""
     from transformers import AutoProcessor
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -84,6 +84,9 @@ def load_model(ckpt, device=None, dtype=None):
     elif "auto_map" in config:
         import transformers
 
+        if not trust_remote_code:
+            raise UserError(f"{ckpt} is a remote-code model: loading it runs the Python files it ships "
+                            "(config.json auto_map). Read them, and pass --trust_remote_code if you trust them")
         auto_class = next((name for name in config["auto_map"] if name.startswith("AutoModel")), None)
         if auto_class is None:
             raise UserError(f"{ckpt}: config.json auto_map names no AutoModel class: {config['auto_map']}")
@@ -100,9 +103,6 @@ def load_model(ckpt, device=None, dtype=None):
 # ----------------------------------------------------------------------------------------------
 # 2. The prompt
 
-# LLaVA-1.5's evaluation suffixes: they ask for the answer format the benchmarks score.
-SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
-MULTIPLE_CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 LETTERS = string.ascii_uppercase
 
 
@@ -133,7 +133,7 @@ def build_prompt(processor, question, has_image=True):
 
 
 def generate_answers(model, processor, prompts, images, batch_size=8, max_new_tokens=32, temperature=0.0,
-                     top_p=1.0, progress=False):
+                     top_p=1.0):
     """One answer per prompt. images[i] is a PIL image, an image path, or None (text-only prompt).
     Prompts are left-padded so that every row's answer starts at the same column, which lets one
     generate() call decode the whole batch with a KV cache."""
@@ -153,16 +153,12 @@ def generate_answers(model, processor, prompts, images, batch_size=8, max_new_to
                                     pad_token_id=pad_token_id, **sampling)  # (B, T + new)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new)
         answers += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
-        if progress:
-            print(f"\ranswered {len(answers)}/{len(prompts)}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
     return answers
 
 
 def open_image(image):
     """A path or a PIL image -> an RGB PIL image (grayscale and RGBA files are common in benchmarks)."""
-    return Image.open(image).convert("RGB") if isinstance(image, str) else image.convert("RGB")
+    return load_image(image) if isinstance(image, str) else to_rgb(image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +284,9 @@ def check_record(record, metric):
             raise UserError(f"{at}: record has no {key!r}; each record needs 'id', 'question' and 'answer'")
     if not isinstance(record["question"], str):
         raise UserError(f"{at}: 'question' must be a string")
+    if record.get("image") is not None and not isinstance(record["image"], str):
+        raise UserError(f"{at}: 'image' must be one path (a string), got {type(record['image']).__name__}")
+    record["question"] = strip_image_marker(record["question"], record.get("image") is not None, at)
     answer = record["answer"]
     if not (isinstance(answer, str) or is_string_list(answer)):
         raise UserError(f"{at}: 'answer' must be a string or a non-empty list of strings")
@@ -301,12 +300,22 @@ def check_record(record, metric):
         raise UserError(f"{at}: metric 'mc' needs 'choices' and a single answer (a letter or an option's text)")
 
 
+def strip_image_marker(text, has_image, at):
+    """LLaVA users write "<image>" where the image goes; the chat template places the image itself."""
+    if IMAGE_TOKEN not in text:
+        return text
+    if not has_image:
+        raise UserError(f"{at}: the text holds {IMAGE_TOKEN} but there is no image; give an image or drop the marker")
+    return text.replace(IMAGE_TOKEN, "").strip()
+
+
 def check_image(record, path):
-    """Fails early, naming the record, when an image file cannot be decoded (reads the header only)."""
+    """Fails early, naming the record, when an image cannot be used: unreadable, truncated, too large
+    or floating-point (data.load_image decodes it whole, as training does)."""
     try:
-        Image.open(path).close()
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"{where(record)}: cannot read image {path}: {e}") from None
+        load_image(path)
+    except ValueError as e:
+        raise UserError(f"{where(record)}: {e}") from None
 
 
 def select_records(records, image_folder, metric="auto", skip_missing=False):
@@ -338,19 +347,31 @@ def select_records(records, image_folder, metric="auto", skip_missing=False):
 
 
 def evaluate(model, processor, asked, paths, missing=(), metric="auto", suffix=True, batch_size=8,
-             max_new_tokens=32, temperature=0.0, top_p=1.0, progress=False):
+             max_new_tokens=32, temperature=0.0, top_p=1.0, progress=False, answers_file=None):
     """Answers and scores the records select_records chose (`asked`, their image `paths`, the
     `missing` ids it left out). Returns {"overall": {"count", "accuracy"}, "categories": {name:
     {"count", "accuracy"}}, "missing": [ids], "answers": one row per answered record: {"id",
     "prompt", "prediction", "answer", "correct"}}. Accuracy is the mean of `correct` (a VQA soft
-    score can be 1/3 or 2/3)."""
+    score can be 1/3 or 2/3). Each batch's rows go to `answers_file` (JSON lines) once scored, so
+    an interrupted run keeps every answer it computed."""
     prompts = [build_prompt(processor, format_question(r, suffix), has_image=p is not None)
                for r, p in zip(asked, paths)]
-    predictions = generate_answers(model, processor, prompts, paths, batch_size, max_new_tokens,
-                                   temperature, top_p, progress)
-    rows = [{"id": r["id"], "prompt": prompt, "prediction": prediction, "answer": r["answer"],
-             "correct": score(prediction, r, metric)}
-            for r, prompt, prediction in zip(asked, prompts, predictions)]
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        batch = slice(start, start + batch_size)
+        predictions = generate_answers(model, processor, prompts[batch], paths[batch], batch_size, max_new_tokens,
+                                       temperature, top_p)
+        for record, prompt, prediction in zip(asked[batch], prompts[batch], predictions):
+            rows.append({"id": record["id"], "prompt": prompt, "prediction": prediction, "answer": record["answer"],
+                         "correct": score(prediction, record, metric)})
+            if answers_file:
+                answers_file.write(json.dumps(rows[-1]) + "\n")
+        if answers_file:
+            answers_file.flush()
+        if progress:
+            print(f"\ranswered {len(rows)}/{len(prompts)}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
 
     by_category = {}
     for record, row in zip(asked, rows):
@@ -380,11 +401,7 @@ def format_table(results):
 
 
 def write_results(results, settings, out_dir):
-    """answers.jsonl (one row per record) and results.json (accuracy, counts, skipped ids, settings)."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "answers.jsonl"), "w") as f:
-        for row in results["answers"]:
-            f.write(json.dumps(row) + "\n")
+    """results.json (accuracy, counts, skipped ids, settings); evaluate wrote answers.jsonl."""
     summary = {k: v for k, v in results.items() if k != "answers"}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({**summary, "settings": settings}, f, indent=2)
@@ -418,7 +435,21 @@ def parse_args(argv):
     parser.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow a remote-code checkpoint (config.json auto_map) to run the Python it ships")
     return parser.parse_args(argv)
+
+
+def check_device(device):
+    """--device names a device this machine has."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device name (cuda, cuda:1, cpu, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
 
 
 def default_out_dir(data, ckpt):
@@ -437,12 +468,20 @@ def run(args):
         raise UserError("--image goes with --prompt (a benchmark's images come from its --data records)")
     if args.image is not None and not os.path.isfile(args.image):
         raise UserError(f"image not found: {args.image}")
-    if args.data is not None:
+    if args.image is not None:
+        check_image({"id": "--image"}, args.image)
+    if args.prompt is not None:
+        args.prompt = strip_image_marker(args.prompt, args.image is not None, "--prompt")
+    check_device(args.device)
+    if args.data is not None:  # everything is checked before the model loads
         records = load_questions(args.data)
         image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
-        selected = select_records(records, image_folder, args.metric, args.skip_missing)  # before the model loads
+        selected = select_records(records, image_folder, args.metric, args.skip_missing)
+        out_dir = args.out or default_out_dir(args.data, args.ckpt)
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise UserError(f"--out {out_dir} is a file; give a folder for answers.jsonl and results.json")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, processor = load_model(args.ckpt, device=args.device, dtype=dtype)
+    model, processor = load_model(args.ckpt, device=args.device, dtype=dtype, trust_remote_code=args.trust_remote_code)
     generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
 
     if args.prompt is not None:
@@ -450,9 +489,10 @@ def run(args):
         print(generate_answers(model, processor, [prompt], [args.image], **generation)[0])
         return
 
-    results = evaluate(model, processor, *selected, args.metric, not args.no_suffix, args.batch_size, progress=True,
-                       **generation)
-    out_dir = args.out or default_out_dir(args.data, args.ckpt)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "answers.jsonl"), "w") as answers:  # written as they come: none is lost
+        results = evaluate(model, processor, *selected, args.metric, not args.no_suffix, args.batch_size,
+                           progress=True, answers_file=answers, **generation)
     settings = dict(ckpt=args.ckpt, data=args.data, image_folder=image_folder, metric=args.metric,
                     suffix=not args.no_suffix, batch_size=args.batch_size, device=str(model.device),
                     dtype=str(model.dtype).removeprefix("torch."), **generation)

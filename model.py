@@ -283,6 +283,21 @@ def resize(pixels, height, width):
     return F.interpolate(pixels.permute(2, 0, 1)[None], size=(height, width), mode="bicubic", antialias=True)[0]
 
 
+def to_rgb(image):
+    """An 8-bit RGB image. 16-bit greyscale (medical, scientific PNGs) keeps its top 8 bits; PIL's
+    own convert("RGB") would clip it to white. Floating-point pixels have no known range: refused."""
+    if image.mode == "RGB":
+        return image  # convert() would copy it
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I" (32-bit integers, as PIL opens some 16-bit files)
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"{image.mode} image with values outside 0..65535; save it as an 8- or 16-bit image")
+        return Image.fromarray((pixels >> 8).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("floating-point image (mode F): its value range is unknown; save it as an 8- or 16-bit image")
+    return image.convert("RGB")
+
+
 class VLMImageProcessor(ImageProcessingMixin):
     """PIL image -> (3, size, size) normalized tensor.
     aspect `pad`: paste centred on a square canvas of the mean colour (LLaVA's expand2square), then
@@ -303,7 +318,7 @@ class VLMImageProcessor(ImageProcessingMixin):
         self.image_mean, self.image_std = list(image_mean), list(image_std)
 
     def transform(self, image):
-        image = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+        image = to_rgb(image)
         if self.aspect == "pad":
             side = max(image.size)
             canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in self.image_mean))

@@ -654,3 +654,44 @@ def test_chat_template_that_drops_the_answer_is_refused_with_that_reason(process
             render_pieces(ONE_TURN, "chat", tokenizer)
     finally:
         tokenizer.chat_template = original
+
+
+# ----------------------------------------------------------------------------------------------
+# Images that are not plain 8-bit pictures
+
+
+def test_images_too_large_are_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    import data
+
+    Image.new("1", (8000, 8000)).save(tmp_path / "big.png")  # 64 MP: a tiny file, gigabytes once decoded
+    with pytest.raises(ValueError, match=r"big\.png has 8000x8000 pixels, more than the 50,000,000"):
+        data.load_image(str(tmp_path / "big.png"))
+    # PIL refuses far larger ones at open (a decompression bomb): the same kind of error, naming the file
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 10**9)
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    with pytest.raises(ValueError, match=r"bomb\.png cannot be read: .*decompression bomb"):
+        data.load_image(str(tmp_path / "bomb.png"))
+
+
+def test_16_bit_images_keep_their_picture_and_float_images_are_refused(tmp_path):
+    import data
+
+    ramp = (np.arange(256 * 16, dtype=np.uint16).reshape(16, 256) * 16)  # 0 .. 65520 across the width
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")  # a 16-bit greyscale PNG
+    rgb = np.asarray(data.load_image(str(tmp_path / "ramp16.png")))
+    assert rgb.dtype == np.uint8 and rgb.shape == (16, 256, 3)
+    assert np.array_equal(rgb[..., 0], (ramp >> 8).astype(np.uint8))  # not flattened to white
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"float\.tif.*floating-point image"):
+        data.load_image(str(tmp_path / "float.tif"))
+
+
+def test_truncated_image_is_a_bad_record(tmp_path, processor):
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "photo.jpg", quality=95)
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "photo.jpg").read_bytes()[:300])
+    path = write_json(tmp_path / "d.json", [{"id": "cut", "image": "cut.jpg", "conversations": ONE_TURN}])
+    dataset = VLMDataset(path, str(tmp_path), processor, "vicuna_v1", skip_bad_samples=True)
+    assert dataset[0]["id"] == "cut" and "cut.jpg cannot be read" in dataset[0]["skipped"]

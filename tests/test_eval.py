@@ -329,3 +329,58 @@ def test_load_questions_names_file_and_line(tmp_path):
     path.write_text(json.dumps(GOOD) + "\n\n[1, 2]\n")
     with pytest.raises(UserError, match=r"q.jsonl line 3: expected a JSON object"):
         load_questions(str(path))
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"image": ["red.png"]}, ["'image' must be one path"]),
+    ({"image": None, "question": "<image>\nColor?"}, ["holds <image> but there is no image"]),
+    ({"image": "cut.jpg"}, ["cut.jpg cannot be read"]),
+])
+def test_more_bad_records_are_one_line_before_the_model_loads(image_folder, tmp_path, capsys, change, expected):
+    with open(os.path.join(image_folder, "red.png"), "rb") as f:
+        (tmp_path / "images" / "cut.jpg").write_bytes(f.read()[:60])
+    data = write_jsonl(tmp_path / "bench.jsonl", [{**GOOD, **change}])
+    (tmp_path / "empty").mkdir()  # not a model: the record must fail first
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "empty"), "--data", data, "--image_folder", image_folder])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and all(e in err for e in expected), err
+
+
+def test_image_marker_in_a_question_is_where_the_image_goes(run_dir, image_folder, tmp_path, capsys):
+    """LLaVA users type <image>; the chat template places the image, so the marker is dropped."""
+    data = write_jsonl(tmp_path / "bench.jsonl", [{**GOOD, "question": "<image>\nColor?"}, GOOD])
+    main([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(tmp_path / "out")])
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "answers.jsonl")]
+    assert rows[0]["prompt"] == rows[1]["prompt"] and rows[0]["prompt"].count("<image>") == 1
+    main([run_dir, "--image", os.path.join(image_folder, "red.png"), "--prompt", "<image> Color?"])
+    assert capsys.readouterr().out.strip()
+
+
+def test_arguments_checked_before_the_model_loads(run_dir, image_folder, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "bench.jsonl", [GOOD])
+    (tmp_path / "taken").write_text("a file")
+    cases = [([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(tmp_path / "taken")],
+              "--out " + str(tmp_path / "taken") + " is a file"),
+             ([run_dir, "--prompt", "Hi?", "--device", "nonsense"], "is not a device name")]
+    if not torch.cuda.is_available():
+        cases.append(([run_dir, "--prompt", "Hi?", "--device", "cuda"], "this machine has no CUDA GPU"))
+    for argv, expected in cases:
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err, err
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_remote_code_runs_only_when_trusted(run_dir, tmp_path, capsys):
+    import push
+
+    folder = tmp_path / "remote"
+    assert push.main([run_dir, "--repo", "me/tiny", "--format", "remote", "--local-dir", str(folder)]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "someone_elses_vlm"  # not ours by name: only its own code can load it
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        main([str(folder), "--prompt", "Hi?"])
+    assert "pass --trust_remote_code if you trust them" in capsys.readouterr().err
