@@ -46,6 +46,7 @@ RECORD_FEATURES = datasets.Features({
     "id": datasets.Value("string"),
     "image": datasets.List(datasets.Value("string")),  # relative paths, [] for text-only records
     "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
+    "problem": datasets.Value("string"),  # why the record cannot train ("" when it can): VLMDataset reports it
 })
 
 
@@ -63,14 +64,20 @@ def load_records(data_path):
 def load_one_source(path):
     if os.path.isfile(path):
         return load_json_file(path)
+    if os.path.isdir(path):
+        raise ValueError(f"data_path {path!r} is a folder; name the JSON/JSONL file(s) in it, comma-separated")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".json", ".jsonl")):
-        hub = datasets.load_dataset(path, split="train")
+        try:
+            hub = datasets.load_dataset(path, split="train")
+        except Exception as e:  # offline, not found, gated: datasets raises many kinds
+            raise ValueError(f"data_path {path!r} is no local file, and loading it as a Hub data set failed: "
+                             f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
         return hub.map(lambda batch, rows: normalise_batch(batch, rows, path), batched=True, with_indices=True,
                        remove_columns=hub.column_names, features=RECORD_FEATURES)
     raise FileNotFoundError(f"data file {path!r} does not exist (give a JSON/JSONL file or a Hub dataset id)")
 
 
-CACHE_VERSION = 1  # part of the Arrow cache key: bump it when read_json_records changes what it writes
+CACHE_VERSION = 2  # part of the Arrow cache key: bump it when read_json_records changes what it writes
 
 
 def load_json_file(path):
@@ -88,8 +95,15 @@ def load_json_file(path):
 def read_json_records(path):
     """Yields normalised records one at a time from a JSON list or a JSONL file (decided by the
     first character), so the 665K-record list is never held as Python objects all at once."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is allowed, and dropped
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded: UTF-16 or Latin-1?); "
+                         "save it as UTF-8, as JSON requires") from None
+    if text.lstrip().startswith("{") and "\n" in text.strip() and is_one_json_object(text):  # JSONL: one line each
+        raise ValueError(f"{path} holds one JSON object; expected a JSON list of LLaVA records, or JSONL "
+                         "(one record per line)")
     records = iter_json_list(text, path) if text.lstrip().startswith("[") else iter_jsonl(text, path)
     index = -1
     for index, record in enumerate(records):
@@ -99,6 +113,14 @@ def read_json_records(path):
         yield normalise_record(record, f"{os.path.basename(path)}:{index}")
     if index < 0:
         raise ValueError(f"{path} holds no records (expected a JSON list or JSONL of LLaVA records)")
+
+
+def is_one_json_object(text):
+    """True for a text that is one JSON object (for JSONL, json.loads stops at the second line)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def iter_json_list(text, path):
@@ -133,8 +155,9 @@ def iter_jsonl(text, path):
 
 
 def normalise_record(record, default_id):
-    """{"id": str, "image": [str, ...], "conversations": [{"from": str, "value": str}, ...]}. Missing
-    or odd fields become empty values here; VLMDataset reports them per record, with the id."""
+    """{"id": str, "image": [str, ...], "conversations": [{"from": str, "value": str}, ...], "problem":
+    str}. Missing or odd fields become empty values, and "problem" says what is wrong; VLMDataset
+    reports it per record, with the id (or skips it with skip_bad_samples=True)."""
     image = record.get("image")
     images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
     if not all(isinstance(path, str) for path in images):  # e.g. a Hub data set that embeds decoded images
@@ -142,9 +165,16 @@ def normalise_record(record, default_id):
                          f"of them, got {type(images[0]).__name__}; save the images to a folder and list their paths")
     turns = record.get("conversations") or []
     turns = [t if isinstance(t, dict) else {} for t in turns]  # a non-object turn fails as an unknown role
+    problem = ""
+    if "conversations" not in record and "messages" in record:
+        problem = ("it has 'messages' (chat style); LLaVA records hold 'conversations': "
+                   "[{\"from\": \"human\" or \"gpt\", \"value\": text}, ...]")
+    for i, t in enumerate(turns):
+        if not isinstance(t.get("value", ""), (str, int, float)) or isinstance(t.get("value"), bool):
+            problem = problem or f"turn {i}: 'value' is a {type(t['value']).__name__}; it must be text"
     turns = [{"from": str(t.get("from", "")), "value": "" if t.get("value") is None else str(t["value"])}
              for t in turns]
-    return {"id": str(record.get("id", default_id)), "image": images, "conversations": turns}
+    return {"id": str(record.get("id", default_id)), "image": images, "conversations": turns, "problem": problem}
 
 
 def normalise_batch(batch, rows, source):
@@ -189,6 +219,8 @@ def check_turns(conversations):
                              "(turns alternate human, gpt, human, gpt, ...)")
         if role == "assistant" and not turn["value"].strip():
             raise ValueError(f"turn {i} is an empty assistant turn")
+        if role == "assistant" and IMAGE_TOKEN in turn["value"]:
+            raise ValueError(f"turn {i} is an answer holding {IMAGE_TOKEN}; images belong in human turns")
         turns.append((role, move_images_to_front(turn["value"]) if role == "user" else turn["value"]))
     if turns[-1][0] != "assistant":
         raise ValueError("the conversation ends with a human turn; it must end with a gpt answer")
@@ -408,12 +440,14 @@ def chat_template_for(template, tokenizer):
 class VLMDataset(torch.utils.data.Dataset):
     """Records -> training samples. Records stay in Arrow; images are decoded in __getitem__."""
 
-    def __init__(self, data_path, image_folder, processor, template, max_seq_len=2048, skip_bad_samples=False):
+    def __init__(self, data_path, image_folder, processor, template, max_seq_len=2048, skip_bad_samples=False,
+                 image_paths_outside=False):
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
         self.records = load_records(data_path)
         self.image_folder, self.processor, self.template = image_folder, processor, template
         self.max_seq_len, self.skip_bad_samples = max_seq_len, skip_bad_samples
+        self.image_paths_outside = image_paths_outside
         # LLaVA's modality_lengths: words + image tokens, no tokenizing or image decoding (cached by datasets).
         estimates = self.records.map(estimate_lengths, batched=True, remove_columns=self.records.column_names,
                                      fn_kwargs={"num_image_tokens": processor.num_image_tokens})
@@ -435,6 +469,8 @@ class VLMDataset(torch.utils.data.Dataset):
                              "or set skip_bad_samples=True to skip such records.") from e
 
     def build_sample(self, record):
+        if record["problem"]:
+            raise ValueError(record["problem"])
         n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in record["conversations"])
         if n_markers != len(record["image"]):
             raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers in the conversation but "
@@ -451,7 +487,12 @@ class VLMDataset(torch.utils.data.Dataset):
         }
 
     def load_image(self, path):
-        full_path = os.path.join(self.image_folder, path)
+        full_path = os.path.normpath(os.path.join(self.image_folder, path))
+        folder = os.path.abspath(self.image_folder)
+        if not self.image_paths_outside and os.path.commonpath([os.path.abspath(full_path), folder]) != folder:
+            # data may come from a Hub data set someone else wrote: it reads files of image_folder only
+            raise ValueError(f"image path {path!r} leads outside image_folder={self.image_folder!r}; set "
+                             "image_paths_outside=True if you trust this data")
         if not os.path.isfile(full_path):
             raise ValueError(f"image {full_path} not found (image_folder={self.image_folder!r})")
         return load_image(full_path)

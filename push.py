@@ -53,7 +53,32 @@ def resolve_checkpoint(path):
             f"{path!r} is not a small-vlm checkpoint: expected config.json (model_type 'small_vlm') and "
             f"processor_config.json in it or in its final/ folder; pass out/<run> or out/<run>/final from train.py"
         )
+    for needed in ("tokenizer.json", "tokenizer_config.json"):
+        if not os.path.isfile(os.path.join(folder, needed)):
+            raise PushError(f"{folder} has no {needed}: the checkpoint is incomplete; save it again (train.py's final/)")
+    weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    if not weights:
+        raise PushError(f"{folder} has no model weights (*.safetensors): the checkpoint is incomplete")
+    for name in weights:
+        path = os.path.join(folder, name)
+        try:
+            complete = os.path.getsize(path) >= weights_end(path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # an unreadable header
+            complete = False
+        if not complete:
+            raise PushError(f"{path} is damaged or was copied only in part (shorter than its header says, or no "
+                            "header); copy or save the checkpoint again")
     return folder
+
+
+def weights_end(path):
+    """The byte where a safetensors file's last tensor ends: 8 bytes of header size, the JSON header
+    (each tensor's data_offsets), then the data."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    return 8 + header_size + max(ends, default=0)
 
 
 def read_run_info(folder):
@@ -269,9 +294,9 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
         "A LLaVA-style vision-language model trained with small-vlm "
         f"({'native transformers LLaVA format' if fmt == 'llava' else 'small-vlm remote-code format'}).",
         "",
-        f"- vision encoder: `{config.vision_model or 'unknown'}` (layer {config.vision_feature_layer}, "
+        f"- vision encoder: `{public_name(config.vision_model) or 'unknown'}` (layer {config.vision_feature_layer}, "
         f"{'CLS dropped' if config.drop_cls else 'CLS kept'}, {config.num_image_tokens} tokens per image)",
-        f"- language model: `{config.llm or 'unknown'}`",
+        f"- language model: `{public_name(config.llm) or 'unknown'}`",
         f"- connector: `{config.connector}`",
     ]
     if train_summary:
@@ -280,7 +305,7 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
     scalars = {k: v for k, v in train_config.items() if isinstance(v, (str, int, float, bool)) or v is None}
     if scalars:
         lines += ["", "## Training configuration", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {key} | `{value}` |" for key, value in scalars.items()]
+        lines += [f"| {key} | `{public_name(value)}` |" for key, value in scalars.items()]
     lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id), ""]
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(header + lines))
@@ -346,6 +371,18 @@ def confirm_overwrite(api, repo_id, yes, ask=None):
     raise PushError(f"repo {repo_id} already exists on the Hub; pass --yes to overwrite it")
 
 
+def reach_hub(repo_id, call, *args, **kwargs):
+    """call(*args, **kwargs), with a failure to reach the Hub for repo_id (offline, DNS, proxy) as one line."""
+    try:
+        return call(*args, **kwargs)
+    except (PushError, HfHubHTTPError):
+        raise
+    except Exception as e:  # httpx, socket and offline-mode errors have no common base class
+        raise PushError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); check the network, "
+                        "or write the folder with --local-dir") from None
+
+
 def upload(api, folder, repo_id, private):
     """Creates the repo if needed and replaces its files with `folder`'s in one commit."""
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -369,8 +406,34 @@ def build_folder(src, folder, fmt, config, repo_id):
         export_llava(src, folder)
     else:
         export_remote(src, folder)
+    remove_local_traces(folder)
     write_model_card(folder, config, fmt, repo_id, *read_run_info(src))
     check_loads(folder, fmt)
+
+
+def public_name(value):
+    """A Hub id as it is; a local path as its last part (this machine's folders are not published)."""
+    if not isinstance(value, str) or is_hub_id(value) or not (os.path.isabs(value) or os.path.exists(value)):
+        return value
+    return os.path.basename(os.path.normpath(value))
+
+
+SOURCE_KEYS = ("vision_model", "llm", "_name_or_path", "name_or_path")  # where a config names its origin
+
+
+def without_local_paths(config):
+    """The config (and its nested configs) with every origin a Hub id or a bare folder name."""
+    return {key: public_name(value) if key in SOURCE_KEYS else
+            without_local_paths(value) if isinstance(value, dict) else value for key, value in config.items()}
+
+
+def remove_local_traces(folder):
+    """The exported files name no folder of this machine and carry none of its loading flags."""
+    write_json(os.path.join(folder, "config.json"), without_local_paths(read_json(os.path.join(folder, "config.json"))))
+    tokenizer_config = without_local_paths(read_json(os.path.join(folder, "tokenizer_config.json")))
+    for key in ("local_files_only", "is_local"):
+        tokenizer_config.pop(key, None)
+    write_json(os.path.join(folder, "tokenizer_config.json"), tokenizer_config)
 
 
 def parse_args(argv):
@@ -402,18 +465,20 @@ def main(argv=None):
         src = resolve_checkpoint(args.checkpoint)
         model_config = VLMConfig.from_pretrained(src)
         fmt = choose_format(model_config, args.format)
+        if args.local_dir and os.path.exists(args.local_dir) and not os.path.isdir(args.local_dir):
+            raise PushError(f"--local-dir {args.local_dir} is a file; give a new or empty folder")
         if args.local_dir and os.path.isdir(args.local_dir) and os.listdir(args.local_dir):
             raise PushError(f"--local-dir {args.local_dir} is not empty; give a new or empty folder")
         if args.local_dir is None:  # token and overwrite checks come before the slow export
             api = hub_api()
-            confirm_overwrite(api, args.repo, args.yes, ask=input if interactive else None)
+            reach_hub(args.repo, confirm_overwrite, api, args.repo, args.yes, ask=input if interactive else None)
         with tempfile.TemporaryDirectory() as tmp:
             folder = args.local_dir or tmp
             build_folder(src, folder, fmt, model_config, args.repo)
             if args.local_dir is not None:
                 print(f"wrote {fmt} folder {folder} (nothing uploaded)")
                 return 0
-            url = upload(api, folder, args.repo, args.private)
+            url = reach_hub(args.repo, upload, api, folder, args.repo, args.private)
         print(f"uploaded {fmt} model to {url} ({'private' if args.private else 'public'})")
         return 0
     except PushError as e:

@@ -55,6 +55,7 @@ class Config:
     group_by_length: bool = True  # LLaVA's modality-aware length grouping (less padding)
     pack_samples: bool = False  # pack each micro-batch into rows of up to max_seq_len tokens (attention stays per sample)
     num_workers: int = 4  # DataLoader worker processes per rank
+    image_paths_outside: bool = False  # allow image paths that are absolute or climb out of image_folder (trusted data)
     make_demo: bool = False  # create the demo data and tiny backbones at these paths if missing
     # what trains, and how fast
     train_vision: bool = False  # update the vision tower (LLaVA-1.5: never)
@@ -402,13 +403,18 @@ def device_peak_flops():
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every generator's state as tensors, ints and strings, so that torch.load(weights_only=True)
+    reads it back (a checkpoint is data: loading one must not run code)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                   has_gauss, gauss],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -485,7 +491,7 @@ def load_checkpoint(engine, cfg, tag, rank):
     if "samples_done" not in state:  # written before positions were counted in samples
         raise ConfigError(f"checkpoint {root}/{tag} was written by an older small-vlm (no data position in "
                           "samples); start the run again with overwrite=True")
-    set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=False))
+    set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=True))
     return state
 
 
@@ -755,7 +761,7 @@ def main(argv=None):
     # --- data (checked before any GPU work: a bad file fails here, not hours in)
     try:
         dataset = VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
-                             cfg.skip_bad_samples)
+                             cfg.skip_bad_samples, cfg.image_paths_outside)
     except (ValueError, FileNotFoundError) as e:  # data.py's messages name the file / record
         raise ConfigError(str(e)) from None
     if len(dataset) == 0:

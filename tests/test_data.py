@@ -202,7 +202,7 @@ def test_load_records_normalises_mixed_records(tmp_path):
     jsonl_path = tmp_path / "b.jsonl"
     jsonl_path.write_text(json.dumps(records[2]) + "\n\n" + json.dumps({"conversations": ONE_TURN}) + "\n")
     dataset = load_records(f"{json_path},{jsonl_path}")
-    assert dataset.column_names == ["id", "image", "conversations"]
+    assert dataset.column_names == ["id", "image", "conversations", "problem"]
     assert dataset["id"][:] == ["text", "one", "two", "b.jsonl:1"]  # a record without id gets file:index
     assert dataset["image"][:] == [[], ["a.png"], ["a.png", "b.png"], []]
     assert dataset[0]["conversations"] == TWO_TURNS
@@ -695,3 +695,59 @@ def test_truncated_image_is_a_bad_record(tmp_path, processor):
     path = write_json(tmp_path / "d.json", [{"id": "cut", "image": "cut.jpg", "conversations": ONE_TURN}])
     dataset = VLMDataset(path, str(tmp_path), processor, "vicuna_v1", skip_bad_samples=True)
     assert dataset[0]["id"] == "cut" and "cut.jpg cannot be read" in dataset[0]["skipped"]
+
+
+BADLY_SHAPED = [
+    ({"id": "list-value", "image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": ["red"]}]},
+     "turn 1: 'value' is a list; it must be text"),
+    ({"id": "image-answer", "image": "red.png", "conversations": [
+        {"from": "human", "value": "What?"}, {"from": "gpt", "value": "<image>"}]},
+     "turn 1 is an answer holding <image>"),
+    ({"id": "messages", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     "it has 'messages' \\(chat style\\); LLaVA records hold 'conversations'"),
+]
+
+
+@pytest.mark.parametrize("record, reason", BADLY_SHAPED, ids=[r["id"] for r, _ in BADLY_SHAPED])
+def test_badly_shaped_records_are_bad_records(tmp_path, processor, record, reason):
+    test_bad_records_raise_or_are_skipped(tmp_path, processor, record, reason)
+
+
+def test_files_that_are_not_llava_data_are_named(tmp_path):
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_text(json.dumps([{"id": "a", "conversations": []}]), encoding="utf-16")
+    with pytest.raises(ValueError, match=r"utf16\.json is not UTF-8 text"):
+        load_records(str(utf16))
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"id": "a", "conversations": []}]}, indent=1))
+    with pytest.raises(ValueError, match=r"wrapped\.json holds one JSON object; expected a JSON list"):
+        load_records(str(wrapped))
+    with pytest.raises(ValueError, match="is a folder; name the JSON/JSONL file"):
+        load_records(str(tmp_path))
+    bom = tmp_path / "bom.json"
+    bom.write_text("\ufeff" + json.dumps([{"id": "a", "conversations": []}]), encoding="utf-8")
+    assert load_records(str(bom))[0]["id"] == "a"  # a byte-order mark is fine
+
+
+def test_hub_id_that_cannot_load_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="no local file, and loading it as a Hub data set failed"):
+        load_records("someone/no-such-dataset-here")
+
+
+def test_image_paths_stay_inside_the_image_folder(tmp_path, processor):
+    inside = tmp_path / "images"
+    inside.mkdir()
+    write_image(tmp_path, "secret.png", (1, 2, 3))  # beside the image folder, not in it
+    write_image(inside, "red.png", (255, 0, 0))
+    records = [{"id": name, "image": path, "conversations": ONE_TURN}
+               for name, path in (("climbs", "../secret.png"), ("absolute", str(tmp_path / "secret.png")),
+                                  ("fine", "sub/../red.png"))]
+    path = write_json(tmp_path / "d.json", records)
+    dataset = VLMDataset(path, str(inside), processor, "vicuna_v1", skip_bad_samples=True)
+    assert "leads outside image_folder" in dataset[0]["skipped"] and "leads outside" in dataset[1]["skipped"]
+    assert "skipped" not in dataset[2]
+    trusting = VLMDataset(path, str(inside), processor, "vicuna_v1", image_paths_outside=True)
+    assert trusting[0]["pixel_values"].shape[0] == 1

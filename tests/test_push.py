@@ -2,6 +2,7 @@
 upload sends exactly the built folder; bad input stops with one `error:` line and uploads nothing."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -280,3 +281,63 @@ def test_llava_image_processor_matches_ours(run, aspect):
         expected = ours.image_processor(image)["pixel_values"]
         got = torch.as_tensor(theirs(image, return_tensors="pt")["pixel_values"])
         torch.testing.assert_close(got, expected, atol=ONE_LEVEL, rtol=0)
+
+
+def damaged_copy(run_dir, tmp_path, damage):
+    """A copy of the run with one thing wrong."""
+    copy = tmp_path / f"damaged_{damage}"
+    shutil.copytree(run_dir, copy)
+    final = copy / "final"
+    if damage == "no_weights":
+        (final / "model.safetensors").unlink()
+    elif damage == "truncated_weights":
+        data = (final / "model.safetensors").read_bytes()
+        (final / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "no_tokenizer_json":
+        (final / "tokenizer.json").unlink()
+    return str(copy)
+
+
+class OfflineHub(FakeHub):
+    def repo_exists(self, repo_id):
+        raise ConnectionError("[Errno -3] Temporary failure in name resolution")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no_weights", "has no model weights"),
+    ("truncated_weights", "is damaged or was copied only in part"),
+    ("no_tokenizer_json", "has no tokenizer.json"),
+    ("local_dir_is_a_file", "is a file; give a new or empty folder"),
+    ("offline", "cannot reach the Hugging Face Hub for me/tiny (ConnectionError"),
+])
+def test_damaged_checkpoints_and_no_network_are_one_error_line(case, expected, run, tmp_path, monkeypatch, capsys):
+    run_dir, _, _ = run
+    hub = OfflineHub() if case == "offline" else FakeHub()
+    monkeypatch.setattr(push, "HfApi", hub)
+    monkeypatch.setattr(push, "get_token", lambda: SECRET)
+    (tmp_path / "a_file").write_text("x")
+    argv = [run_dir, "--repo", "me/tiny"]
+    if case in ("no_weights", "truncated_weights", "no_tokenizer_json"):
+        argv[0] = damaged_copy(run_dir, tmp_path, case)
+    if case == "local_dir_is_a_file":
+        argv += ["--local-dir", str(tmp_path / "a_file")]
+    capsys.readouterr()
+    assert push.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert [call[0] for call in hub.calls] == []  # nothing uploaded
+
+
+@pytest.mark.parametrize("fmt", ["llava", "remote"])
+def test_exported_folder_names_no_local_path_and_no_local_flags(run, tmp_path, fmt):
+    run_dir, model, _ = run
+    folder = tmp_path / "export"
+    assert push.main([run_dir, "--repo", "me/tiny", "--format", fmt, "--local-dir", str(folder)]) == 0
+    local = [os.path.dirname(model.config.llm), str(tmp_path)]  # the base models' and the run's folders
+    for name in os.listdir(folder):
+        if name.endswith((".json", ".md", ".jinja", ".py")):
+            text = (folder / name).read_text()
+            assert not any(path in text for path in local), (name, [p for p in local if p in text])
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in tokenizer_config and "is_local" not in tokenizer_config
+    assert "tiny-llama" in (folder / "README.md").read_text()  # named by its folder's name
