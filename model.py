@@ -283,6 +283,11 @@ def resize(pixels, height, width):
     return F.interpolate(pixels.permute(2, 0, 1)[None], size=(height, width), mode="bicubic", antialias=True)[0]
 
 
+# The `pad` canvas is a square of the image's long side: a 1080x20000 image would make a 20000x20000
+# canvas (1.2 GB). Longer sides are shrunk to this first (50 MB canvas at most); no LLaVA image is that big.
+MAX_PAD_SIDE = 4096
+
+
 def to_rgb(image):
     """An 8-bit RGB image. 16-bit greyscale (medical, scientific PNGs) keeps its top 8 bits; PIL's
     own convert("RGB") would clip it to white. Floating-point pixels have no known range: refused."""
@@ -320,6 +325,10 @@ class VLMImageProcessor(ImageProcessingMixin):
     def transform(self, image):
         image = to_rgb(image)
         if self.aspect == "pad":
+            if max(image.size) > MAX_PAD_SIDE:  # bound the canvas: shrink first (then a little off LLaVA's pixels)
+                scale = MAX_PAD_SIDE / max(image.size)
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                     Image.Resampling.BICUBIC)
             side = max(image.size)
             canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in self.image_mean))
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))

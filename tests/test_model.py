@@ -8,6 +8,7 @@ import glob
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -640,3 +641,18 @@ def test_llm_saved_in_bf16_builds_a_model_that_runs(tiny_backbones, tmp_path):
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_very_tall_image_is_padded_on_a_bounded_canvas(monkeypatch):
+    """A 200x6000 image would be padded onto a 6000x6000 canvas; past MAX_PAD_SIDE it is shrunk first,
+    and the picture stays what LLaVA's full-size padding gives, up to resampling."""
+    import model
+
+    rng = np.random.default_rng(0)
+    tall = Image.fromarray(rng.integers(0, 256, (6000, 200, 3), dtype=np.uint8))
+    processor = VLMImageProcessor(size=32, aspect="pad")
+    bounded = processor.transform(tall)
+    monkeypatch.setattr(model, "MAX_PAD_SIDE", 10**6)
+    full = processor.transform(tall)
+    assert bounded.shape == full.shape == (3, 32, 32)
+    assert (bounded - full).abs().mean() < 0.05  # normalized units: a few levels in 255 on average

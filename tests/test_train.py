@@ -409,3 +409,18 @@ def test_zero3_final_equals_zero2_final(demo_dir, tmp_path):
     assert all(torch.allclose(finals[2][k], finals[3][k], atol=1e-5) for k in finals[2])
     assert not torch.equal(finals[3]["language_model.model.layers.0.mlp.up_proj.weight"],
                            read_weights(demo_dir / "backbones" / "tiny-llama")["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_disk_full_while_saving_says_so(tmp_path):
+    import errno
+
+    partial = str(tmp_path / "checkpoints" / "step00000004.partial")
+    with pytest.raises(ConfigError, match=r"the disk is full \(.* MiB free\) while writing .*step00000004\.partial"):
+        with train.disk_full_says_so(partial):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(ConfigError, match="the disk is full"):  # how torch.save reports it
+        with train.disk_full_says_so(partial):
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+    with pytest.raises(RuntimeError, match="something else"):  # other errors are not disguised
+        with train.disk_full_says_so(partial):
+            raise RuntimeError("something else")
