@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train
 from model import VLMForCausalLM
