@@ -189,6 +189,13 @@ def normalise_batch(batch, rows, source):
 # 2. Rendering a conversation as prompt text
 
 
+NO_CHAT_TEMPLATE = "template='chat' needs a tokenizer with a chat template; use vicuna_v1 or plain"
+
+
+def unknown_template(template):
+    return ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+
+
 def render_pieces(conversations, template, tokenizer):
     """The prompt as [(text, supervised), ...]; "".join(texts) is the full prompt text. Supervised
     pieces are what the model must generate: the assistant answers with their end-of-turn marker."""
@@ -200,7 +207,7 @@ def render_pieces(conversations, template, tokenizer):
     elif template == "chat":
         pieces = chat_pieces(turns, tokenizer)
     else:
-        raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+        raise unknown_template(template)
     return separate_images(pieces, image_text_separator(tokenizer))
 
 
@@ -259,7 +266,7 @@ def chat_pieces(turns, tokenizer):
     (Llama-3's first template opens the next assistant header even without a generation prompt).
     Finding the starts needs a template whose shorter renderings are prefixes of the full one."""
     if not tokenizer.chat_template:
-        raise ValueError("template='chat' needs a tokenizer with a chat template; use vicuna_v1 or plain")
+        raise ValueError(NO_CHAT_TEMPLATE)
     messages = [{"role": role, "content": text} for role, text in turns]
 
     def render(upto, add_generation_prompt):
@@ -428,9 +435,9 @@ def chat_template_for(template, tokenizer):
         return macro + f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}" + VICUNA_TEMPLATE
     if template == "chat":
         if not tokenizer.chat_template:
-            raise ValueError("template='chat' needs a tokenizer with a chat template; use vicuna_v1 or plain")
+            raise ValueError(NO_CHAT_TEMPLATE)
         return macro + CHAT_PREAMBLE + tokenizer.chat_template
-    raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+    raise unknown_template(template)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +450,7 @@ class VLMDataset(torch.utils.data.Dataset):
     def __init__(self, data_path, image_folder, processor, template, max_seq_len=2048, skip_bad_samples=False,
                  image_paths_outside=False):
         if template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+            raise unknown_template(template)
         self.records = load_records(data_path)
         self.image_folder, self.processor, self.template = image_folder, processor, template
         self.max_seq_len, self.skip_bad_samples = max_seq_len, skip_bad_samples

@@ -187,12 +187,15 @@ def score_exact(prediction, answer):
 
 
 def score_vqa(prediction, answer):
-    """VQAv2 soft accuracy: min(1, matching annotators / 3); 3 of 10 humans agreeing is full credit.
-    A single answer string is scored by exact match."""
-    if not isinstance(answer, list):
+    """VQAv2's official accuracy: for each of the N human answers left out in turn, min(1, matches
+    among the other N-1 / 3), averaged. 3 matching answers of 10 score 0.9, 4 or more 1.0 (the
+    min(1, matches / 3) shortcut, TextVQA's, would give 3 of 10 full credit). A single answer (a
+    string or a list of one) is scored by exact match."""
+    if not isinstance(answer, list) or len(answer) == 1:
         return score_exact(prediction, answer)
     prediction = normalize_answer(prediction)
-    return min(1.0, sum(normalize_answer(a) == prediction for a in answer) / 3)
+    matches = [normalize_answer(a) == prediction for a in answer]
+    return sum(min(1.0, (sum(matches) - match) / 3) for match in matches) / len(matches)
 
 
 def option_letter(text, choices):
@@ -352,7 +355,7 @@ def evaluate(model, processor, asked, paths, missing=(), metric="auto", suffix=T
     `missing` ids it left out). Returns {"overall": {"count", "accuracy"}, "categories": {name:
     {"count", "accuracy"}}, "missing": [ids], "answers": one row per answered record: {"id",
     "prompt", "prediction", "answer", "correct"}}. Accuracy is the mean of `correct` (a VQA soft
-    score can be 1/3 or 2/3). Each batch's rows go to `answers_file` (JSON lines) once scored, so
+    score can be 0.3, 0.6 or 0.9). Each batch's rows go to `answers_file` (JSON lines) once scored, so
     an interrupted run keeps every answer it computed."""
     prompts = [build_prompt(processor, format_question(r, suffix), has_image=p is not None)
                for r, p in zip(asked, paths)]

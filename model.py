@@ -406,12 +406,6 @@ class VLMProcessor(ProcessorMixin):
             data["pixel_values"] = self.image_processor(images)["pixel_values"]
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
 
 # ----------------------------------------------------------------------------------------------
 # 8. Building a new VLM from a pretrained encoder and LLM

@@ -28,9 +28,12 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 
-from data import TEMPLATES, LengthGroupedSampler, VLMDataset, chat_template_for, collate
-from model import IGNORE_INDEX, build_connector, build_vlm, inference_folder
+from data import (TEMPLATES, BadRecord, LengthGroupedSampler, VLMDataset, chat_template_for, collate, demo_corpus,
+                  make_demo_data)
+from model import IGNORE_INDEX, build_connector, build_vlm, inference_folder, make_tiny_backbones
 
 # ----------------------------------------------------------------------------------------------
 # Settings: every key a config file or `key=value` can set. The README's table mirrors this.
@@ -341,8 +344,7 @@ def deepspeed_config(cfg, accumulation):
 
 
 def make_optimizer(groups, cfg):
-    import deepspeed
-
+    import deepspeed  # imported where used: its import takes seconds and logs, and config errors come first
     if cfg.offload:  # AdamW on the CPU copy of the optimizer state, vectorized C++
         return deepspeed.ops.adam.DeepSpeedCPUAdam(groups, adamw_mode=True)
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=torch.cuda.is_available())
@@ -421,8 +423,6 @@ def set_rng_state(state):
 
 
 def save_checkpoint(engine, cfg, step, position, rank):
-    import torch.distributed as dist
-
     root = os.path.join(cfg.out_dir, "checkpoints")
     tag = f"step{step:08d}"
     partial_tag = tag + ".partial"
@@ -535,8 +535,6 @@ def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, e
              metrics, wandb_run):
     """One line in out_dir/metrics.jsonl (rank 0), a progress line, and wandb if on. Returns the samples
     trained and skipped in this window, summed over ranks."""
-    import torch.distributed as dist
-
     sums = torch.tensor([window["samples"], window["tokens"], window["positions"], window["flops"], window["skipped"]],
                         dtype=torch.float64)
     dist.all_reduce(sums)
@@ -585,9 +583,6 @@ def check_skipped_share(totals, reasons):
 
 def prepare_demo(cfg):
     """The demo's data and tiny backbones, created on first use (there is no download)."""
-    from data import demo_corpus, make_demo_data
-    from model import make_tiny_backbones
-
     data_file = cfg.data_path.split(",")[0]
     data_dir, backbones_dir = os.path.dirname(data_file), os.path.dirname(cfg.llm)
     for wanted, folder in ((data_file, data_dir), (cfg.llm, backbones_dir)):
@@ -606,8 +601,6 @@ def prepare_demo(cfg):
 def load_connector_weights(model, folder):
     """Stage 2 starts from stage 1's connector (LLaVA's pretrain_mm_mlp_adapter). Loaded before
     deepspeed.initialize, so it also works under ZeRO-3 (nothing is partitioned yet)."""
-    from safetensors.torch import load_file
-
     folder = inference_folder(folder)
     files = [f for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")] if os.path.isdir(folder) else []
     if not files:
@@ -731,9 +724,7 @@ def main(argv=None):
     if dry_run:
         return
     resume_tag = check_out_dir(cfg)
-
     import deepspeed
-    import torch.distributed as dist
 
     # --- processes, seeds, output folder
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -907,8 +898,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from data import BadRecord
-
     try:
         main()
     except (ConfigError, FloatingPointError, BadRecord) as e:  # user mistakes, diverged runs: one line

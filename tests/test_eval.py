@@ -88,12 +88,15 @@ def test_exact_match():
     assert score("", {"answer": "cat"}, "exact") == 0.0
 
 
-def test_vqa_soft_accuracy():
+def test_vqa_accuracy_is_vqav2s_leave_one_out_mean():
+    """Expected values from the definition: leave each of the 10 answers out, score min(1, matches
+    among the other 9 / 3), average the 10 scores."""
     humans = ["2", "two", "2", "3", "3", "4", "yes", "yes", "yes", "no"]  # "2" x3, "3" x2, "4" x1
-    assert score("Two", {"answer": humans}, "vqa") == 1.0
-    assert score("3", {"answer": humans}, "vqa") == pytest.approx(2 / 3)
-    assert score("four", {"answer": humans}, "vqa") == pytest.approx(1 / 3)
+    assert score("Two", {"answer": humans}, "vqa") == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)  # 0.9
+    assert score("3", {"answer": humans}, "vqa") == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)  # 0.6
+    assert score("four", {"answer": humans}, "vqa") == pytest.approx((1 * 0 + 9 * 1 / 3) / 10)  # 0.3
     assert score("5", {"answer": humans}, "vqa") == 0.0
+    assert score("yes", {"answer": humans[:6] + ["yes"] * 4}, "vqa") == 1.0  # 4 of 10: every subset has 3
     assert score("the dog", {"answer": "dog"}, "vqa") == 1.0  # one answer string: exact match
 
 
@@ -118,7 +121,7 @@ def test_multiple_choice():
 def test_auto_picks_the_metric_per_record():
     assert score("B", {"answer": "B", "choices": ["x", "y"]}) == 1.0  # mc: letter
     assert score("y", {"answer": "B", "choices": ["x", "y"]}) == 1.0  # mc: option text
-    assert score("2", {"answer": ["2", "3", "3"]}) == pytest.approx(1 / 3)  # vqa
+    assert score("2", {"answer": ["2", "3", "3"]}) == pytest.approx((0 + 1 / 3 + 1 / 3) / 3)  # vqa, leave-one-out
     assert score("Two.", {"answer": "2"}) == 1.0  # exact
 
 
@@ -212,7 +215,8 @@ def test_benchmark_end_to_end(run_dir, image_folder, tmp_path, capsys):
         {"id": "q5", "question": "Say something.", "answer": "?"},  # text-only
     ]
     # The tiny model is random, so first learn its answers, then make some of them right:
-    # q1 and q5 exact (1), q2 wrong (0), q3 two of three annotators agree (2/3).
+    # q1 and q5 exact (1), q2 wrong (0), q3 two of three annotators agree: VQAv2's leave-one-out mean
+    # (1/3 + 1/3 + 2/3) / 3 = 4/9.
     model, processor = load_model(run_dir)
     selected = select_records(records, image_folder)
     found = evaluate(model, processor, *selected, batch_size=2, max_new_tokens=6)["answers"]
@@ -234,7 +238,7 @@ def test_benchmark_end_to_end(run_dir, image_folder, tmp_path, capsys):
     assert {row["id"]: row["prediction"] for row in rows} == predictions
     correct = {row["id"]: row["correct"] for row in rows}
     assert correct["q1"] == 1.0 and correct["q2"] == 0.0 and correct["q5"] == 1.0
-    assert correct["q3"] == pytest.approx(2 / 3)
+    assert correct["q3"] == pytest.approx(4 / 9)
     assert correct["q4"] == score(predictions["q4"], records[3])
     mc_suffix = "Answer with the option's letter from the given choices directly."
     assert rows[3]["prompt"].endswith(f"A. cat\nB. dog\n{mc_suffix} ASSISTANT:")
@@ -242,7 +246,7 @@ def test_benchmark_end_to_end(run_dir, image_folder, tmp_path, capsys):
 
     assert results["overall"] == {"count": 5, "accuracy": pytest.approx(sum(correct.values()) / 5)}
     assert results["categories"]["color"] == {"count": 2, "accuracy": 0.5}
-    assert results["categories"]["count"] == {"count": 1, "accuracy": pytest.approx(2 / 3)}
+    assert results["categories"]["count"] == {"count": 1, "accuracy": pytest.approx(4 / 9)}
     assert results["categories"]["choice"]["count"] == 1
     assert results["missing"] == []
     assert results["settings"]["batch_size"] == 2 and results["settings"]["metric"] == "auto"
