@@ -681,8 +681,13 @@ def use_one_process_without_launcher():
     The launcher sets these; without them DeepSpeed would look for MPI to find its ranks."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as probe:  # a free port for the (one-member) process group
-        probe.bind(("127.0.0.1", 0))
+    with socket.socket() as probe:  # a port for the (one-member) process group
+        try:
+            # the launcher's default: DeepSpeed's CPU backend leaves a shared-memory buffer named
+            # after the port in /dev/shm, so reruns on one port reuse one buffer instead of adding more
+            probe.bind(("127.0.0.1", 29500))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))  # in use: any free port
         port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -43,6 +43,27 @@ def train_args(demo_dir, out_dir, *overrides):
             "log_every=1", "save_every=0", "max_seq_len=128", "overwrite=false", f"out_dir={out_dir}", *overrides]
 
 
+_used_ports = []  # master ports of this session's runs (their shared-memory buffers are removed)
+
+
+def remove_shared_buffers(port):
+    """DeepSpeed's CPU backend leaves a 66 MB shared-memory buffer per rank in /dev/shm, named by the
+    master port. A finished run has no use for it; left there, runs on fresh ports would fill the
+    machine's memory (/dev/shm is RAM)."""
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
+        os.remove(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_buffers_removed():
+    """At the end of the session, the buffers of runs started with wait=False too."""
+    yield
+    for port in _used_ports:
+        remove_shared_buffers(port)
+
+
 def free_port():
     """A port no one listens on now (so that concurrent test runs do not collide)."""
     import socket
@@ -57,11 +78,14 @@ def launch(args, procs=1, wait=True, timeout=300):
     (wait=False) or the finished CompletedProcess-like Popen with .out holding its output."""
     import subprocess
 
-    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()), "train.py", *map(str, args)]
+    port = free_port()
+    _used_ports.append(port)
+    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(port), "train.py", *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     if wait:
         proc.out, _ = proc.communicate(timeout=timeout)
+        remove_shared_buffers(port)
     return proc
 
 
