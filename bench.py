@@ -31,9 +31,8 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 import train
-from data import LengthGroupedSampler, collate, tokenize_conversation
-from model import (IGNORE_INDEX, VLMConfig, VLMForCausalLM, VLMImageProcessor, VLMProcessor, add_image_token,
-                   make_tiny_tokenizer)
+from data import LengthGroupedSampler, collate, make_tiny_tokenizer, tokenize_conversation
+from model import IGNORE_INDEX, VLMConfig, VLMForCausalLM, VLMImageProcessor, VLMProcessor, add_image_token
 from push import LLAVA_NAMES, llava_config, rename_to_llava
 
 OURS, PEER = "small-vlm", "transformers-llava"

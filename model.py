@@ -10,7 +10,6 @@ Read top to bottom, this is the path of an image and a prompt through the model:
   6. generation       - transformers' GenerationMixin; images are encoded once, at prefill.
   7. VLMProcessor     - tokenizer + image transform; expands each <image> to N image tokens.
   8. build_vlm        - assembles a new model from a pretrained encoder and LLM.
-  9. tiny backbones   - small random CLIP/SigLIP + Llama/Qwen2 + tokenizer for tests and the demo.
 
 This file imports only torch, transformers (with its tokenizers), PIL and numpy, so push.py can ship it verbatim as
 the remote code of a Hub repo (`trust_remote_code=True`).
@@ -503,78 +502,3 @@ def build_processor(vision_model, tokenizer, config, image_aspect):
     )
     return VLMProcessor(image_processor, tokenizer, num_image_tokens=config.num_image_tokens,
                         image_token=config.image_token, chat_template=tokenizer.chat_template)
-
-
-# ----------------------------------------------------------------------------------------------
-# 9. Tiny random backbones, saved to folders, so tests and the demo run the real loading path
-
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-DEFAULT_CORPUS = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-    "helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT: What is in the "
-    "image? Describe the photo. The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9"
-)
-
-
-def make_tiny_tokenizer(corpus=(DEFAULT_CORPUS,), vocab_size=512):
-    """A byte-level BPE tokenizer trained on `corpus` (decode(encode(x)) == x for any text), with
-    Llama-style <s>/</s>, a pad token, ChatML markers and a ChatML chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(corpus), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", chat_template=CHATML_TEMPLATE)
-
-
-def make_tiny_backbones(out_dir, vision="clip", llm="llama", image_size=32, patch_size=8, vision_width=32,
-                        llm_width=64, layers=2, corpus=(DEFAULT_CORPUS,), vocab_size=512, seed=0):
-    """Saves a random vision tower and a random LLM + tokenizer under out_dir; returns both paths.
-    vision: 'clip' (full CLIPModel, as openai/clip-* ships), 'clip_vision' or 'siglip';
-    llm: 'llama' or 'qwen2'."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
-                              LlamaConfig, Qwen2Config, SiglipVisionConfig, SiglipVisionModel)
-
-    torch.manual_seed(seed)
-    tower = dict(image_size=image_size, patch_size=patch_size, hidden_size=vision_width,
-                 intermediate_size=2 * vision_width, num_hidden_layers=layers, num_attention_heads=4)
-    if vision == "clip":
-        text = dict(vocab_size=64, hidden_size=vision_width, intermediate_size=2 * vision_width,
-                    num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16)
-        vision_model = CLIPModel(CLIPConfig(vision_config=tower, text_config=text, projection_dim=vision_width))
-    elif vision == "clip_vision":
-        vision_model = CLIPVisionModel(CLIPVisionConfig(**tower))
-    elif vision == "siglip":
-        vision_model = SiglipVisionModel(SiglipVisionConfig(**tower))
-    else:
-        raise ValueError(f"unknown tiny vision tower {vision!r}; valid: clip, clip_vision, siglip")
-    vision_dir = os.path.join(out_dir, f"tiny-{vision}")
-    vision_model.save_pretrained(vision_dir)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size).save_pretrained(vision_dir)
-
-    tokenizer = make_tiny_tokenizer(corpus, vocab_size)
-    shape = dict(vocab_size=len(tokenizer), hidden_size=llm_width, intermediate_size=2 * llm_width,
-                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if llm == "llama":
-        config = LlamaConfig(**shape, tie_word_embeddings=False)
-    elif llm == "qwen2":
-        config = Qwen2Config(**shape, tie_word_embeddings=True)
-    else:
-        raise ValueError(f"unknown tiny LLM {llm!r}; valid: llama, qwen2")
-    llm_dir = os.path.join(out_dir, f"tiny-{llm}")
-    AutoModelForCausalLM.from_config(config).save_pretrained(llm_dir)
-    tokenizer.save_pretrained(llm_dir)
-    return vision_dir, llm_dir

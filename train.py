@@ -32,8 +32,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from data import (TEMPLATES, BadRecord, LengthGroupedSampler, VLMDataset, chat_template_for, collate, demo_corpus,
-                  make_demo_data)
-from model import IGNORE_INDEX, build_connector, build_vlm, inference_folder, make_tiny_backbones
+                  make_demo_data, make_tiny_backbones)
+from model import IGNORE_INDEX, build_connector, build_vlm, inference_folder
 
 # ----------------------------------------------------------------------------------------------
 # Settings: every key a config file or `key=value` can set. The README's table mirrors this.

@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from model import make_tiny_backbones  # noqa: E402
+from data import make_tiny_backbones  # noqa: E402
 
 
 def main(mode):

@@ -7,7 +7,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model import build_vlm, make_tiny_backbones  # noqa: E402
+from data import make_tiny_backbones  # noqa: E402
+from model import build_vlm  # noqa: E402
 
 
 @pytest.fixture(scope="session")

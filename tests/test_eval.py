@@ -164,7 +164,8 @@ def test_native_llava_folder_loads_and_batches(tiny_backbones, tmp_path, image_f
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from model import add_image_token, make_tiny_tokenizer
+    from data import make_tiny_tokenizer
+    from model import add_image_token
 
     tokenizer = make_tiny_tokenizer()
     image_token_id = add_image_token(tokenizer)

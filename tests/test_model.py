@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
 
+from data import make_tiny_backbones
 from model import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
@@ -25,7 +26,6 @@ from model import (
     build_connector,
     build_vlm,
     load_vision_tower,
-    make_tiny_backbones,
 )
 
 RED = Image.new("RGB", (40, 20), (255, 0, 0))  # wide: padding and cropping differ

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import push
-from model import CLIP_STD, build_vlm, make_tiny_backbones
+from data import make_tiny_backbones
+from model import CLIP_STD, build_vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # llava-hf's message convention: content is a string or a list of {"type": "image"} / {"type": "text"}.
