@@ -143,7 +143,8 @@ def make_sample(record, index, config, seed):
     return {"id": str(index),
             "input_ids": torch.tensor(np.concatenate([text[:1], image, text[1:]])),  # (T,)
             "labels": torch.tensor(np.concatenate([labels[:1], np.full(len(image), IGNORE_INDEX), labels[1:]])),
-            "pixel_values": torch.randn(record["images"], 3, size, size)}  # (n, 3, H, W)
+            "pixel_values": torch.randn(record["images"], 3, size, size),  # (n, 3, H, W)
+            "image_sizes": torch.full((record["images"], 2), size)}  # (n, 2)
 
 
 def make_batches(stage, args, config, world_size, rank):
@@ -267,7 +268,8 @@ def bench_padding(args, config):
                 for k in range(0, len(order), n):  # token ids stand in for samples: only lengths matter here
                     samples = [{"id": i, "input_ids": torch.zeros(lengths[i], dtype=torch.long),
                                 "labels": torch.zeros(lengths[i], dtype=torch.long),
-                                "pixel_values": torch.zeros(0, 3, 1, 1)} for i in order[k:k + n]]
+                                "pixel_values": torch.zeros(0, 3, 1, 1), "image_sizes": torch.zeros(0, 2)}
+                               for i in order[k:k + n]]
                     batch = collate(samples, pad_token_id=0, pack_length=MAX_SEQ_LEN if pack else 0)
                     real, computed = real + batch["num_tokens"], computed + batch["input_ids"].numel()
                 print(json.dumps({"mode": "padding", "stage": stage, "lengths": args.lengths, "micro_batch_size": n,
@@ -312,8 +314,8 @@ def bench_data(args, config, env):
     processor = VLMProcessor(ours, tokenizer, num_image_tokens=config.num_image_tokens)
     peer = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     background = tuple(int(m * 255) for m in peer.image_mean)
-    to_pixels = {OURS: ours.transform,  # PIL image -> (3, S, S)
-                 PEER: lambda image: peer(expand2square(image, background), return_tensors="pt")["pixel_values"][0]}
+    to_pixels = {OURS: ours.transform,  # PIL image -> (1, 3, S, S)
+                 PEER: lambda image: peer(expand2square(image, background), return_tensors="pt")["pixel_values"]}
     conversation = [{"from": "human", "value": "<image>\nWhat is in the image? Describe the photo."},
                     {"from": "gpt", "value": "The quick brown fox jumps over the lazy dog. " * 4}]
 
@@ -322,7 +324,7 @@ def bench_data(args, config, env):
             image = image.convert("RGB")  # the JPEG decode
         input_ids, labels = tokenize_conversation(conversation, "vicuna_v1", processor, MAX_SEQ_LEN)
         return {"id": path, "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-                "pixel_values": to_pixels[system](image)[None]}  # (1, 3, S, S)
+                "pixel_values": to_pixels[system](image), "image_sizes": torch.tensor([[image.height, image.width]])}
 
     results, pixels, n = {}, {}, args.micro_batch_size
     with tempfile.TemporaryDirectory() as folder:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model import IGNORE_INDEX, IMAGE_TOKEN, image_text_separator, to_rgb, writes_own_bos
+from model import IGNORE_INDEX, IMAGE_TOKEN, count_anyres_tokens, image_text_separator, to_rgb, writes_own_bos
 
 TEMPLATES = ("plain", "vicuna_v1", "chat")
 VICUNA_SYSTEM = (
@@ -339,10 +339,11 @@ class SampleTooLong(ValueError):
     """The record does not fit max_seq_len without cutting through image tokens (or its answers)."""
 
 
-def tokenize_conversation(conversations, template, processor, max_seq_len=None):
+def tokenize_conversation(conversations, template, processor, max_seq_len=None, image_token_counts=None):
     """(input_ids, labels) as lists of ints. The full prompt is tokenized once; a token is supervised
     when its characters lie inside a supervised piece, so ids and labels cannot disagree (LLaVA's
-    "tokenization mismatch"). Each <image> id then becomes num_image_tokens image ids (label -100)."""
+    "tokenization mismatch"). The k-th <image> id then becomes image_token_counts[k] image ids
+    (label -100): processor.num_image_tokens each unless given (anyres: each image's own count)."""
     tokenizer = processor.tokenizer
     if not tokenizer.is_fast:
         raise ValueError("tokenize_conversation needs a fast tokenizer (for character offsets)")
@@ -356,11 +357,14 @@ def tokenize_conversation(conversations, template, processor, max_seq_len=None):
     encoding = tokenizer(text, add_special_tokens=not writes_own_bos(tokenizer, text), return_offsets_mapping=True)
 
     image_id = processor.image_token_id
+    n_images = encoding["input_ids"].count(image_id)
+    counts = iter(image_token_counts or [processor.num_image_tokens] * n_images)
     input_ids, labels = [], []
     for token_id, (begin, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
         if token_id == image_id:
-            input_ids += [image_id] * processor.num_image_tokens
-            labels += [IGNORE_INDEX] * processor.num_image_tokens
+            count = next(counts)
+            input_ids += [image_id] * count
+            labels += [IGNORE_INDEX] * count
         else:
             input_ids.append(token_id)  # added tokens such as BOS have an empty span: never supervised
             labels.append(token_id if end > begin and supervised_chars[begin:end].all() else IGNORE_INDEX)
@@ -375,7 +379,7 @@ def truncate(input_ids, labels, image_id, max_seq_len):
         return input_ids, labels
     image_positions = [i for i, token in enumerate(input_ids) if token == image_id]
     if image_positions and image_positions[-1] >= max_seq_len:
-        raise SampleTooLong(f"{len(input_ids)} tokens, and its image tokens end at position "
+        raise SampleTooLong(f"{len(input_ids)} tokens, and its {len(image_positions)} image tokens end at position "
                             f"{image_positions[-1] + 1} > max_seq_len={max_seq_len}")
     if all(label == IGNORE_INDEX for label in labels[:max_seq_len]):
         raise SampleTooLong(f"{len(input_ids)} tokens, and no answer token within max_seq_len={max_seq_len}")
@@ -457,9 +461,14 @@ class VLMDataset(torch.utils.data.Dataset):
         self.image_folder, self.processor, self.template = image_folder, processor, template
         self.max_seq_len, self.skip_bad_samples = max_seq_len, skip_bad_samples
         self.image_paths_outside = image_paths_outside
-        # LLaVA's modality_lengths: words + image tokens, no tokenizing or image decoding (cached by datasets).
+        # LLaVA's modality_lengths: words + image tokens, no tokenizing or image decoding (cached by
+        # datasets). With anyres an image's token count depends on its size: read from the file's header.
+        image_processor = processor.image_processor
+        anyres = None if image_processor.aspect != "anyres" else {
+            "image_folder": image_folder, "pinpoints": image_processor.image_grid_pinpoints,
+            "tile": image_processor.size, "patch": processor.patch_size}
         estimates = self.records.map(estimate_lengths, batched=True, remove_columns=self.records.column_names,
-                                     fn_kwargs={"num_image_tokens": processor.num_image_tokens})
+                                     fn_kwargs={"num_image_tokens": processor.num_image_tokens, "anyres": anyres})
         estimates = estimates.with_format("numpy")[:]  # {"length": (N,), "n_images": (N,)} arrays
         self.lengths = estimates["length"].tolist()
         self.has_image = (estimates["n_images"] > 0).tolist()
@@ -484,15 +493,19 @@ class VLMDataset(torch.utils.data.Dataset):
         if n_markers != len(record["image"]):
             raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers in the conversation but "
                              f"{len(record['image'])} images {record['image']}")
+        images = [self.load_image(path) for path in record["image"]]
+        counts = [self.processor.image_token_count(image.height, image.width) for image in images]
         input_ids, labels = tokenize_conversation(record["conversations"], self.template, self.processor,
-                                                  self.max_seq_len)
+                                                  self.max_seq_len, counts)
         size = self.processor.image_processor.size
-        images = [self.processor.image_processor.transform(self.load_image(path)) for path in record["image"]]
+        tiles = [self.processor.image_processor.transform(image) for image in images]  # (tiles, 3, S, S) each
         return {
             "id": record["id"],
             "input_ids": torch.tensor(input_ids, dtype=torch.long),  # (T,)
             "labels": torch.tensor(labels, dtype=torch.long),  # (T,)
-            "pixel_values": torch.stack(images) if images else torch.zeros(0, 3, size, size),  # (n, 3, H, W)
+            "pixel_values": torch.cat(tiles) if tiles else torch.zeros(0, 3, size, size),  # (tiles, 3, S, S)
+            "image_sizes": torch.tensor([[image.height, image.width] for image in images],
+                                        dtype=torch.long).view(-1, 2),  # (n, 2)
         }
 
     def load_image(self, path):
@@ -528,10 +541,26 @@ def load_image(path):
         raise ValueError(str(e) if str(path) in str(e) else f"image {path}: {e}") from None
 
 
-def estimate_lengths(batch, num_image_tokens):
+def estimate_lengths(batch, num_image_tokens, anyres=None):
+    """{"length": words + image tokens, "n_images"} per record. anyres: {image_folder, pinpoints,
+    tile, patch}; each image's tokens are counted from its size, read from the file header (PIL
+    opens lazily: no pixel is decoded). An unreadable file counts num_image_tokens here; loading
+    the sample reports it."""
     n_images = [len(images) for images in batch["image"]]
     words = [sum(len(turn["value"].split()) for turn in turns) for turns in batch["conversations"]]
-    return {"length": [w + n * num_image_tokens for w, n in zip(words, n_images)], "n_images": n_images}
+    if anyres is None:
+        return {"length": [w + n * num_image_tokens for w, n in zip(words, n_images)], "n_images": n_images}
+    lengths = []
+    for w, paths in zip(words, batch["image"]):
+        for path in paths:
+            try:
+                with Image.open(os.path.join(anyres["image_folder"], path)) as image:
+                    width, height = image.size
+                w += count_anyres_tokens(height, width, anyres["pinpoints"], anyres["tile"], anyres["patch"])
+            except (OSError, ValueError, Image.DecompressionBombError):
+                w += num_image_tokens
+        lengths.append(w)
+    return {"length": lengths, "n_images": n_images}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,8 +577,8 @@ def collate(samples, pad_token_id, pack_length=0):
     and less padding. attention_mask is None and position_ids restart at 0 for every sample: from
     that, transformers builds a block-diagonal causal mask, so a token sees only its own sample, and
     the loss equals the unpacked batch's.
-    Images (N, 3, H, W) come in the order their <image> tokens appear in the rows (row-major), as
-    the model's splice expects; None when the batch has none."""
+    Images (tiles, 3, H, W) and their sizes (N, 2) come in the order their <image> tokens appear in
+    the rows (row-major), as the model's splice expects; None when the batch has none."""
     kept = [s for s in samples if "skipped" not in s]
     lengths = [len(s["input_ids"]) for s in kept]
     rows = pack_rows(lengths, pack_length) if pack_length else [[i] for i in range(len(kept))]  # sample indices
@@ -571,12 +600,14 @@ def collate(samples, pad_token_id, pack_length=0):
             begin += n
         position_ids[r, begin:] = torch.arange(width - begin)  # the padding: a segment of its own
     images = [kept[i]["pixel_values"] for row in rows for i in row if len(kept[i]["pixel_values"])]
+    image_sizes = [kept[i]["image_sizes"] for row in rows for i in row if len(kept[i]["image_sizes"])]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": None if pack_length else attention_mask,
         "position_ids": position_ids,
         "pixel_values": torch.cat(images) if images else None,
+        "image_sizes": torch.cat(image_sizes) if image_sizes else None,
         "num_tokens": sum(lengths),
         "ids": [kept[i]["id"] for row in rows for i in row],
         "skipped": [(s["id"], s["skipped"]) for s in samples if "skipped" in s],

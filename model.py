@@ -8,13 +8,17 @@ Read top to bottom, this is the path of an image and a prompt through the model:
                         overwrites exactly those embedding positions with the connector output.
   5. the loss         - next-token cross-entropy computed only at supervised positions.
   6. generation       - transformers' GenerationMixin; images are encoded once, at prefill.
-  7. VLMProcessor     - tokenizer + image transform; expands each <image> to N image tokens.
+  7. VLMProcessor     - tokenizer + image transform; expands each <image> to its image tokens.
+AnyRes (LLaVA-NeXT's high-resolution option) adds one idea at three places: the image processor cuts
+an image into tower-sized tiles (section 7), the model lays the tiles' features back on their grid
+(section 4, `lay_out_anyres`), and both count the tokens with the same function (`anyres_layout`).
   8. build_vlm        - assembles a new model from a pretrained encoder and LLM.
 
 This file imports only torch, transformers (with its tokenizers), PIL and numpy, so push.py can ship it verbatim as
 the remote code of a Hub repo (`trust_remote_code=True`).
 """
 import json
+import math
 import os
 import re
 
@@ -72,7 +76,10 @@ class VLMConfig(PretrainedConfig):
     connector: str = "mlp2x_gelu"  # identity | linear | mlp{N}x_{gelu,relu,silu}
     image_token: str = IMAGE_TOKEN
     image_token_id: int = -1  # id of <image> in the tokenizer
-    num_image_tokens: int = 0  # visual tokens per image = tokens the processor writes per <image>
+    num_image_tokens: int = 0  # visual tokens per image (per tile with anyres) = tokens per <image> without anyres
+    # AnyRes (LLaVA-NeXT): [[H, W], ...] pixel sizes an image may be tiled to, each a whole number of
+    # tower tiles; None = one tile per image (LLaVA-1.5). With it the model has an image_newline vector.
+    image_grid_pinpoints: list | None = None
     tie_word_embeddings: bool = False  # the LLM ties (or not) its own embeddings
 
 
@@ -90,6 +97,67 @@ def count_image_tokens(vision_config, drop_cls):
     """Tokens one image becomes: one per patch (+ CLS when the tower has it and we keep it)."""
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     return patches + int(vision_has_cls(vision_config) and not drop_cls)
+
+
+# LLaVA-NeXT's AnyRes grids in tiles (rows, columns); with a 336 tower these are its pinpoints
+# [H, W] = [336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008].
+ANYRES_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+def default_pinpoints(tile):
+    """LLaVA-NeXT's pinpoint list for a tower that sees tile x tile pixels, as [[H, W], ...]."""
+    return [[rows * tile, cols * tile] for rows, cols in ANYRES_GRIDS]
+
+
+def best_pinpoint(height, width, pinpoints):
+    """The pinpoint (H, W) that keeps the most of the image, fitted inside it with its aspect kept
+    (pixels beyond the original count for nothing: upscaling adds no detail), and of those the one
+    that wastes the least area on padding. The first such pinpoint in the list wins a tie."""
+    best, best_kept, best_waste = None, 0, float("inf")
+    for pin_h, pin_w in pinpoints:
+        scale = min(pin_w / width, pin_h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        waste = pin_w * pin_h - kept
+        if kept > best_kept or (kept == best_kept and waste < best_waste):
+            best, best_kept, best_waste = (pin_h, pin_w), kept, waste
+    return best
+
+
+def anyres_layout(height, width, pinpoints, tile, patch):
+    """Where an image of height x width lands under AnyRes: (rows, cols) of tiles it is cut into,
+    and (top, bottom, left, right), the part of its (rows * g, cols * g) feature grid that shows
+    the image, g = tile // patch features per tile side (bottom, right exclusive). The image was
+    fitted and centred in the pinpoint, so the rest is padding: whole feature rows above and below
+    a wide image, columns left and right of a tall one. The processor counts tokens and the model
+    removes the padding with this one function, so the two always agree."""
+    pin_h, pin_w = best_pinpoint(height, width, pinpoints)
+    rows, cols = pin_h // tile, pin_w // tile
+    grid_h, grid_w = rows * (tile // patch), cols * (tile // patch)
+    if width / height > grid_w / grid_h:  # wider than the grid: padding above and below
+        shown = int(round(height * (grid_w / width), 7))  # round(, 7) as LLaVA-NeXT: 23.9999999 -> 24
+        pad = (grid_h - shown) // 2
+        return (rows, cols), (pad, grid_h - pad, 0, grid_w)
+    shown = int(round(width * (grid_h / height), 7))
+    pad = (grid_w - shown) // 2
+    return (rows, cols), (0, grid_h, pad, grid_w - pad)
+
+
+def count_anyres_tokens(height, width, pinpoints, tile, patch):
+    """Image tokens of one AnyRes image: the base tile's (tile / patch)^2 features, then the
+    unpadded grid, each feature row ended by one image_newline."""
+    _, (top, bottom, left, right) = anyres_layout(height, width, pinpoints, tile, patch)
+    return (tile // patch) ** 2 + (bottom - top) * (right - left + 1)
+
+
+def check_pinpoints(pinpoints, tile):
+    """[[H, W], ...] with each side a positive multiple of the tile, or a ValueError saying which is not."""
+    if not pinpoints or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pinpoints):
+        raise ValueError(f"image_grid_pinpoints must be a non-empty list of [height, width] pairs, got {pinpoints!r}")
+    for pin_h, pin_w in pinpoints:
+        if pin_h <= 0 or pin_w <= 0 or pin_h % tile or pin_w % tile:
+            raise ValueError(f"image_grid_pinpoints entry [{pin_h}, {pin_w}] is not a whole number of the vision "
+                             f"tower's {tile}x{tile} tiles; use multiples of {tile} (e.g. {default_pinpoints(tile)})")
+    return [[int(pin_h), int(pin_w)] for pin_h, pin_w in pinpoints]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +236,11 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         self.connector = build_connector(
             config.connector, config.vision_config.hidden_size, config.text_config.hidden_size
         )
+        if config.image_grid_pinpoints:
+            # AnyRes: a learned vector that ends each row of an image's feature grid, so the LLM,
+            # which reads the grid as one flat sequence, can tell where a row ends (LLaVA-NeXT).
+            width = config.text_config.hidden_size
+            self.image_newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.post_init()
 
     def get_input_embeddings(self):
@@ -179,8 +252,8 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()
 
-    def get_image_features(self, pixel_values):
-        """(N, 3, H, W) images -> (N, P, D_llm) LLM-space features, P = config.num_image_tokens."""
+    def encode_tiles(self, pixel_values):
+        """(N, 3, S, S) tower-sized images -> (N, P, D_llm) LLM-space features, P = config.num_image_tokens."""
         frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # no graph when frozen
             pixel_values = pixel_values.to(self.vision_tower.dtype)
@@ -190,36 +263,83 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
             features = features[:, 1:]
         return self.connector(features)  # (N, P, D_llm)
 
+    def get_image_features(self, pixel_values, image_sizes=None):
+        """The visual tokens of all images, in order: (K, D_llm). One tile per image: K = N * P.
+        AnyRes: pixel_values holds each image's tiles, base tile first (see the processor), and
+        image_sizes (N, 2) each image's original (height, width), which fixes its tile grid."""
+        tiles = self.encode_tiles(pixel_values)  # (tiles, P, D)
+        if not self.config.image_grid_pinpoints:
+            return tiles.flatten(0, 1)
+        if image_sizes is None:
+            raise ValueError("this model uses AnyRes tiling: pass image_sizes, (N, 2) heights and widths, "
+                             "as the processor returns it")
+        images, begin = [], 0
+        for height, width in image_sizes.tolist():
+            (rows, cols), window = self.anyres_layout(height, width)
+            images.append(self.lay_out_anyres(tiles[begin:begin + 1 + rows * cols], rows, cols, window))
+            begin += 1 + rows * cols
+        if begin != len(tiles):
+            raise ValueError(f"{len(tiles)} tiles in pixel_values but the image_sizes call for {begin}; "
+                             "build inputs with the processor")
+        return torch.cat(images)
+
+    def anyres_layout(self, height, width):
+        vision = self.config.vision_config
+        return anyres_layout(height, width, self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+
+    def lay_out_anyres(self, features, rows, cols, window):
+        """One AnyRes image: (1 + rows * cols, P, D) tile features, base tile first -> (K, D) tokens.
+
+        The grid tiles are laid back side by side as one (rows * g, cols * g) feature map (g = sqrt(P)
+        features per tile side); the rows or columns that only show padding are cut away; each
+        remaining row is followed by image_newline. The base tile's P features come first.
+
+            tiles 1 2       feature map       unpadded, + newline        tokens
+                  3 4   ->  . . . . . .   ->  a a a a a a \n      ->    [base P] a a a a a a \n
+            (2x2 grid)      a a a a a a        b b b b b b \n                     b b b b b b \n
+                            b b b b b b
+                            . . . . . .  (a wide image: padding above and below)
+        """
+        g = math.isqrt(features.shape[1])
+        base, grid = features[0], features[1:]  # (P, D), (rows * cols, P, D)
+        grid = grid.view(rows, cols, g, g, -1).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, -1)
+        top, bottom, left, right = window
+        grid = grid[top:bottom, left:right]  # (h, w, D): the image without its padding
+        newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, -1)  # (h, 1, D)
+        return torch.cat([base, torch.cat([grid, newline], dim=1).flatten(0, 1)])  # (P + h * (w + 1), D)
+
     def merge_image_features(self, input_ids, inputs_embeds, image_features):
         """The splice. The processor wrote one image-token id per visual token, so position k of
         the image tokens (row-major over the batch) receives visual token k of the images in
-        order. input_ids (B, T), inputs_embeds (B, T, D), image_features (N, P, D) -> (B, T, D)."""
+        order. input_ids (B, T), inputs_embeds (B, T, D), image_features (K, D) -> (B, T, D)."""
         image_positions = input_ids == self.config.image_token_id  # (B, T)
         n_tokens = int(image_positions.sum())
-        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        n_features = 0 if image_features is None else image_features.shape[0]
         if n_tokens != n_features:
+            per_image = ("as many as anyres_layout counts for each image's size" if self.config.image_grid_pinpoints
+                         else f"{self.config.num_image_tokens} per image")
             raise ValueError(
                 f"image tokens and image features do not match: {n_tokens} <image> tokens in input_ids, "
-                f"{n_features} features from the images. Build inputs with the processor, which writes "
-                f"{self.config.num_image_tokens} tokens per image."
+                f"{n_features} features from the images. Build inputs with the processor, which writes {per_image}."
             )
         if n_tokens == 0:
             return inputs_embeds
-        features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(image_positions.unsqueeze(-1), features)
+        return inputs_embeds.masked_scatter(image_positions.unsqueeze(-1), image_features.to(inputs_embeds.dtype))
 
-    def embed_inputs(self, input_ids, pixel_values):
+    def embed_inputs(self, input_ids, pixel_values, image_sizes=None):
         """Token embeddings with image features spliced in: (B, T) -> (B, T, D)."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_features = self.get_image_features(pixel_values) if pixel_values is not None else None
+        image_features = self.get_image_features(pixel_values, image_sizes) if pixel_values is not None else None
         inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
         if pixel_values is None and self.training:
-            # A text-only batch still runs the vision tower and connector on one blank image with
-            # weight 0: every rank then runs the same modules, so ZeRO-3's parameter gathers
-            # (and DDP's gradient reductions) never wait on a rank that skipped them.
+            # A text-only batch still runs the vision tower and connector (and image_newline) on one
+            # blank image with weight 0: every rank then runs the same modules, so ZeRO-3's
+            # parameter gathers (and DDP's gradient reductions) never wait on a rank that skipped them.
             size = self.config.vision_config.image_size
-            blank = inputs_embeds.new_zeros(1, 3, size, size)
-            inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(blank).sum()
+            unused = self.encode_tiles(inputs_embeds.new_zeros(1, 3, size, size)).sum()
+            if self.config.image_grid_pinpoints:
+                unused = unused + self.image_newline.sum()
+            inputs_embeds = inputs_embeds + 0.0 * unused
         return inputs_embeds
 
     def forward(
@@ -233,12 +353,13 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds=None,
         use_cache=None,
         logits_to_keep=0,
+        image_sizes=None,
         **kwargs,
     ):
         """With `labels`: loss over supervised positions only (logits only there, too).
         Without: logits of the last `logits_to_keep` positions (0 = all), for generation."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
         if labels is None:
             out = self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -303,25 +424,30 @@ def to_rgb(image):
 
 
 class VLMImageProcessor(ImageProcessingMixin):
-    """PIL image -> (3, size, size) normalized tensor.
+    """PIL image -> (tiles, 3, size, size) normalized tensor, one tile unless aspect is anyres.
     aspect `pad`: paste centred on a square canvas of the mean colour (LLaVA's expand2square), then
-    resize; `resize`: resize the short side to `size`, then centre-crop (CLIP's own transform).
+    resize; `resize`: resize the short side to `size`, then centre-crop (CLIP's own transform);
+    `anyres`: LLaVA-NeXT's tiling (anyres_tiles), for detail beyond one size x size view.
 
     Resizing is bicubic with antialiasing, as LLaVA's PIL resize, but done by torch on the uint8
     image: 2-3x faster than PIL here, and on photos at most one level in 255 apart from PIL's
     output (bench.py --data measures both)."""
 
-    model_input_names = ["pixel_values"]
+    model_input_names = ["pixel_values", "image_sizes"]
     valid_kwargs = ImagesKwargs  # the keyword overrides from_pretrained accepts (size, image_mean, ...)
 
-    def __init__(self, size=336, image_mean=CLIP_MEAN, image_std=CLIP_STD, aspect="pad", **kwargs):
+    def __init__(self, size=336, image_mean=CLIP_MEAN, image_std=CLIP_STD, aspect="pad", image_grid_pinpoints=None,
+                 **kwargs):
         super().__init__(**kwargs)
-        if aspect not in ("pad", "resize"):
-            raise ValueError(f"image aspect must be 'pad' or 'resize', got {aspect!r}")
+        if aspect not in ("pad", "resize", "anyres"):
+            raise ValueError(f"image aspect must be 'pad', 'resize' or 'anyres', got {aspect!r}")
         self.size, self.aspect = int(size), aspect
         self.image_mean, self.image_std = list(image_mean), list(image_std)
+        self.image_grid_pinpoints = (check_pinpoints(image_grid_pinpoints or default_pinpoints(self.size), self.size)
+                                     if aspect == "anyres" else None)
 
     def transform(self, image):
+        """One image -> (tiles, 3, S, S) normalized: 1 tile for pad and resize, 1 + rows * cols for anyres."""
         image = to_rgb(image)
         if self.aspect == "pad":
             if max(image.size) > MAX_PAD_SIDE:  # bound the canvas: shrink first (then a little off LLaVA's pixels)
@@ -331,20 +457,49 @@ class VLMImageProcessor(ImageProcessingMixin):
             side = max(image.size)
             canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in self.image_mean))
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-            pixels = resize(torch.from_numpy(np.array(canvas)), self.size, self.size)  # (3, S, S)
-        else:
+            pixels = resize(torch.from_numpy(np.array(canvas)), self.size, self.size)[None]  # (1, 3, S, S)
+        elif self.aspect == "resize":
             # the long side = int(size * long / short), as CLIPImageProcessor computes it
             short = min(image.size)
             w, h = int(self.size * image.width / short), int(self.size * image.height / short)
             top, left = (h - self.size) // 2, (w - self.size) // 2
-            pixels = resize(torch.from_numpy(np.array(image)), h, w)[:, top:top + self.size, left:left + self.size]
+            pixels = resize(torch.from_numpy(np.array(image)), h, w)[None, :, top:top + self.size, left:left + self.size]
+        else:
+            pixels = self.anyres_tiles(image)  # (1 + rows * cols, 3, S, S)
         # (pixels / 255 - mean) / std as one multiply-add in place
         std, mean = torch.tensor(self.image_std).view(3, 1, 1), torch.tensor(self.image_mean).view(3, 1, 1)
         return pixels.float().mul_(1 / (255 * std)).sub_(mean / std)
 
+    def anyres_tiles(self, image):
+        """LLaVA-NeXT's AnyRes: (1 + rows * cols, 3, S, S) uint8 tiles of one image.
+          1. choose the pinpoint (H, W) that keeps the most of the image (best_pinpoint);
+          2. resize the image to fit inside it, aspect kept, and centre it on black;
+          3. cut that into rows x cols tiles of S x S, row by row;
+          4. put the whole image squeezed to S x S in front: the base tile, a global view."""
+        size = self.size
+        pixels = torch.from_numpy(np.array(image))  # (H, W, 3)
+        pin_h, pin_w = best_pinpoint(image.height, image.width, self.image_grid_pinpoints)
+        # the side that limits the scale fills the pinpoint; the other is rounded up (as LLaVA-NeXT)
+        scale_w, scale_h = pin_w / image.width, pin_h / image.height
+        if scale_w < scale_h:
+            new_h, new_w = min(math.ceil(image.height * scale_w), pin_h), pin_w
+        else:
+            new_h, new_w = pin_h, min(math.ceil(image.width * scale_h), pin_w)
+        canvas = torch.zeros(3, pin_h, pin_w, dtype=torch.uint8)
+        top, left = (pin_h - new_h) // 2, (pin_w - new_w) // 2
+        canvas[:, top:top + new_h, left:left + new_w] = resize(pixels, new_h, new_w)
+        rows, cols = pin_h // size, pin_w // size
+        grid = canvas.view(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, size, size)
+        return torch.cat([resize(pixels, size, size)[None], grid])
+
     def __call__(self, images, return_tensors="pt", **kwargs):
+        """pixel_values (tiles of all images, 3, S, S); with anyres also image_sizes (N, 2), each
+        image's (height, width), which the model needs to lay its tiles out again."""
         images = [images] if isinstance(images, Image.Image) else list(images)
-        return BatchFeature({"pixel_values": torch.stack([self.transform(im) for im in images])})
+        data = {"pixel_values": torch.cat([self.transform(im) for im in images])}
+        if self.aspect == "anyres":
+            data["image_sizes"] = torch.tensor([[im.height, im.width] for im in images])
+        return BatchFeature(data)
 
 
 def inference_folder(path):
@@ -361,19 +516,29 @@ def writes_own_bos(tokenizer, text):
 
 
 class VLMProcessor(ProcessorMixin):
-    """processor(text=[...], images=[...]) -> input_ids, attention_mask, pixel_values.
-    Each <image> in the text becomes `num_image_tokens` image tokens; images are given in the
-    order their <image> markers appear (a flat list, or one list per text)."""
+    """processor(text=[...], images=[...]) -> input_ids, attention_mask, pixel_values (+ image_sizes
+    with anyres). Each <image> in the text becomes that image's image tokens: num_image_tokens, or
+    with anyres a count that depends on the image's size (image_token_count). Images are given in
+    the order their <image> markers appear (a flat list, or one list per text)."""
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=0, image_token=IMAGE_TOKEN,
-                 chat_template=None, **kwargs):
+                 patch_size=0, chat_template=None, **kwargs):
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
+        self.patch_size = patch_size  # the tower's patch side in pixels: with anyres, the token count needs it
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @property
     def image_token_id(self):
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def image_token_count(self, height, width):
+        """Image tokens an image of height x width pixels becomes, from its size alone."""
+        image_processor = self.image_processor
+        if image_processor.aspect != "anyres":
+            return self.num_image_tokens
+        return count_anyres_tokens(height, width, image_processor.image_grid_pinpoints, image_processor.size,
+                                   self.patch_size)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -395,14 +560,16 @@ class VLMProcessor(ProcessorMixin):
         n_markers = sum(t.count(self.image_token) for t in texts)
         if n_markers != len(images):
             raise ValueError(f"{n_markers} '{self.image_token}' markers in the text but {len(images)} images given")
-        expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+        counts = iter([self.image_token_count(im.height, im.width) for im in images])
+        marker = re.escape(self.image_token)
+        expanded = [re.sub(marker, lambda _: self.image_token * next(counts), t) for t in texts]
         kwargs.setdefault("add_special_tokens", not any(writes_own_bos(self.tokenizer, t) for t in texts))
         encoding = self.tokenizer(
             expanded, return_tensors=return_tensors, padding=padding, padding_side=padding_side, **kwargs
         )
         data = dict(encoding)
         if images:
-            data["pixel_values"] = self.image_processor(images)["pixel_values"]
+            data.update(self.image_processor(images))
         return BatchFeature(data, tensor_type=return_tensors)
 
 
@@ -457,10 +624,12 @@ def image_text_separator(tokenizer):
 
 
 def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2, drop_cls=True,
-              image_aspect="pad", dtype=None, attn_implementation=None):
-    """A new VLM: pretrained encoder + pretrained LLM + fresh connector. Returns (model, processor).
-    dtype=None loads the LLM in its saved dtype (Vicuna: fp16, Qwen2.5: bf16) and the rest in that
-    dtype too: the image features must reach the LLM in the dtype of its embeddings."""
+              image_aspect="pad", dtype=None, attn_implementation=None, image_grid_pinpoints=None):
+    """A new VLM: pretrained encoder + pretrained LLM + fresh connector (+ image_newline with
+    image_aspect='anyres'). Returns (model, processor). dtype=None loads the LLM in its saved dtype
+    (Vicuna: fp16, Qwen2.5: bf16) and the rest in that dtype too: the image features must reach
+    the LLM in the dtype of its embeddings. image_grid_pinpoints: anyres only; None = LLaVA-NeXT's
+    five grids (default_pinpoints)."""
     load = {"attn_implementation": attn_implementation} if attn_implementation else {}
     language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto", **load)
     vision_tower = load_vision_tower(vision_model, dtype=language_model.dtype, **load)
@@ -469,6 +638,13 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
         language_model.resize_token_embeddings(len(tokenizer))
     vision_config = vision_tower.config
+    pinpoints = None
+    if image_aspect == "anyres":
+        if vision_has_cls(vision_config) and not drop_cls:
+            raise ValueError("image_aspect='anyres' lays each tile's patch features out on a grid, so it needs "
+                             "drop_cls=True (a CLS token has no place on the grid), as LLaVA-NeXT")
+        pinpoints = check_pinpoints(image_grid_pinpoints or default_pinpoints(vision_config.image_size),
+                                    vision_config.image_size)
     config = VLMConfig(
         vision_config=vision_config.to_dict(),
         text_config=language_model.config.to_dict(),
@@ -479,13 +655,14 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
         connector=connector,
         image_token_id=image_token_id,
         num_image_tokens=count_image_tokens(vision_config, drop_cls),
+        image_grid_pinpoints=pinpoints,
         attn_implementation=attn_implementation,  # None = transformers' default (sdpa)
     )
     model = VLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
     # The LLM's generation_config may list several end tokens (Qwen2.5: <|im_end|> and <|endoftext|>)
     # that its config.json does not; generation must stop at them too.
     model.generation_config.eos_token_id = language_model.generation_config.eos_token_id
-    model.connector.to(language_model.dtype)
+    model.to(language_model.dtype)  # the new parts (connector, image_newline) in the LLM's dtype
     processor = build_processor(vision_model, tokenizer, config, image_aspect)
     return model, processor
 
@@ -497,8 +674,8 @@ def build_processor(vision_model, tokenizer, config, image_aspect):
         mean, std = reference.image_mean, reference.image_std
     except (OSError, ValueError):  # a bare vision checkpoint without preprocessor_config.json
         mean, std = CLIP_MEAN, CLIP_STD
-    image_processor = VLMImageProcessor(
-        size=config.vision_config.image_size, image_mean=mean, image_std=std, aspect=image_aspect
-    )
+    image_processor = VLMImageProcessor(size=config.vision_config.image_size, image_mean=mean, image_std=std,
+                                        aspect=image_aspect, image_grid_pinpoints=config.image_grid_pinpoints)
     return VLMProcessor(image_processor, tokenizer, num_image_tokens=config.num_image_tokens,
-                        image_token=config.image_token, chat_template=tokenizer.chat_template)
+                        image_token=config.image_token, patch_size=config.vision_config.patch_size,
+                        chat_template=tokenizer.chat_template)

@@ -52,7 +52,8 @@ class Config:
     template: str = "plain"  # plain (stage 1) | vicuna_v1 (stage 2, Vicuna) | chat (tokenizer's own)
     data_path: str = ""  # LLaVA JSON/JSONL file(s), comma-separated, or a Hub dataset id whose `image` column holds relative paths
     image_folder: str = ""  # image paths in the data are relative to this folder
-    image_aspect: str = "pad"  # pad (square canvas in the mean colour) | resize (resize + centre crop)
+    image_aspect: str = "pad"  # pad (square canvas in the mean colour) | resize (resize + centre crop) | anyres (LLaVA-NeXT tiles)
+    image_grid_pinpoints: str = ""  # anyres: "HxW,HxW,..." sizes an image is tiled to; "" = LLaVA-NeXT's 1x2,2x1,2x2,3x1,1x3 tiles
     max_seq_len: int = 2048  # tokens per sample, image tokens included
     skip_bad_samples: bool = False  # skip and count bad records instead of stopping
     group_by_length: bool = True  # LLaVA's modality-aware length grouping (less padding)
@@ -165,7 +166,7 @@ def load_config(argv):
     return cfg, opts.dry_run
 
 
-CHOICES = {"template": TEMPLATES, "image_aspect": ("pad", "resize"),
+CHOICES = {"template": TEMPLATES, "image_aspect": ("pad", "resize", "anyres"),
            "precision": ("bf16", "fp16", "fp32"), "zero_stage": (0, 1, 2, 3),
            "attn_implementation": ("sdpa", "flex_attention", "flash_attention_2", "eager")}
 
@@ -208,7 +209,25 @@ def check_config(cfg, world_size):
         raise ConfigError(f"connector: {e}") from None
     if not cfg.data_path:
         raise ConfigError("data_path is empty: set it in the config file or as data_path=FILE.json")
+    if cfg.image_grid_pinpoints and cfg.image_aspect != "anyres":
+        raise ConfigError(f"image_grid_pinpoints is set but image_aspect={cfg.image_aspect!r}; it only applies to "
+                          "image_aspect=anyres")
+    parse_pinpoints(cfg.image_grid_pinpoints)
     return cfg.batch_size // per_step
+
+
+def parse_pinpoints(text):
+    """"336x672,672x336" -> [[336, 672], [672, 336]] ([height, width] each); "" -> None (the default list)."""
+    if not text:
+        return None
+    pinpoints = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
+        if not match:
+            raise ConfigError(f"image_grid_pinpoints={text!r}: {item!r} is not HEIGHTxWIDTH in pixels "
+                              "(e.g. 336x672,672x336,672x672,1008x336,336x1008)")
+        pinpoints.append([int(match[1]), int(match[2])])
+    return pinpoints
 
 
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl")  # what a run writes beside train_config.json
@@ -231,8 +250,9 @@ def check_out_dir(cfg):
             return None  # the run died before its first checkpoint: start it again
         with open(saved) as f:
             old = json.load(f)
-        changed = [k for k in ("vision_model", "llm", "connector", "template", "data_path", "batch_size", "seed")
-                   if old.get(k) != getattr(cfg, k)]
+        changed = [k for k in ("vision_model", "llm", "connector", "image_aspect", "image_grid_pinpoints", "template",
+                               "data_path", "batch_size", "seed")
+                   if old.get(k, getattr(Config, k)) != getattr(cfg, k)]
         if changed:
             raise ConfigError(f"resume=True, but {cfg.out_dir} was trained with different "
                               f"{', '.join(f'{k}={old.get(k)!r}' for k in changed)}; use another out_dir")
@@ -258,7 +278,9 @@ def check_out_dir(cfg):
 # Param groups: one AdamW group per (component x decay / no decay), each with its own lr and wd.
 
 def component_of(name):
-    return {"vision_tower": "vision", "connector": "connector", "language_model": "lm"}[name.split(".")[0]]
+    # image_newline (anyres) is new like the connector and sits between tower and LLM: it trains with it
+    parts = {"vision_tower": "vision", "connector": "connector", "image_newline": "connector", "language_model": "lm"}
+    return parts[name.split(".")[0]]
 
 
 def freeze_components(model, cfg):
@@ -607,12 +629,18 @@ def load_connector_weights(model, folder):
         raise ConfigError(f"init_from={folder!r} holds no .safetensors weights; point it at a stage-1 run or final/")
     weights = {}
     for f in files:
-        weights.update({k[len("connector."):]: v for k, v in load_file(os.path.join(folder, f)).items()
-                        if k.startswith("connector.")})
+        weights.update({k: v for k, v in load_file(os.path.join(folder, f)).items()
+                        if k.startswith("connector.") or k == "image_newline"})
     try:
-        model.connector.load_state_dict(weights)
+        model.connector.load_state_dict({k[len("connector."):]: v for k, v in weights.items() if k != "image_newline"})
     except RuntimeError as e:
         raise ConfigError(f"init_from={folder!r}: its connector does not fit this model ({e})".splitlines()[0])
+    if hasattr(model, "image_newline"):  # anyres: stage 1 may have trained it, or run without anyres
+        if "image_newline" not in weights:
+            return f"init_from={folder}: connector loaded; it has no image_newline (trained without anyres), so that starts fresh"
+        model.image_newline.data.copy_(weights["image_newline"])
+        return f"init_from={folder}: connector and image_newline loaded"
+    return f"init_from={folder}: connector loaded"
 
 
 def check_images(dataset, cfg, sample=100):
@@ -701,7 +729,8 @@ def build_training_model(cfg, device):
     attn = cfg.attn_implementation if device.type == "cuda" else "sdpa"
     try:
         model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
-                                     cfg.image_aspect, dtype=dtype, attn_implementation=attn)
+                                     cfg.image_aspect, dtype=dtype, attn_implementation=attn,
+                                     image_grid_pinpoints=parse_pinpoints(cfg.image_grid_pinpoints))
     except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
         raise ConfigError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
                           f"{str(e).splitlines()[0]}") from None
@@ -712,8 +741,15 @@ def build_training_model(cfg, device):
     if cfg.max_seq_len <= model.config.num_image_tokens:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} leaves no room for text after one image's "
                           f"{model.config.num_image_tokens} image tokens; raise it (LLaVA: 2048)")
+    rank = int(os.environ.get("RANK", 0))
+    if model.config.image_grid_pinpoints:
+        most = max(processor.image_token_count(pin_h, pin_w) for pin_h, pin_w in model.config.image_grid_pinpoints)
+        if cfg.max_seq_len < most:
+            log_rank0(rank, f"note: with anyres an image takes up to {most} tokens (an image shaped like a pinpoint); "
+                            f"max_seq_len={cfg.max_seq_len} refuses such samples (skip_bad_samples skips them). "
+                            "LLaVA-NeXT trains with 4096.")
     if cfg.init_from:
-        load_connector_weights(model, cfg.init_from)
+        log_rank0(rank, load_connector_weights(model, cfg.init_from))
     processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
     prepare_for_training(model, cfg)
     return model, processor
@@ -828,7 +864,7 @@ def main(argv=None):
             if not batch["ids"]:  # every sample skipped: an all-masked step keeps ranks in lockstep
                 batch = {"input_ids": torch.tensor([[processor.tokenizer.pad_token_id]]),
                          "labels": torch.tensor([[IGNORE_INDEX]]), "attention_mask": None,
-                         "position_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": None,
+                         "position_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": None, "image_sizes": None,
                          "num_tokens": 0, "ids": []}
             boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
             if boundary:
@@ -836,7 +872,7 @@ def main(argv=None):
                 for g, peak in zip(optimizer.param_groups, peak_lrs):
                     g["lr"] = peak * factor
             inputs = {k: batch[k].to(device, non_blocking=True) if batch[k] is not None else None
-                      for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")}
+                      for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_sizes")}
             loss = engine(**inputs).loss
             loss_value = loss.item()  # the one GPU sync per micro-batch
             if not math.isfinite(loss_value):

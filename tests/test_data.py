@@ -144,7 +144,7 @@ def test_pad_transform_centres_a_wide_image_on_the_mean_colour(processor):
     image_processor = processor.image_processor
     assert image_processor.aspect == "pad" and image_processor.size == 32
     wide = Image.new("RGB", (64, 32), (255, 0, 0))  # becomes 32x16: rows 8-23 are image, the rest border
-    pixels = image_processor.transform(wide)  # (3, 32, 32), normalized
+    pixels, = image_processor.transform(wide)  # one tile, (3, 32, 32), normalized
     mean = torch.tensor(image_processor.image_mean).view(3, 1)
     std = torch.tensor(image_processor.image_std).view(3, 1)
     rgb = (pixels * std.unsqueeze(-1) + mean.unsqueeze(-1)) * 255  # back to 0-255

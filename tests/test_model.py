@@ -145,7 +145,7 @@ def test_image_features_land_exactly_at_image_tokens(tiny_vlm, monkeypatch):
     batch = mixed_batch(processor)  # 3 images: sample 0 has 2, sample 1 none, sample 2 one
     n, p, d = 3, model.config.num_image_tokens, model.config.text_config.hidden_size
     known = torch.arange(n * p * d, dtype=torch.float32).view(n, p, d)  # every value distinct
-    monkeypatch.setattr(model, "get_image_features", lambda pixel_values: known[: pixel_values.shape[0]])
+    monkeypatch.setattr(model, "get_image_features", lambda pixel_values, image_sizes: known[: len(pixel_values)].flatten(0, 1))
     seen = {}
     hook = model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
@@ -279,7 +279,7 @@ def test_siglip_has_one_token_per_patch(siglip_backbones):
     assert model.config.num_image_tokens == processor.num_image_tokens == (32 // 8) ** 2
     batch = processor(text=[f"{IMAGE_TOKEN} What?"], images=[RED])
     assert (batch["input_ids"] == model.config.image_token_id).sum() == 16
-    assert model.get_image_features(batch["pixel_values"]).shape == (1, 16, 64)
+    assert model.get_image_features(batch["pixel_values"]).shape == (16, 64)
     with torch.no_grad():
         assert torch.isfinite(model.eval()(**batch).logits).all()
 
@@ -289,7 +289,7 @@ def test_clip_keeping_cls_has_patches_plus_one_tokens(tiny_backbones):
     assert model.config.num_image_tokens == processor.num_image_tokens == 16 + 1
     batch = processor(text=[f"{IMAGE_TOKEN} What?"], images=[RED])
     assert (batch["input_ids"] == model.config.image_token_id).sum() == 17
-    assert model.get_image_features(batch["pixel_values"]).shape == (1, 17, 64)
+    assert model.get_image_features(batch["pixel_values"]).shape == (17, 64)
     with torch.no_grad():
         model.eval()(**batch)
 
@@ -302,7 +302,7 @@ def test_vision_feature_layer_picks_that_hidden_state(tiny_vlm, layer):
     model.config.vision_feature_layer = layer
     with torch.no_grad():
         hidden_states = model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-        features = model.get_image_features(pixel_values)
+        features = model.encode_tiles(pixel_values)
     assert torch.equal(features, hidden_states[layer][:, 1:])  # CLS dropped
     others = [h[:, 1:] for i, h in enumerate(hidden_states) if i != layer % len(hidden_states)]
     assert not any(torch.allclose(features, h) for h in others)
@@ -349,7 +349,8 @@ def random_samples(processor, shapes, seed=0):
         labels = ids.clone()
         labels[:1 + n_images * P] = IGNORE_INDEX
         samples.append({"id": str(i), "input_ids": ids, "labels": labels,
-                        "pixel_values": torch.randn(n_images, 3, 32, 32, generator=g)})
+                        "pixel_values": torch.randn(n_images, 3, 32, 32, generator=g),
+                        "image_sizes": torch.full((n_images, 2), 32)})
     return samples
 
 
@@ -565,7 +566,7 @@ def test_pad_and_resize_aspect():
     red = (1.0 - mean[0]) / VLMImageProcessor().image_std[0]
     assert torch.allclose(resize[0, 0], torch.full((32, 32), red), atol=1e-3)
     assert VLMImageProcessor(size=32)(GREEN)["pixel_values"].shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError, match="'pad' or 'resize'"):
+    with pytest.raises(ValueError, match="'pad', 'resize' or 'anyres'"):
         VLMImageProcessor(aspect="square")
 
 
@@ -654,5 +655,5 @@ def test_very_tall_image_is_padded_on_a_bounded_canvas(monkeypatch):
     bounded = processor.transform(tall)
     monkeypatch.setattr(model, "MAX_PAD_SIDE", 10**6)
     full = processor.transform(tall)
-    assert bounded.shape == full.shape == (3, 32, 32)
+    assert bounded.shape == full.shape == (1, 3, 32, 32)
     assert (bounded - full).abs().mean() < 0.05  # normalized units: a few levels in 255 on average
