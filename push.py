@@ -7,9 +7,10 @@
 Read top to bottom, this is the path from a checkpoint to the Hub:
   1. the checkpoint  - out/<run>/final (save_pretrained of VLMForCausalLM + VLMProcessor) and the
                        optional train_config.json / train_summary.json next to it.
-  2. the format      - `llava`: transformers' own LlavaForConditionalGeneration, loads with no
-                       remote code (pipelines, lmms-eval); `remote`: our model + model.py shipped
-                       as remote code (`trust_remote_code=True`), for what Llava cannot express.
+  2. the format      - `llava`: transformers' own LlavaForConditionalGeneration (an anyres model:
+                       LlavaNextForConditionalGeneration), loads with no remote code (pipelines,
+                       lmms-eval); `remote`: our model + model.py shipped as remote code
+                       (`trust_remote_code=True`), for what Llava cannot express.
   3. the model card  - README.md: base models, connector, training settings, final loss, usage.
   4. the load check  - a fresh Python process, outside this repository, loads the folder and runs
                        one forward pass; a folder that does not load is never uploaded.
@@ -28,7 +29,15 @@ import tempfile
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
-from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaImageProcessorPil, LlavaProcessor
+from transformers import (
+    AutoModelForImageTextToText,
+    LlavaConfig,
+    LlavaImageProcessorPil,
+    LlavaNextConfig,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaProcessor,
+)
 
 from model import VLMConfig, VLMForCausalLM, VLMProcessor, inference_folder, vision_has_cls
 
@@ -122,6 +131,7 @@ LLAVA_NAMES = [
     ("vision_tower.", "model.vision_tower."),
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
+    ("image_newline", "model.image_newline"),  # anyres only (LlavaNext)
 ]
 
 
@@ -173,7 +183,8 @@ def export_remote(src, dst):
 
 
 def export_llava(src, dst):
-    """The same weights in transformers' LlavaForConditionalGeneration, saved by its own save_pretrained."""
+    """The same weights in transformers' LlavaForConditionalGeneration (LlavaNextForConditionalGeneration
+    for an anyres model: the same names plus image_newline), saved by its own save_pretrained."""
     model, processor = load_checkpoint(src)
     blocker = llava_blocker(model.config)
     if blocker:
@@ -192,20 +203,23 @@ def export_llava(src, dst):
 
 
 def llava_config(config):
-    """VLMConfig -> LlavaConfig. LLaVA's "default" feature strategy drops CLS; "full" keeps every
-    token (CLIP with drop_cls=False, or SigLIP, which has no CLS)."""
+    """VLMConfig -> LlavaConfig, or LlavaNextConfig with anyres (its image_grid_pinpoints are ours).
+    LLaVA's "default" feature strategy drops CLS; "full" keeps every token (CLIP with
+    drop_cls=False, or SigLIP, which has no CLS)."""
     drops_cls = config.drop_cls and vision_has_cls(config.vision_config)
-    return LlavaConfig(
+    common = dict(
         vision_config=config.vision_config.to_dict(),
         text_config=config.text_config.to_dict(),
         image_token_id=config.image_token_id,
-        image_seq_length=config.num_image_tokens,
         projector_hidden_act=LLAVA_PROJECTOR_ACT[config.connector],
         multimodal_projector_bias=True,
         vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy="default" if drops_cls else "full",
         dtype=config.dtype,
     )
+    if config.image_grid_pinpoints:
+        return LlavaNextConfig(**common, image_grid_pinpoints=config.image_grid_pinpoints)
+    return LlavaConfig(**common, image_seq_length=config.num_image_tokens)
 
 
 def rename_to_llava(state_dict):
@@ -224,17 +238,22 @@ def rename_to_llava(state_dict):
 def llava_processor(processor, config):
     """A LlavaProcessor that writes the same input_ids and pixel_values as our VLMProcessor.
     LlavaImageProcessor's do_pad is LLaVA's expand2square (mean colour, centred), as our aspect 'pad';
-    aspect 'resize' maps to its shortest-edge resize + centre crop, computed the same way as ours."""
+    aspect 'resize' maps to its shortest-edge resize + centre crop, computed the same way as ours.
+    Aspect 'anyres' maps to LlavaNextProcessor: the same pinpoints, tiles, and token count per image."""
     ours = processor.image_processor
-    image_processor = LlavaImageProcessorPil(
-        do_pad=ours.aspect == "pad",
+    settings = dict(
         size={"shortest_edge": ours.size},
         crop_size={"height": ours.size, "width": ours.size},
         resample=Image.Resampling.BICUBIC,  # as ours
         image_mean=ours.image_mean,
         image_std=ours.image_std,
     )
-    return LlavaProcessor(
+    if ours.aspect == "anyres":
+        image_processor = LlavaNextImageProcessorPil(**settings, image_grid_pinpoints=ours.image_grid_pinpoints)
+    else:
+        image_processor = LlavaImageProcessorPil(**settings, do_pad=ours.aspect == "pad")
+    processor_class = LlavaNextProcessor if ours.aspect == "anyres" else LlavaProcessor
+    return processor_class(
         image_processor=image_processor,
         tokenizer=processor.tokenizer,
         patch_size=config.vision_config.patch_size,
@@ -251,10 +270,10 @@ def llava_processor(processor, config):
 USAGE = {
     "llava": """```python
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 processor = AutoProcessor.from_pretrained("{repo}")
-model = LlavaForConditionalGeneration.from_pretrained("{repo}")
+model = AutoModelForImageTextToText.from_pretrained("{repo}")  # a {llava_class}
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=Image.open("photo.jpg"), text=prompt, return_tensors="pt")
@@ -295,7 +314,8 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
         f"({'native transformers LLaVA format' if fmt == 'llava' else 'small-vlm remote-code format'}).",
         "",
         f"- vision encoder: `{public_name(config.vision_model) or 'unknown'}` (layer {config.vision_feature_layer}, "
-        f"{'CLS dropped' if config.drop_cls else 'CLS kept'}, {config.num_image_tokens} tokens per image)",
+        f"{'CLS dropped' if config.drop_cls else 'CLS kept'}, {config.num_image_tokens} tokens per image"
+        + (f" tile; AnyRes tiling to {config.image_grid_pinpoints})" if config.image_grid_pinpoints else ")"),
         f"- language model: `{public_name(config.llm) or 'unknown'}`",
         f"- connector: `{config.connector}`",
     ]
@@ -306,7 +326,8 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
     if scalars:
         lines += ["", "## Training configuration", "", "| setting | value |", "|---|---|"]
         lines += [f"| {key} | `{public_name(value)}` |" for key, value in scalars.items()]
-    lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id), ""]
+    llava_class = "LlavaNextForConditionalGeneration" if config.image_grid_pinpoints else "LlavaForConditionalGeneration"
+    lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id, llava_class=llava_class), ""]
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(header + lines))
 

@@ -182,6 +182,67 @@ def test_llava_export_of_siglip_and_tied_qwen2_matches(tmp_path):
         torch.testing.assert_close(llava(**llava_inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=0)
 
 
+def smooth_image(width, height):
+    """A photo-like image (slow gradients): resizers agree on it to a level or two in 255."""
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    rgb = np.stack([200 * x + 30, 180 * y + 40, 120 + 80 * np.sin(3 * x + 2 * y)], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, monkeypatch, capsys):
+    """An anyres model becomes LlavaNextForConditionalGeneration + LlavaNextProcessor: no remote code,
+    the same prompt ids, tiles within resize rounding, the same logits and generations, a pipeline.
+    The remote-code export of the same model keeps working too."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextForConditionalGeneration, pipeline
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model, processor = build_vlm(*tiny_backbones, image_aspect="anyres")
+    run_dir = save_run(model.eval(), processor, tmp_path / "run")
+    folder = tmp_path / "llava"
+    assert push.main([run_dir, "--repo", "me/tiny", "--local-dir", str(folder)]) == 0
+    assert "format: llava" in capsys.readouterr().out
+    assert not (folder / "model.py").exists()
+    llava = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    llava_processor = AutoProcessor.from_pretrained(folder)
+    assert isinstance(llava, LlavaNextForConditionalGeneration)
+    assert type(llava_processor).__name__ == "LlavaNextProcessor"
+    assert llava.config.image_grid_pinpoints == model.config.image_grid_pinpoints
+
+    prompt = llava_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    for width, height in [(40, 24), (24, 80), (200, 150), (7, 5)]:  # wide, tall, large, tiny
+        image = smooth_image(width, height)
+        llava_inputs = llava_processor(images=image, text=prompt, return_tensors="pt")
+        inputs, logits, generated = project_outputs(model, processor, image)
+        assert torch.equal(llava_inputs["input_ids"], inputs["input_ids"]), (width, height)
+        assert torch.equal(llava_inputs["image_sizes"], inputs["image_sizes"])
+        their_tiles = llava_inputs["pixel_values"][0]  # (tiles, 3, S, S): one image
+        torch.testing.assert_close(their_tiles, inputs["pixel_values"], atol=2 * ONE_LEVEL, rtol=0)
+        llava_inputs["pixel_values"] = inputs["pixel_values"][None]  # the models compared on the very same pixels
+        with torch.no_grad():
+            torch.testing.assert_close(llava(**llava_inputs).logits, logits, atol=1e-5, rtol=0)
+        llava_generated = llava.generate(**llava_inputs, max_new_tokens=5, do_sample=False)
+        assert llava_processor.batch_decode(llava_generated) == processor.batch_decode(generated)
+
+    pipe = pipeline("image-text-to-text", model=str(folder))
+    chat = [{"role": "user", "content": [{"type": "image", "image": smooth_image(60, 30)},
+                                         {"type": "text", "text": "Describe."}]}]
+    reply = pipe(text=chat, max_new_tokens=3)[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+
+    remote = tmp_path / "remote"
+    assert push.main([run_dir, "--repo", "me/tiny", "--format", "remote", "--local-dir", str(remote)]) == 0
+    image_path, out = tmp_path / "image.png", tmp_path / "remote_outputs.pt"
+    smooth_image(70, 30).save(image_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(remote), str(image_path), str(out),
+                             json.dumps(MESSAGES)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(out)
+    inputs, logits, generated = project_outputs(model, processor, Image.open(image_path))
+    assert torch.equal(loaded["input_ids"], inputs["input_ids"]) and torch.equal(loaded["logits"], logits)
+    assert torch.equal(loaded["generated"], generated)
+
+
 def test_interactive_upload_sends_the_folder_and_never_the_token(run, monkeypatch, capsys):
     run_dir, _, _ = run
     hub = FakeHub(exists=True)
