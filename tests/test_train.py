@@ -218,6 +218,45 @@ def test_stage1_then_stage2_init_from(demo_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_anyres_stage1_then_stage2_trains_and_carries_image_newline(demo_dir, tmp_path):
+    """AnyRes end to end through the launcher: stage 1 trains the connector and image_newline (the
+    demo's 64x64 images become 2x2 tiles + base on the 32-pixel tower: 16 + 8 x 9 = 88 tokens);
+    stage 2 on 2 ranks under ZeRO-3, packed, with text-only records, starts from both."""
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    anyres = ["image_aspect=anyres", "max_seq_len=256"]
+    run = launch(train_args(demo_dir, stage1, f"data_path={demo_dir}/pretrain.json", "template=plain", *anyres,
+                            "train_vision=false", "train_lm=false", "max_steps=3", "zero_stage=2"))
+    assert run.returncode == 0, run.out[-3000:]
+    s1 = read_weights(stage1 / "final")
+    model = VLMForCausalLM.from_pretrained(stage1 / "final")
+    assert model.config.image_grid_pinpoints == [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+    assert "connector_no_decay" in run.out and "image_newline" in s1
+    import random
+
+    import numpy as np
+
+    random.seed(0)  # the newline the run started from: train.py seeds (seed=0), then builds
+    np.random.seed(0)
+    torch.manual_seed(0)
+    start = train.build_training_model(Config(vision_model=f"{demo_dir}/backbones/tiny-clip", image_aspect="anyres",
+                                              llm=f"{demo_dir}/backbones/tiny-llama", precision="fp32"),
+                                       torch.device("cpu"))[0].image_newline.detach()
+    moved = (s1["image_newline"] - start).abs().max()
+    assert 0 < moved < 4 * 3 * 1e-3  # trained: Adam moves a weight by about lr (1e-3) per step, 3 steps
+
+    run = launch(train_args(demo_dir, stage2, f"init_from={stage1}", *anyres, "train_vision=false",
+                            "train_connector=false", "train_lm=true", "zero_stage=3", "pack_samples=true",
+                            "max_steps=2"), procs=2)
+    assert run.returncode == 0, run.out[-3000:]
+    assert "connector and image_newline loaded" in run.out
+    s2 = read_weights(stage2 / "final")
+    assert torch.equal(s1["image_newline"], s2["image_newline"])  # frozen in stage 2: exactly stage 1's
+    assert all(math.isfinite(loss) for loss in read_metrics(stage2).values())
+    assert not torch.equal(s1["language_model.model.layers.0.mlp.up_proj.weight"],
+                           s2["language_model.model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.slow
 def test_resume_gives_the_same_losses(demo_dir, tmp_path):
     """6 steps straight vs 3 steps (a checkpoint at 3, then stopped by SIGTERM-free means: a
     second run with resume=True continues) - per-step losses and final weights agree."""
