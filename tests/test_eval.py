@@ -21,6 +21,7 @@ from eval import (
     score,
     select_records,
 )
+from model import build_vlm
 
 # A vicuna-style chat template (llava-hf convention: image items render as "<image>\n" first).
 VICUNA_TEMPLATE = (
@@ -157,6 +158,22 @@ def test_batched_generation_equals_one_by_one(run_dir, image_folder):
     batched = generate_answers(model, processor, prompts, images, batch_size=3, max_new_tokens=6)
     assert batched == one_by_one
     assert len(set(one_by_one)) > 1  # answers depend on the input (a weak test otherwise)
+
+
+def test_anyres_batched_generation_equals_one_by_one(tiny_backbones, tmp_path, image_folder):
+    """AnyRes: images of different sizes give different numbers of tiles and image tokens in one batch."""
+    model, processor = build_vlm(*tiny_backbones, image_aspect="anyres")
+    processor.chat_template = VICUNA_TEMPLATE
+    model.save_pretrained(tmp_path / "run" / "final")
+    processor.save_pretrained(tmp_path / "run" / "final")
+    model, processor = load_model(str(tmp_path / "run"))
+    images = [os.path.join(image_folder, name) for name in ("red.png", "wide.png", "blue.png")] + [None]
+    prompts = [build_prompt(processor, q, has_image=im is not None)
+               for q, im in zip(["What?", "What color is it?", "Describe.", "Say hi."], images)]
+    tiles = processor.image_processor([Image.open(path) for path in images[:3]])["pixel_values"]
+    assert len(tiles) == 5 + 3 + 5  # 40x40: base + 2x2 tiles; 64x24: base + 1x2
+    batched = generate_answers(model, processor, prompts, images, batch_size=4, max_new_tokens=5)
+    assert batched == generate_answers(model, processor, prompts, images, batch_size=1, max_new_tokens=5)
 
 
 def test_native_llava_folder_loads_and_batches(tiny_backbones, tmp_path, image_folder):
