@@ -389,7 +389,8 @@ def lr_factor(step, total_steps, warmup_ratio, min_ratio):
 
 
 def flops_per_token_and_image(model):
-    """Matmul FLOPs of training, as (per LLM position, per image): 2 per parameter per token
+    """Matmul FLOPs of training, as (per LLM position, per image tile: one per image, or the
+    base + grid tiles of an anyres image): 2 per parameter per token
     forward; in backward 2 more for activation gradients wherever gradients flow (a module that
     trains, or lies after one that trains), and 2 more for the weight gradients of trainable
     parameters. So a trained LLM costs 6N per token, a frozen one under a trained connector 4N.
@@ -883,11 +884,11 @@ def main(argv=None):
             step_ids += batch["ids"]
             step_loss, step_micro = step_loss + loss_value, step_micro + 1
             n_tokens = batch["num_tokens"]  # real tokens, not padding
-            n_images = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])
+            n_tiles = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])  # anyres: several per image
             window["samples"] += len(batch["ids"])
             window["tokens"] += n_tokens
             window["positions"] += batch["input_ids"].numel()  # computed, padding included
-            window["flops"] += flops_per_token * n_tokens + flops_per_image * n_images
+            window["flops"] += flops_per_token * n_tokens + flops_per_image * n_tiles
             t_wait = time.time()
             if not boundary:
                 continue

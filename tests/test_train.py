@@ -69,6 +69,20 @@ def test_value_checks():
         train.check_config(Config(compile=True, zero_stage=3, data_path="x"), 1)
 
 
+def test_anyres_settings_are_checked(tiny_backbones):
+    with pytest.raises(ConfigError, match="image_grid_pinpoints='336,672': '336' is not HEIGHTxWIDTH"):
+        train.check_config(Config(image_aspect="anyres", image_grid_pinpoints="336,672", data_path="x"), 1)
+    with pytest.raises(ConfigError, match="image_grid_pinpoints is set but image_aspect='pad'"):
+        train.check_config(Config(image_grid_pinpoints="336x672", data_path="x"), 1)
+    assert train.parse_pinpoints(" 64x32,32x96") == [[64, 32], [32, 96]]
+    vision, llm = tiny_backbones
+    for settings, message in [({"image_grid_pinpoints": "32x48"}, r"\[32, 48\] is not a whole number of .* 32x32 tiles"),
+                              ({"drop_cls": False}, "anyres.* needs drop_cls=True")]:
+        cfg = Config(vision_model=vision, llm=llm, image_aspect="anyres", precision="fp32", **settings)
+        with pytest.raises(ConfigError, match="cannot build the model .*" + message):
+            train.build_training_model(cfg, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("override, message", [
     ({"lr_lm": -1.0}, "lr_lm=-1.0 is out of range: it must be at least 0"),
     ({"batch_size": 0}, "batch_size=0 is out of range: it must be at least 1"),
