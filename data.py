@@ -1,6 +1,7 @@
 """The small-vlm data pipeline: from LLaVA JSON records to padded training batches.
 
 Read top to bottom, this is the path of one record to a batch:
+  0. UserError            - how every command (train, eval, push, this file's CLI) reports a user's mistake.
   1. load_records          - JSON / JSONL / Hub records -> a memory-mapped Arrow `datasets.Dataset`.
   2. render_pieces         - a conversation -> prompt text as (text, supervised) pieces, per template.
   3. tokenize_conversation - the pieces -> input_ids and labels, built together from one tokenization.
@@ -19,6 +20,7 @@ import math
 import os
 import random
 import re
+import sys
 
 import datasets
 import numpy as np
@@ -37,6 +39,37 @@ VICUNA_SYSTEM = (
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 MULTIPLE_CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}  # LLaVA's "from" -> chat role
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. User errors: one line, exit code 2
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (config, file, record, argument). Every command reports it
+    the same way, as one `error: ...` line and exit code 2, with no traceback (run_command). Inner
+    functions raise ValueError; the commands turn the ones the user can fix into UserError."""
+
+
+def run_command(main, *args):
+    """main(*args), its result; a UserError is printed as `error: ...` and the result is 2."""
+    try:
+        return main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def write_json(path, obj):
+    """obj as indented JSON with a final newline (run files, exported configs, demo data)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def bad_record(record_id, reason):
+    return UserError(f"record id={record_id!r}: {reason}. Fix or remove the record, or set skip_bad_samples=True "
+                     "to skip such records.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,12 +96,20 @@ def load_records(data_path):
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name, as the Hub spells a repo
+
+
+def is_hub_repo_id(name):
+    """owner/name, and no local file or folder of that name (a local path wins)."""
+    return bool(HUB_REPO_ID.fullmatch(name or "")) and not os.path.exists(name)
+
+
 def load_one_source(path):
     if os.path.isfile(path):
         return load_json_file(path)
     if os.path.isdir(path):
         raise ValueError(f"data_path {path!r} is a folder; name the JSON/JSONL file(s) in it, comma-separated")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".json", ".jsonl")):
+    if is_hub_repo_id(path) and not path.endswith((".json", ".jsonl")):
         try:
             hub = datasets.load_dataset(path, split="train")
         except Exception as e:  # offline, not found, gated: datasets raises many kinds
@@ -331,10 +372,6 @@ def separate_images(pieces, separator):
 # 3. Tokenizing: input_ids and labels from one tokenization
 
 
-class BadRecord(ValueError):
-    """A record that cannot become a training sample; train.py reports it as one line, no traceback."""
-
-
 class SampleTooLong(ValueError):
     """The record does not fit max_seq_len without cutting through image tokens (or its answers)."""
 
@@ -465,7 +502,8 @@ class VLMDataset(torch.utils.data.Dataset):
         # datasets). With anyres an image's token count depends on its size: read from the file's header.
         image_processor = processor.image_processor
         anyres = None if image_processor.aspect != "anyres" else {
-            "image_folder": image_folder, "pinpoints": image_processor.image_grid_pinpoints,
+            "image_folder": image_folder, "paths_outside": image_paths_outside,
+            "pinpoints": image_processor.image_grid_pinpoints,
             "tile": image_processor.size, "patch": processor.patch_size}
         estimates = self.records.map(estimate_lengths, batched=True, remove_columns=self.records.column_names,
                                      fn_kwargs={"num_image_tokens": processor.num_image_tokens, "anyres": anyres})
@@ -477,14 +515,15 @@ class VLMDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
+        """A sample, or for a bad record {"id", "skipped": reason} with skip_bad_samples (collate
+        drops it and lists it) and a UserError naming the record without."""
         record = self.records[i]
         try:
             return self.build_sample(record)
         except ValueError as e:
             if self.skip_bad_samples:
                 return {"id": record["id"], "skipped": str(e)}
-            raise BadRecord(f"record id={record['id']!r} (index {i}): {e}. Fix or remove the record, "
-                             "or set skip_bad_samples=True to skip such records.") from e
+            raise bad_record(record["id"], e) from None
 
     def build_sample(self, record):
         if record["problem"]:
@@ -509,15 +548,20 @@ class VLMDataset(torch.utils.data.Dataset):
         }
 
     def load_image(self, path):
-        full_path = os.path.normpath(os.path.join(self.image_folder, path))
-        folder = os.path.abspath(self.image_folder)
-        if not self.image_paths_outside and os.path.commonpath([os.path.abspath(full_path), folder]) != folder:
-            # data may come from a Hub data set someone else wrote: it reads files of image_folder only
-            raise ValueError(f"image path {path!r} leads outside image_folder={self.image_folder!r}; set "
-                             "image_paths_outside=True if you trust this data")
-        if not os.path.isfile(full_path):
-            raise ValueError(f"image {full_path} not found (image_folder={self.image_folder!r})")
-        return load_image(full_path)
+        return load_image(image_file(self.image_folder, path, self.image_paths_outside))
+
+
+def image_file(image_folder, path, paths_outside=False):
+    """The file a record's image path names, inside image_folder unless paths_outside."""
+    full_path = os.path.normpath(os.path.join(image_folder, path))
+    folder = os.path.abspath(image_folder)
+    if not paths_outside and os.path.commonpath([os.path.abspath(full_path), folder]) != folder:
+        # data may come from a Hub data set someone else wrote: it reads files of image_folder only
+        raise ValueError(f"image path {path!r} leads outside image_folder={image_folder!r}; set "
+                         "image_paths_outside=True if you trust this data")
+    if not os.path.isfile(full_path):
+        raise ValueError(f"image {full_path} not found (image_folder={image_folder!r})")
+    return full_path
 
 
 # Larger images are refused: a decompression bomb (a small file of 14000x14000 pixels) would take
@@ -542,10 +586,11 @@ def load_image(path):
 
 
 def estimate_lengths(batch, num_image_tokens, anyres=None):
-    """{"length": words + image tokens, "n_images"} per record. anyres: {image_folder, pinpoints,
-    tile, patch}; each image's tokens are counted from its size, read from the file header (PIL
-    opens lazily: no pixel is decoded). An unreadable file counts num_image_tokens here; loading
-    the sample reports it."""
+    """{"length": words + image tokens, "n_images"} per record. anyres: {image_folder, paths_outside,
+    pinpoints, tile, patch}; each image's tokens are counted from its size, read from the file
+    header (PIL opens lazily: no pixel is decoded). An unreadable file counts num_image_tokens
+    here; loading the sample reports it. datasets caches these lengths per data file: an image
+    replaced by one of another size keeps its old estimate (only the length grouping uses it)."""
     n_images = [len(images) for images in batch["image"]]
     words = [sum(len(turn["value"].split()) for turn in turns) for turns in batch["conversations"]]
     if anyres is None:
@@ -554,7 +599,7 @@ def estimate_lengths(batch, num_image_tokens, anyres=None):
     for w, paths in zip(words, batch["image"]):
         for path in paths:
             try:
-                with Image.open(os.path.join(anyres["image_folder"], path)) as image:
+                with Image.open(image_file(anyres["image_folder"], path, anyres["paths_outside"])) as image:
                     width, height = image.size
                 w += count_anyres_tokens(height, width, anyres["pinpoints"], anyres["tile"], anyres["patch"])
             except (OSError, ValueError, Image.DecompressionBombError):
@@ -821,8 +866,7 @@ def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0
     paths = {"image_folder": image_dir, "pretrain": os.path.join(out_dir, "pretrain.json"),
              "finetune": os.path.join(out_dir, "finetune.json"), "eval": os.path.join(out_dir, "eval.jsonl")}
     for key, records in (("pretrain", pretrain), ("finetune", finetune)):
-        with open(paths[key], "w") as f:
-            json.dump(records, f, indent=1)
+        write_json(paths[key], records)
     with open(paths["eval"], "w") as f:
         f.writelines(json.dumps(record) + "\n" for record in evaluation)
     return paths
@@ -903,7 +947,7 @@ def make_tiny_backbones(out_dir, vision="clip", llm="llama", image_size=32, patc
     return vision_dir, llm_dir
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="small-vlm data tools. Example: python data.py --make-demo data/demo")
     parser.add_argument("--make-demo", metavar="DIR", required=True,
                         help="write the synthetic coloured-shapes demo data set (images + JSON) into DIR")
@@ -911,6 +955,14 @@ if __name__ == "__main__":
     parser.add_argument("--n-finetune", type=int, default=8000, help="stage-2 QA records")
     parser.add_argument("--n-eval", type=int, default=144, help="eval questions (36k balances all answers)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    written = make_demo_data(args.make_demo, args.n_pretrain, args.n_finetune, args.n_eval, args.seed)
+    args = parser.parse_args(argv)
+    try:
+        written = make_demo_data(args.make_demo, args.n_pretrain, args.n_finetune, args.n_eval, args.seed)
+    except (OSError, ValueError) as e:  # an unwritable or non-empty folder, a bad count
+        raise UserError(f"--make-demo {args.make_demo}: {e}") from None
     print("\n".join(f"{key}: {path}" for key, path in written.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))

@@ -24,12 +24,8 @@ import string
 import sys
 
 import torch
-from data import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, load_image
+from data import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, UserError, is_hub_repo_id, load_image, run_command
 from model import IMAGE_TOKEN, VLMForCausalLM, VLMProcessor, inference_folder, to_rgb
-
-
-class UserError(Exception):
-    """A mistake in the command line, the data or the checkpoint: main() prints it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,7 +45,7 @@ def read_checkpoint_config(ckpt):
             )
         with open(config_path) as f:
             return folder, json.load(f)
-    if os.path.exists(ckpt) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", ckpt):
+    if not is_hub_repo_id(ckpt):
         raise UserError(f"checkpoint not found: {ckpt} is not a folder (nor a Hub repo id, owner/name)")
     from huggingface_hub import hf_hub_download
 
@@ -509,10 +505,7 @@ def main(argv=None):
 
     logging.set_verbosity_error()  # keep weight-loading reports out of the answers
     logging.disable_progress_bar()
-    try:
-        run(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if run_command(lambda: run(parse_args(argv))) == 2:
         sys.exit(2)
 
 

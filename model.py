@@ -273,14 +273,15 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         if image_sizes is None:
             raise ValueError("this model uses AnyRes tiling: pass image_sizes, (N, 2) heights and widths, "
                              "as the processor returns it")
+        layouts = [self.anyres_layout(height, width) for height, width in image_sizes.tolist()]
+        needed = sum(1 + rows * cols for (rows, cols), _ in layouts)
+        if needed != len(tiles):
+            raise ValueError(f"{len(tiles)} tiles in pixel_values but the image_sizes call for {needed}; "
+                             "build inputs with the processor")
         images, begin = [], 0
-        for height, width in image_sizes.tolist():
-            (rows, cols), window = self.anyres_layout(height, width)
+        for (rows, cols), window in layouts:
             images.append(self.lay_out_anyres(tiles[begin:begin + 1 + rows * cols], rows, cols, window))
             begin += 1 + rows * cols
-        if begin != len(tiles):
-            raise ValueError(f"{len(tiles)} tiles in pixel_values but the image_sizes call for {begin}; "
-                             "build inputs with the processor")
         return torch.cat(images)
 
     def anyres_layout(self, height, width):

@@ -20,7 +20,6 @@ Read top to bottom, this is the path from a checkpoint to the Hub:
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -39,13 +38,10 @@ from transformers import (
     LlavaProcessor,
 )
 
+from data import HUB_REPO_ID, UserError, is_hub_repo_id, run_command, write_json
 from model import VLMConfig, VLMForCausalLM, VLMProcessor, inference_folder, vision_has_cls
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-class PushError(Exception):
-    """Bad input or an export that does not work: main prints it as one `error: ...` line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,16 +54,16 @@ def resolve_checkpoint(path):
     config_file = os.path.join(folder, "config.json")
     model_type = read_json(config_file).get("model_type") if os.path.isfile(config_file) else None
     if model_type != "small_vlm" or not os.path.isfile(os.path.join(folder, "processor_config.json")):
-        raise PushError(
+        raise UserError(
             f"{path!r} is not a small-vlm checkpoint: expected config.json (model_type 'small_vlm') and "
             f"processor_config.json in it or in its final/ folder; pass out/<run> or out/<run>/final from train.py"
         )
     for needed in ("tokenizer.json", "tokenizer_config.json"):
         if not os.path.isfile(os.path.join(folder, needed)):
-            raise PushError(f"{folder} has no {needed}: the checkpoint is incomplete; save it again (train.py's final/)")
+            raise UserError(f"{folder} has no {needed}: the checkpoint is incomplete; save it again (train.py's final/)")
     weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
     if not weights:
-        raise PushError(f"{folder} has no model weights (*.safetensors): the checkpoint is incomplete")
+        raise UserError(f"{folder} has no model weights (*.safetensors): the checkpoint is incomplete")
     for name in weights:
         path = os.path.join(folder, name)
         try:
@@ -75,7 +71,7 @@ def resolve_checkpoint(path):
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # an unreadable header
             complete = False
         if not complete:
-            raise PushError(f"{path} is damaged or was copied only in part (shorter than its header says, or no "
+            raise UserError(f"{path} is damaged or was copied only in part (shorter than its header says, or no "
                             "header); copy or save the checkpoint again")
     return folder
 
@@ -106,15 +102,9 @@ def read_json(path):
         return json.load(f)
 
 
-def write_json(path, data):
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-
-
 def check_repo_id(repo_id):
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id or ""):
-        raise PushError(f"repo id {repo_id!r} must look like user/name (your Hub user or organization, a slash, a name)")
+    if not HUB_REPO_ID.fullmatch(repo_id or ""):
+        raise UserError(f"repo id {repo_id!r} must look like user/name (your Hub user or organization, a slash, a name)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +139,7 @@ def choose_format(config, requested):
     """The requested format, or llava when it can express the model and remote otherwise."""
     blocker = llava_blocker(config)
     if requested == "llava" and blocker:
-        raise PushError(f"cannot export as llava: {blocker}; use --format remote (ships model.py as remote code)")
+        raise UserError(f"cannot export as llava: {blocker}; use --format remote (ships model.py as remote code)")
     if requested:
         return requested
     fmt = "remote" if blocker else "llava"
@@ -188,7 +178,7 @@ def export_llava(src, dst):
     model, processor = load_checkpoint(src)
     blocker = llava_blocker(model.config)
     if blocker:
-        raise PushError(f"cannot export as llava: {blocker}; use --format remote")
+        raise UserError(f"cannot export as llava: {blocker}; use --format remote")
     # from_config builds LlavaForConditionalGeneration directly in config.dtype (bf16 stays bf16).
     llava = AutoModelForImageTextToText.from_config(llava_config(model.config))
     llava.load_state_dict(rename_to_llava(model.state_dict()), strict=True)
@@ -231,7 +221,7 @@ def rename_to_llava(state_dict):
                 renamed[theirs + name[len(ours):]] = tensor
                 break
         else:
-            raise PushError(f"weight {name!r} has no Llava name in LLAVA_NAMES; use --format remote")
+            raise UserError(f"weight {name!r} has no Llava name in LLAVA_NAMES; use --format remote")
     return renamed
 
 
@@ -301,7 +291,7 @@ The model code is `model.py` in this repository (small-vlm's, unchanged); `trust
 
 def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
     """README.md: what the model is made of, how it was trained, how to run it."""
-    base_models = [name for name in (config.vision_model, config.llm) if is_hub_id(name)]
+    base_models = [name for name in (config.vision_model, config.llm) if is_hub_repo_id(name)]
     header = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
               "tags:", "- small-vlm", "- llava" if fmt == "llava" else "- custom_code"]
     if base_models:
@@ -330,11 +320,6 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
     lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id, llava_class=llava_class), ""]
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(header + lines))
-
-
-def is_hub_id(name):
-    """base_model metadata must name Hub repos; local folders (tiny test models) are left out."""
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name or "")) and not os.path.exists(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +352,7 @@ def check_loads(folder, fmt):
     if result.returncode != 0:
         sys.stderr.write(result.stderr)
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PushError(f"the exported folder {folder} does not load in a fresh Python process ({last}); nothing was uploaded")
+        raise UserError(f"the exported folder {folder} does not load in a fresh Python process ({last}); nothing was uploaded")
     print(result.stdout.strip())
 
 
@@ -379,7 +364,7 @@ def hub_api():
     """HfApi with the token from HF_TOKEN or the saved login."""
     token = get_token()
     if not token:
-        raise PushError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a write token), or use --local-dir")
+        raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a write token), or use --local-dir")
     return HfApi(token=token)
 
 
@@ -389,17 +374,19 @@ def confirm_overwrite(api, repo_id, yes, ask=None):
         return
     if ask and ask(f"{repo_id} already exists on the Hub. Overwrite its files? [y/N] ").strip().lower() in ("y", "yes"):
         return
-    raise PushError(f"repo {repo_id} already exists on the Hub; pass --yes to overwrite it")
+    raise UserError(f"repo {repo_id} already exists on the Hub; pass --yes to overwrite it")
 
 
 def reach_hub(repo_id, call, *args, **kwargs):
     """call(*args, **kwargs), with a failure to reach the Hub for repo_id (offline, DNS, proxy) as one line."""
     try:
         return call(*args, **kwargs)
-    except (PushError, HfHubHTTPError):
+    except UserError:
         raise
+    except HfHubHTTPError as e:  # e.g. 401 bad token, 403 read-only token or someone else's namespace
+        raise UserError(f"the Hub refused the request for {repo_id}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # httpx, socket and offline-mode errors have no common base class
-        raise PushError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}: "
+        raise UserError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); check the network, "
                         "or write the folder with --local-dir") from None
 
@@ -434,7 +421,7 @@ def build_folder(src, folder, fmt, config, repo_id):
 
 def public_name(value):
     """A Hub id as it is; a local path as its last part (this machine's folders are not published)."""
-    if not isinstance(value, str) or is_hub_id(value) or not (os.path.isabs(value) or os.path.exists(value)):
+    if not isinstance(value, str) or is_hub_repo_id(value) or not (os.path.isabs(value) or os.path.exists(value)):
         return value
     return os.path.basename(os.path.normpath(value))
 
@@ -478,36 +465,34 @@ def ask_args(ask):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """Returns the exit code: 0, or 2 after one `error: ...` line."""
+    return run_command(publish, sys.argv[1:] if argv is None else argv)
+
+
+def publish(argv):
+    """The command: checkpoint -> format -> folder (load-checked) -> Hub; no arguments: ask for them."""
     interactive = len(argv) == 0
-    try:
-        args = ask_args(input) if interactive else parse_args(argv)
-        check_repo_id(args.repo)
-        src = resolve_checkpoint(args.checkpoint)
-        model_config = VLMConfig.from_pretrained(src)
-        fmt = choose_format(model_config, args.format)
-        if args.local_dir and os.path.exists(args.local_dir) and not os.path.isdir(args.local_dir):
-            raise PushError(f"--local-dir {args.local_dir} is a file; give a new or empty folder")
-        if args.local_dir and os.path.isdir(args.local_dir) and os.listdir(args.local_dir):
-            raise PushError(f"--local-dir {args.local_dir} is not empty; give a new or empty folder")
-        if args.local_dir is None:  # token and overwrite checks come before the slow export
-            api = hub_api()
-            reach_hub(args.repo, confirm_overwrite, api, args.repo, args.yes, ask=input if interactive else None)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = args.local_dir or tmp
-            build_folder(src, folder, fmt, model_config, args.repo)
-            if args.local_dir is not None:
-                print(f"wrote {fmt} folder {folder} (nothing uploaded)")
-                return 0
-            url = reach_hub(args.repo, upload, api, folder, args.repo, args.private)
-        print(f"uploaded {fmt} model to {url} ({'private' if args.private else 'public'})")
-        return 0
-    except PushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except HfHubHTTPError as e:  # e.g. 401 bad token, 403 read-only token or someone else's namespace
-        print(f"error: the Hub refused the request for {args.repo}: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    args = ask_args(input) if interactive else parse_args(argv)
+    check_repo_id(args.repo)
+    src = resolve_checkpoint(args.checkpoint)
+    model_config = VLMConfig.from_pretrained(src)
+    fmt = choose_format(model_config, args.format)
+    if args.local_dir and os.path.exists(args.local_dir) and not os.path.isdir(args.local_dir):
+        raise UserError(f"--local-dir {args.local_dir} is a file; give a new or empty folder")
+    if args.local_dir and os.path.isdir(args.local_dir) and os.listdir(args.local_dir):
+        raise UserError(f"--local-dir {args.local_dir} is not empty; give a new or empty folder")
+    if args.local_dir is None:  # token and overwrite checks come before the slow export
+        api = hub_api()
+        reach_hub(args.repo, confirm_overwrite, api, args.repo, args.yes, ask=input if interactive else None)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.local_dir or tmp
+        build_folder(src, folder, fmt, model_config, args.repo)
+        if args.local_dir is not None:
+            print(f"wrote {fmt} folder {folder} (nothing uploaded)")
+            return 0
+        url = reach_hub(args.repo, upload, api, folder, args.repo, args.private)
+    print(f"uploaded {fmt} model to {url} ({'private' if args.private else 'public'})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from data import (TEMPLATES, BadRecord, LengthGroupedSampler, VLMDataset, chat_template_for, collate, demo_corpus,
-                  make_demo_data, make_tiny_backbones)
+from data import (TEMPLATES, LengthGroupedSampler, UserError, VLMDataset, bad_record, chat_template_for, collate,
+                  demo_corpus, make_demo_data, make_tiny_backbones, run_command, write_json)
 from model import IGNORE_INDEX, build_connector, build_vlm, inference_folder
 
 # ----------------------------------------------------------------------------------------------
@@ -99,10 +99,6 @@ class Config:
     log_sample_ids: bool = False  # write out_dir/sample_ids_rank{R}.jsonl: the record ids each step trained on
 
 
-class ConfigError(Exception):
-    """A user mistake in the config: printed as one line, exit code 2."""
-
-
 def parse_value(key, text, default):
     """'5e-6' -> float for a float field, 'true' -> bool for a bool field, and so on."""
     kind = type(default)
@@ -116,7 +112,7 @@ def parse_value(key, text, default):
             return kind(text)
         except ValueError:
             pass
-    raise ConfigError(f"{key}={text!r}: expected {kind.__name__} (default {default!r})")
+    raise UserError(f"{key}={text!r}: expected {kind.__name__} (default {default!r})")
 
 
 def check_key(key, where):
@@ -124,7 +120,7 @@ def check_key(key, where):
     if key not in names:
         close = difflib.get_close_matches(key, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see the README's config table"
-        raise ConfigError(f"unknown config key {key!r} in {where}{hint}")
+        raise UserError(f"unknown config key {key!r} in {where}{hint}")
 
 
 def load_config(argv):
@@ -139,20 +135,20 @@ def load_config(argv):
     if opts.args and opts.args[0].endswith(".py"):
         path = opts.args.pop(0)
         if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} not found")
+            raise UserError(f"config file {path!r} not found")
         with open(path) as f:
             source = f.read()
         scope = {}
         try:
             exec(compile(source, path, "exec"), scope)
         except Exception as e:  # a config file is Python: report its error as the user's, in one line
-            raise ConfigError(f"config file {path!r} does not run: {type(e).__name__}: {e}") from None
+            raise UserError(f"config file {path!r} does not run: {type(e).__name__}: {e}") from None
         settings += [(k, v, path) for k, v in scope.items() if not k.startswith("_") and not callable(v)
                      and type(v).__name__ != "module"]
     for arg in opts.args:
         key, sep, text = arg.partition("=")
         if not sep:
-            raise ConfigError(f"override {arg!r} is not key=value")
+            raise UserError(f"override {arg!r} is not key=value")
         check_key(key, "the command line")
         settings.append((key, parse_value(key, text, getattr(Config, key)), "the command line"))
     for key, value, where in settings:
@@ -161,7 +157,7 @@ def load_config(argv):
         if type(default) is float and type(value) is int:
             value = float(value)
         if type(value) is not type(default):
-            raise ConfigError(f"{key}={value!r} in {where}: expected {type(default).__name__}")
+            raise UserError(f"{key}={value!r} in {where}: expected {type(default).__name__}")
         setattr(cfg, key, value)
     return cfg, opts.dry_run
 
@@ -183,34 +179,34 @@ def check_config(cfg, world_size):
     """Value checks that need no files; returns gradient accumulation steps."""
     for key, valid in CHOICES.items():
         if getattr(cfg, key) not in valid:
-            raise ConfigError(f"{key}={getattr(cfg, key)!r}: valid values are {', '.join(map(str, valid))}")
+            raise UserError(f"{key}={getattr(cfg, key)!r}: valid values are {', '.join(map(str, valid))}")
     for key, (low, high) in RANGES.items():
         value = getattr(cfg, key)
         if (low is not None and value < low) or (high is not None and value > high) or value != value:  # NaN too
             bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise ConfigError(f"{key}={value!r} is out of range: it must be {bounds} (default {getattr(Config, key)!r})")
+            raise UserError(f"{key}={value!r} is out of range: it must be {bounds} (default {getattr(Config, key)!r})")
     if cfg.max_steps == 0 and cfg.epochs == 0:
-        raise ConfigError("max_steps=0 and epochs=0 train nothing: set epochs >= 1 or max_steps >= 1")
+        raise UserError("max_steps=0 and epochs=0 train nothing: set epochs >= 1 or max_steps >= 1")
     if cfg.compile and cfg.zero_stage == 3:
-        raise ConfigError("compile=True needs zero_stage 0, 1 or 2 (ZeRO-3 gathers parameters inside the blocks, "
+        raise UserError("compile=True needs zero_stage 0, 1 or 2 (ZeRO-3 gathers parameters inside the blocks, "
                           "which breaks the compiled graphs)")
     if cfg.offload and cfg.zero_stage == 0:
-        raise ConfigError("offload=True needs zero_stage 1, 2 or 3 (ZeRO does the offloading)")
+        raise UserError("offload=True needs zero_stage 1, 2 or 3 (ZeRO does the offloading)")
     if not (cfg.train_vision or cfg.train_connector or cfg.train_lm):
-        raise ConfigError("nothing to train: set at least one of train_vision, train_connector, train_lm")
+        raise UserError("nothing to train: set at least one of train_vision, train_connector, train_lm")
     per_step = cfg.micro_batch_size * world_size
     if cfg.micro_batch_size < 1 or cfg.batch_size % per_step:
-        raise ConfigError(
+        raise UserError(
             f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size ({cfg.micro_batch_size}) x "
             f"{world_size} processes = {per_step}; pick batch_size = k x {per_step} or another micro_batch_size")
     try:
         build_connector(cfg.connector, 8, 8)  # the name alone decides validity
     except ValueError as e:
-        raise ConfigError(f"connector: {e}") from None
+        raise UserError(f"connector: {e}") from None
     if not cfg.data_path:
-        raise ConfigError("data_path is empty: set it in the config file or as data_path=FILE.json")
+        raise UserError("data_path is empty: set it in the config file or as data_path=FILE.json")
     if cfg.image_grid_pinpoints and cfg.image_aspect != "anyres":
-        raise ConfigError(f"image_grid_pinpoints is set but image_aspect={cfg.image_aspect!r}; it only applies to "
+        raise UserError(f"image_grid_pinpoints is set but image_aspect={cfg.image_aspect!r}; it only applies to "
                           "image_aspect=anyres")
     parse_pinpoints(cfg.image_grid_pinpoints)
     return cfg.batch_size // per_step
@@ -224,7 +220,7 @@ def parse_pinpoints(text):
     for item in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
         if not match:
-            raise ConfigError(f"image_grid_pinpoints={text!r}: {item!r} is not HEIGHTxWIDTH in pixels "
+            raise UserError(f"image_grid_pinpoints={text!r}: {item!r} is not HEIGHTxWIDTH in pixels "
                               "(e.g. 336x672,672x336,672x672,1008x336,336x1008)")
         pinpoints.append([int(match[1]), int(match[2])])
     return pinpoints
@@ -240,10 +236,10 @@ def check_out_dir(cfg):
     if not os.path.exists(saved):
         foreign = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
         if foreign:  # someone else's files by our names: never delete or mix with them
-            raise ConfigError(f"out_dir {cfg.out_dir} holds {', '.join(foreign)} but no small-vlm run (no "
+            raise UserError(f"out_dir {cfg.out_dir} holds {', '.join(foreign)} but no small-vlm run (no "
                               "train_config.json); choose a new or empty out_dir")
         if cfg.resume:
-            raise ConfigError(f"resume=True but {cfg.out_dir} holds no run; drop resume=True to start one")
+            raise UserError(f"resume=True but {cfg.out_dir} holds no run; drop resume=True to start one")
         return None
     if cfg.resume:
         if not os.path.exists(latest):
@@ -254,7 +250,7 @@ def check_out_dir(cfg):
                                "data_path", "batch_size", "seed")
                    if old.get(k, getattr(Config, k)) != getattr(cfg, k)]
         if changed:
-            raise ConfigError(f"resume=True, but {cfg.out_dir} was trained with different "
+            raise UserError(f"resume=True, but {cfg.out_dir} was trained with different "
                               f"{', '.join(f'{k}={old.get(k)!r}' for k in changed)}; use another out_dir")
         with open(latest) as f:
             tag = f.read().strip()
@@ -265,12 +261,12 @@ def check_out_dir(cfg):
                         if re.fullmatch(r"step\d+", d) and not checkpoint_problem(os.path.join(root, d))]
             offer = (f"the newest complete checkpoint is {complete[0]}: write {complete[0]} into {latest} to resume "
                      "from it" if complete else "no complete checkpoint is left: start again with overwrite=True")
-            raise ConfigError(f"cannot resume: {latest} names {tag!r}, and {problem}; {offer}")
+            raise UserError(f"cannot resume: {latest} names {tag!r}, and {problem}; {offer}")
         return tag
     if cfg.overwrite:
         return None
     state = "a finished" if os.path.exists(os.path.join(cfg.out_dir, "final")) else "an unfinished"
-    raise ConfigError(f"out_dir {cfg.out_dir} already holds {state} run; pass resume=True to continue it, "
+    raise UserError(f"out_dir {cfg.out_dir} already holds {state} run; pass resume=True to continue it, "
                       "overwrite=True to start again there, or choose another out_dir")
 
 
@@ -480,7 +476,7 @@ def disk_full_says_so(path):
         free = shutil.disk_usage(folder).free
         if getattr(e, "errno", None) != errno.ENOSPC and "unexpected pos" not in str(e) and free > 2**20:
             raise
-        raise ConfigError(f"the disk is full ({free / 2**20:.0f} MiB free) while writing {path}; free some space "
+        raise UserError(f"the disk is full ({free / 2**20:.0f} MiB free) while writing {path}; free some space "
                           "and continue with resume=True (checkpoints/latest still names the last complete "
                           "checkpoint)") from None
 
@@ -506,21 +502,16 @@ def load_checkpoint(engine, cfg, tag, rank):
     try:
         path, state = engine.load_checkpoint(root, tag=tag, load_module_strict=False)
     except (AssertionError, RuntimeError, OSError, KeyError) as e:  # a damaged file DeepSpeed cannot read
-        raise ConfigError(f"checkpoint {root}/{tag} cannot be loaded ({type(e).__name__}: "
+        raise UserError(f"checkpoint {root}/{tag} cannot be loaded ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); point "
                           f"{root}/latest at an older step, or start again with overwrite=True") from None
     if path is None:
-        raise ConfigError(f"could not load checkpoint {root}/{tag}; remove it from {root}/latest or set overwrite=True")
+        raise UserError(f"could not load checkpoint {root}/{tag}; remove it from {root}/latest or set overwrite=True")
     if "samples_done" not in state:  # written before positions were counted in samples
-        raise ConfigError(f"checkpoint {root}/{tag} was written by an older small-vlm (no data position in "
+        raise UserError(f"checkpoint {root}/{tag} was written by an older small-vlm (no data position in "
                           "samples); start the run again with overwrite=True")
     set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=True))
     return state
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def whole_state_dict(model, zero3, rank):
@@ -596,7 +587,7 @@ def check_skipped_share(totals, reasons):
     seen = totals["trained"] + totals["skipped"]
     if seen and totals["skipped"] > MAX_SKIPPED_SHARE * seen:
         why = f"; e.g. record {reasons[0][0]!r}: {reasons[0][1]}" if reasons else ""
-        raise ConfigError(f"{int(totals['skipped'])} of the {int(seen)} samples so far were bad and skipped, more than "
+        raise UserError(f"{int(totals['skipped'])} of the {int(seen)} samples so far were bad and skipped, more than "
                           f"{MAX_SKIPPED_SHARE:.0%}{why}; fix the data or the settings (image_folder, max_seq_len)")
 
 
@@ -610,7 +601,7 @@ def prepare_demo(cfg):
     data_dir, backbones_dir = os.path.dirname(data_file), os.path.dirname(cfg.llm)
     for wanted, folder in ((data_file, data_dir), (cfg.llm, backbones_dir)):
         if not os.path.exists(wanted) and os.path.isdir(folder) and os.listdir(folder):
-            raise ConfigError(f"make_demo=True: {wanted} does not exist, and the demo writes its files only into a "
+            raise UserError(f"make_demo=True: {wanted} does not exist, and the demo writes its files only into a "
                               f"new or empty folder, which {folder} is not; check the path for a typo")
     if not os.path.exists(data_file):
         make_demo_data(data_dir)
@@ -618,7 +609,7 @@ def prepare_demo(cfg):
         vision_dir, llm_dir = make_tiny_backbones(os.path.dirname(cfg.llm), corpus=demo_corpus(), image_size=64,
                                                   patch_size=8, vision_width=96, llm_width=128, layers=2)
         if (vision_dir, llm_dir) != (cfg.vision_model, cfg.llm):
-            raise ConfigError(f"make_demo wrote {vision_dir} and {llm_dir}; point vision_model and llm there")
+            raise UserError(f"make_demo wrote {vision_dir} and {llm_dir}; point vision_model and llm there")
 
 
 def load_connector_weights(model, folder):
@@ -627,7 +618,7 @@ def load_connector_weights(model, folder):
     folder = inference_folder(folder)
     files = [f for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")] if os.path.isdir(folder) else []
     if not files:
-        raise ConfigError(f"init_from={folder!r} holds no .safetensors weights; point it at a stage-1 run or final/")
+        raise UserError(f"init_from={folder!r} holds no .safetensors weights; point it at a stage-1 run or final/")
     weights = {}
     for f in files:
         weights.update({k: v for k, v in load_file(os.path.join(folder, f)).items()
@@ -635,7 +626,7 @@ def load_connector_weights(model, folder):
     try:
         model.connector.load_state_dict({k[len("connector."):]: v for k, v in weights.items() if k != "image_newline"})
     except RuntimeError as e:
-        raise ConfigError(f"init_from={folder!r}: its connector does not fit this model ({e})".splitlines()[0])
+        raise UserError(f"init_from={folder!r}: its connector does not fit this model ({e})".splitlines()[0])
     if hasattr(model, "image_newline"):  # anyres: stage 1 may have trained it, or run without anyres
         if "image_newline" not in weights:
             return f"init_from={folder}: connector loaded; it has no image_newline (trained without anyres), so that starts fresh"
@@ -650,12 +641,12 @@ def check_images(dataset, cfg, sample=100):
     if not indices:
         return
     if not os.path.isdir(cfg.image_folder):
-        raise ConfigError(f"image_folder={cfg.image_folder!r} is not a folder, and the data has image records")
+        raise UserError(f"image_folder={cfg.image_folder!r} is not a folder, and the data has image records")
     missing = [(dataset.records[i]["id"], path) for i in indices for path in dataset.records[i]["image"]
                if not os.path.exists(os.path.join(cfg.image_folder, path))]
     if missing and (not cfg.skip_bad_samples or len(missing) == len(indices)):
         record_id, path = missing[0]
-        raise ConfigError(f"{len(missing)} of the first {len(indices)} image records have no file under "
+        raise UserError(f"{len(missing)} of the first {len(indices)} image records have no file under "
                           f"image_folder={cfg.image_folder!r} (e.g. record {record_id!r}: {path!r}); fix "
                           "image_folder, or set skip_bad_samples=True to skip such records")
 
@@ -674,7 +665,7 @@ def prepare_out_dir(cfg, fresh):
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
     except OSError as e:
-        raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from None
+        raise UserError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from None
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # pre-emption, Ctrl-C: finish the step, save, exit
@@ -733,14 +724,14 @@ def build_training_model(cfg, device):
                                      cfg.image_aspect, dtype=dtype, attn_implementation=attn,
                                      image_grid_pinpoints=parse_pinpoints(cfg.image_grid_pinpoints))
     except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
-        raise ConfigError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
+        raise UserError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
                           f"{str(e).splitlines()[0]}") from None
     layers = model.config.vision_config.num_hidden_layers + 1  # hidden states: the embeddings, then each layer's
     if not -layers <= cfg.vision_layer < layers:
-        raise ConfigError(f"vision_layer={cfg.vision_layer} is out of range: {cfg.vision_model} has {layers} hidden "
+        raise UserError(f"vision_layer={cfg.vision_layer} is out of range: {cfg.vision_model} has {layers} hidden "
                           f"states, so it must be between {-layers} and {layers - 1} (LLaVA: -2)")
     if cfg.max_seq_len <= model.config.num_image_tokens:
-        raise ConfigError(f"max_seq_len={cfg.max_seq_len} leaves no room for text after one image's "
+        raise UserError(f"max_seq_len={cfg.max_seq_len} leaves no room for text after one image's "
                           f"{model.config.num_image_tokens} image tokens; raise it (LLaVA: 2048)")
     rank = int(os.environ.get("RANK", 0))
     if model.config.image_grid_pinpoints:
@@ -756,19 +747,10 @@ def build_training_model(cfg, device):
     return model, processor
 
 
-def main(argv=None):
-    cfg, dry_run = load_config(sys.argv[1:] if argv is None else argv)
-    if not dry_run:
-        use_one_process_without_launcher()
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    accumulation = check_config(cfg, world_size)
-    log_rank0(rank, json.dumps(dataclasses.asdict(cfg), indent=1))
-    if dry_run:
-        return
-    resume_tag = check_out_dir(cfg)
-    import deepspeed
+def start_processes(cfg, rank):
+    """The process group, this rank's device, the seeds, and (rank 0) the demo files. Returns the device."""
+    import deepspeed  # imported where used: its import takes seconds and logs, and config errors come first
 
-    # --- processes, seeds, output folder
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -776,29 +758,29 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.precision != "fp32" and device.type == "cpu":
-        raise ConfigError(f"precision={cfg.precision} needs a GPU; use precision=fp32 on CPU")
+        raise UserError(f"precision={cfg.precision} needs a GPU; use precision=fp32 on CPU")
+    if device.type != "cuda" and cfg.attn_implementation != "sdpa":
+        log_rank0(rank, f"attn_implementation={cfg.attn_implementation} is for GPUs; this CPU run uses sdpa")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if rank == 0 and cfg.make_demo:
         prepare_demo(cfg)
     dist.barrier()
+    return device
 
-    # --- model: pretrained encoder + LLM + a fresh (or stage-1) connector, ready to train
-    if device.type != "cuda" and cfg.attn_implementation != "sdpa":
-        log_rank0(rank, f"attn_implementation={cfg.attn_implementation} is for GPUs; this CPU run uses sdpa")
-    model, processor = build_training_model(cfg, device)
-    if cfg.compile:
-        log_rank0(rank, f"compiling {len(repeated_blocks(model))} blocks (the first steps are slow)")
 
-    # --- data (checked before any GPU work: a bad file fails here, not hours in)
+def build_data(cfg, processor, device, world_size, rank):
+    """(dataset, sampler, loader), checked before any GPU work: a bad file fails here, not hours in.
+    Bad records come back marked, never raised in a DataLoader worker (whose traceback would wrap
+    the message); the loop stops at the first one unless skip_bad_samples is set."""
     try:
         dataset = VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
-                             cfg.skip_bad_samples, cfg.image_paths_outside)
+                             skip_bad_samples=True, image_paths_outside=cfg.image_paths_outside)
     except (ValueError, FileNotFoundError) as e:  # data.py's messages name the file / record
-        raise ConfigError(str(e)) from None
+        raise UserError(str(e)) from None
     if len(dataset) == 0:
-        raise ConfigError(f"data_path={cfg.data_path!r} holds no records")
+        raise UserError(f"data_path={cfg.data_path!r} holds no records")
     check_images(dataset, cfg)
     sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, cfg.batch_size, cfg.micro_batch_size,
                                    world_size, rank, cfg.seed, group_by_length=cfg.group_by_length)
@@ -808,21 +790,48 @@ def main(argv=None):
                            pack_length=cfg.max_seq_len if cfg.pack_samples else 0),
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
         worker_init_fn=leave_stop_signals_to_the_rank)
+    return dataset, sampler, loader
+
+
+def build_engine(model, cfg, accumulation, rank):
+    """The param groups (printed), the optimizer and the DeepSpeed engine. Returns (engine,
+    optimizer, each group's peak lr)."""
+    import deepspeed
+
+    groups = build_param_groups(model, cfg)
+    log_rank0(rank, format_param_groups(groups))
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=make_optimizer(groups, cfg), config=deepspeed_config(cfg, accumulation))
+    return engine, optimizer, [g["lr"] for g in groups]
+
+
+def main(argv=None):
+    # --- settings: the config, checked before anything starts
+    cfg, dry_run = load_config(sys.argv[1:] if argv is None else argv)
+    if not dry_run:
+        use_one_process_without_launcher()
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    accumulation = check_config(cfg, world_size)
+    log_rank0(rank, json.dumps(dataclasses.asdict(cfg), indent=1))
+    if dry_run:
+        return
+    resume_tag = check_out_dir(cfg)
+
+    # --- processes, model, data, engine
+    device = start_processes(cfg, rank)
+    model, processor = build_training_model(cfg, device)  # pretrained encoder + LLM + a fresh (or stage-1) connector
+    if cfg.compile:
+        log_rank0(rank, f"compiling {len(repeated_blocks(model))} blocks (the first steps are slow)")
+    dataset, sampler, loader = build_data(cfg, processor, device, world_size, rank)
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(dataset)} records give no full step of batch_size={cfg.batch_size}; lower batch_size")
+        raise UserError(f"{len(dataset)} records give no full step of batch_size={cfg.batch_size}; lower batch_size")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     if rank == 0:  # every check passed: only now does out_dir become this run's
         prepare_out_dir(cfg, fresh=resume_tag is None)
     dist.barrier()
-
-    # --- optimizer and engine
     flops_per_token, flops_per_image = flops_per_token_and_image(model)  # before ZeRO-3 partitions the weights
-    groups = build_param_groups(model, cfg)
-    log_rank0(rank, format_param_groups(groups))
-    peak_lrs = [g["lr"] for g in groups]
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=make_optimizer(groups, cfg), config=deepspeed_config(cfg, accumulation))
+    engine, optimizer, peak_lrs = build_engine(model, cfg, accumulation, rank)
 
     # --- resume
     # The data position is the samples of this epoch already trained (whole steps of batch_size),
@@ -860,6 +869,8 @@ def main(argv=None):
         sampler.skip(samples_done)
         for batch in loader:
             window["wait"] += time.time() - t_wait
+            if batch["skipped"] and not cfg.skip_bad_samples:
+                raise bad_record(*batch["skipped"][0])
             skipped += batch["skipped"]
             window["skipped"] += len(batch["skipped"])
             if not batch["ids"]:  # every sample skipped: an all-masked step keeps ranks in lockstep
@@ -877,8 +888,8 @@ def main(argv=None):
             loss = engine(**inputs).loss
             loss_value = loss.item()  # the one GPU sync per micro-batch
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step + 1} (micro-batch ids {batch['ids']}); "
-                                         "lower the learning rate or check those samples, then resume=True")
+                raise UserError(f"loss is {loss_value} at step {step + 1} (micro-batch ids {batch['ids']}); "
+                                "lower the learning rate or check those samples, then resume=True")
             engine.backward(loss)  # scales by 1/accumulation
             engine.step()  # steps the optimizer only at the accumulation boundary
             step_ids += batch["ids"]
@@ -940,10 +951,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FloatingPointError, BadRecord) as e:  # user mistakes, diverged runs: one line
-        # a DataLoader worker's error arrives wrapped with its traceback; the record's message is its last line
-        message = str(e).strip().splitlines()[-1].removeprefix("data.BadRecord: ")
-        print(f"error: {message}", file=sys.stderr)
+    if run_command(main) == 2:  # a user's mistake or a diverged run: one error line
         exit_now(2)

@@ -12,6 +12,7 @@ from data import (
     VICUNA_SYSTEM,
     LengthGroupedSampler,
     SampleTooLong,
+    UserError,
     VLMDataset,
     chat_template_for,
     collate,
@@ -251,7 +252,7 @@ def test_bad_records_raise_or_are_skipped(tmp_path, processor, record, reason):
     path = write_json(tmp_path / "data.json", [good, record])
 
     strict = VLMDataset(path, str(tmp_path), processor, "vicuna_v1")
-    with pytest.raises(ValueError, match=reason) as error:
+    with pytest.raises(UserError, match=reason) as error:
         strict[1]
     assert f"id={record['id']!r}" in str(error.value)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import launch, read_metrics, read_weights, train_args
-from train import Config, ConfigError, check_out_dir
+from data import UserError
+from train import Config, check_out_dir
 
 pytestmark = pytest.mark.slow
 
@@ -123,10 +124,10 @@ def test_out_dir_of_another_run_is_refused(demo_dir, tmp_path):
     assert (out / "final" / "model.safetensors").stat().st_mtime == before  # nothing overwritten
     saved = json.load(open(out / "train_config.json"))
     cfg = Config(**{**saved, "resume": True, "seed": 1})
-    with pytest.raises(ConfigError, match="trained with different seed=0"):
+    with pytest.raises(UserError, match="trained with different seed=0"):
         check_out_dir(cfg)
     assert check_out_dir(Config(out_dir=str(out), overwrite=True)) is None
-    with pytest.raises(ConfigError, match="resume=True but .* holds no run"):
+    with pytest.raises(UserError, match="resume=True but .* holds no run"):
         check_out_dir(Config(out_dir=str(tmp_path / "empty"), resume=True))
 
 
@@ -244,14 +245,14 @@ def test_damaged_checkpoints_are_named_and_the_newest_complete_one_offered(demo_
     ckpt, args = out / "checkpoints", train_args(demo_dir, out, "max_steps=6", "save_every=2", "resume=true")
     cfg, _ = __import__("train").load_config(args)
     (ckpt / "latest").write_text("")
-    with pytest.raises(ConfigError, match="names '', and it is empty; the newest complete checkpoint is step00000004"):
+    with pytest.raises(UserError, match="names '', and it is empty; the newest complete checkpoint is step00000004"):
         check_out_dir(cfg)
     (ckpt / "latest").write_text("step00000099")
-    with pytest.raises(ConfigError, match="step00000099 does not exist; the newest complete checkpoint is step00000004"):
+    with pytest.raises(UserError, match="step00000099 does not exist; the newest complete checkpoint is step00000004"):
         check_out_dir(cfg)
     (ckpt / "latest").write_text("step00000004")
     next((ckpt / "step00000004").glob("*model_states.pt")).unlink()
-    with pytest.raises(ConfigError, match="lacks its model state files; the newest complete checkpoint is step00000002"):
+    with pytest.raises(UserError, match="lacks its model state files; the newest complete checkpoint is step00000002"):
         check_out_dir(cfg)
     resumed = launch(args)  # the same, through train.py: one line, exit 2, nothing overwritten
     assert resumed.returncode == 2 and "error: cannot resume:" in resumed.out and "Traceback" not in resumed.out

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import train
+from data import UserError
 from model import VLMForCausalLM
-from train import Config, ConfigError, build_param_groups, freeze_components, load_config, lr_factor
+from train import Config, build_param_groups, freeze_components, load_config, lr_factor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,47 +40,47 @@ def test_config_file_then_overrides(tmp_path):
     (["missing.py"], "config file 'missing.py' not found"),
 ])
 def test_config_errors(args, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
         load_config(args)
 
 
 def test_config_file_errors(tmp_path):
     (tmp_path / "typo.py").write_text("micro_batch = 4\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'micro_batch' in .*typo.py; did you mean micro_batch_size"):
+    with pytest.raises(UserError, match=r"unknown config key 'micro_batch' in .*typo.py; did you mean micro_batch_size"):
         load_config([str(tmp_path / "typo.py")])
     (tmp_path / "broken.py").write_text("lr_lm = 1e-5 +\n")
-    with pytest.raises(ConfigError, match=r"config file .*broken.py' does not run: SyntaxError"):
+    with pytest.raises(UserError, match=r"config file .*broken.py' does not run: SyntaxError"):
         load_config([str(tmp_path / "broken.py")])
     (tmp_path / "type.py").write_text("batch_size = '8'\n")
-    with pytest.raises(ConfigError, match="batch_size='8' in .*type.py: expected int"):
+    with pytest.raises(UserError, match="batch_size='8' in .*type.py: expected int"):
         load_config([str(tmp_path / "type.py")])
 
 
 def test_value_checks():
-    with pytest.raises(ConfigError, match="batch_size=100 is not a multiple of micro_batch_size \\(8\\) x 2"):
+    with pytest.raises(UserError, match="batch_size=100 is not a multiple of micro_batch_size \\(8\\) x 2"):
         train.check_config(Config(batch_size=100, micro_batch_size=8, data_path="x"), world_size=2)
     assert train.check_config(Config(batch_size=64, micro_batch_size=8, data_path="x"), world_size=2) == 4
-    with pytest.raises(ConfigError, match="template='llama3': valid values are plain, vicuna_v1, chat"):
+    with pytest.raises(UserError, match="template='llama3': valid values are plain, vicuna_v1, chat"):
         train.check_config(Config(template="llama3", data_path="x"), 1)
-    with pytest.raises(ConfigError, match="nothing to train"):
+    with pytest.raises(UserError, match="nothing to train"):
         train.check_config(Config(train_connector=False, data_path="x"), 1)
-    with pytest.raises(ConfigError, match="attn_implementation='flash': valid values are sdpa, flex_attention"):
+    with pytest.raises(UserError, match="attn_implementation='flash': valid values are sdpa, flex_attention"):
         train.check_config(Config(attn_implementation="flash", data_path="x"), 1)
-    with pytest.raises(ConfigError, match="compile=True needs zero_stage 0, 1 or 2"):
+    with pytest.raises(UserError, match="compile=True needs zero_stage 0, 1 or 2"):
         train.check_config(Config(compile=True, zero_stage=3, data_path="x"), 1)
 
 
 def test_anyres_settings_are_checked(tiny_backbones):
-    with pytest.raises(ConfigError, match="image_grid_pinpoints='336,672': '336' is not HEIGHTxWIDTH"):
+    with pytest.raises(UserError, match="image_grid_pinpoints='336,672': '336' is not HEIGHTxWIDTH"):
         train.check_config(Config(image_aspect="anyres", image_grid_pinpoints="336,672", data_path="x"), 1)
-    with pytest.raises(ConfigError, match="image_grid_pinpoints is set but image_aspect='pad'"):
+    with pytest.raises(UserError, match="image_grid_pinpoints is set but image_aspect='pad'"):
         train.check_config(Config(image_grid_pinpoints="336x672", data_path="x"), 1)
     assert train.parse_pinpoints(" 64x32,32x96") == [[64, 32], [32, 96]]
     vision, llm = tiny_backbones
     for settings, message in [({"image_grid_pinpoints": "32x48"}, r"\[32, 48\] is not a whole number of .* 32x32 tiles"),
                               ({"drop_cls": False}, "anyres.* needs drop_cls=True")]:
         cfg = Config(vision_model=vision, llm=llm, image_aspect="anyres", precision="fp32", **settings)
-        with pytest.raises(ConfigError, match="cannot build the model .*" + message):
+        with pytest.raises(UserError, match="cannot build the model .*" + message):
             train.build_training_model(cfg, torch.device("cpu"))
 
 
@@ -95,7 +96,7 @@ def test_anyres_settings_are_checked(tiny_backbones):
     ({"epochs": 0}, "max_steps=0 and epochs=0 train nothing"),
 ])
 def test_every_key_is_range_checked_before_anything_runs(override, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises(UserError, match=re.escape(message)):
         train.check_config(Config(data_path="x", **override), world_size=1)
 
 
@@ -467,10 +468,10 @@ def test_disk_full_while_saving_says_so(tmp_path):
     import errno
 
     partial = str(tmp_path / "checkpoints" / "step00000004.partial")
-    with pytest.raises(ConfigError, match=r"the disk is full \(.* MiB free\) while writing .*step00000004\.partial"):
+    with pytest.raises(UserError, match=r"the disk is full \(.* MiB free\) while writing .*step00000004\.partial"):
         with train.disk_full_says_so(partial):
             raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(ConfigError, match="the disk is full"):  # how torch.save reports it
+    with pytest.raises(UserError, match="the disk is full"):  # how torch.save reports it
         with train.disk_full_says_so(partial):
             raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
     with pytest.raises(RuntimeError, match="something else"):  # other errors are not disguised
