@@ -11,6 +11,28 @@ from data import make_tiny_backbones  # noqa: E402
 from model import build_vlm  # noqa: E402
 
 
+# Our parameter names -> transformers' native LLaVA / LLaVA-NeXT names (prefix replacement), written
+# here independently of push.py's table, so the parity tests do not check push.py with itself.
+OURS_TO_LLAVA = [
+    ("vision_tower.", "model.vision_tower."),
+    ("connector.0.", "model.multi_modal_projector.linear_1."),
+    ("connector.2.", "model.multi_modal_projector.linear_2."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("image_newline", "model.image_newline"),  # LLaVA-NeXT only
+]
+
+
+def copy_weights_into(native, model):
+    """native (a Llava/LlavaNext...ForConditionalGeneration) with model's weights, in eval mode."""
+    state = {}
+    for key, value in model.state_dict().items():
+        ours, theirs = next((o, t) for o, t in OURS_TO_LLAVA if key.startswith(o))
+        state[theirs + key[len(ours):]] = value
+    native.load_state_dict(state, strict=True)  # every weight mapped, none left over
+    return native.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory):
     """(vision_dir, llm_dir): a full tiny CLIPModel and a tiny Llama + byte-level BPE tokenizer."""

@@ -24,6 +24,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
+from conftest import copy_weights_into
 from data import UserError, VLMDataset, collate
 from model import (
     IGNORE_INDEX,
@@ -78,17 +79,6 @@ def anyres(tiny_backbones):
 # ----------------------------------------------------------------------------------------------
 # Parity with transformers' LlavaNextForConditionalGeneration
 
-# Our module names -> the native LLaVA-NeXT names (prefix replacement).
-OURS_TO_LLAVA_NEXT = [
-    ("vision_tower.", "model.vision_tower."),
-    ("connector.0.", "model.multi_modal_projector.linear_1."),
-    ("connector.2.", "model.multi_modal_projector.linear_2."),
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("image_newline", "model.image_newline"),
-]
-
-
 def to_llava_next(model):
     """The same weights in a LlavaNextForConditionalGeneration (fp32, eval)."""
     config = LlavaNextConfig(
@@ -100,13 +90,7 @@ def to_llava_next(model):
         vision_feature_select_strategy="default",  # drops CLS, as our drop_cls=True
         projector_hidden_act="gelu",
     )
-    llava_next = LlavaNextForConditionalGeneration(config)
-    state = {}
-    for key, value in model.state_dict().items():
-        ours, theirs = next((o, t) for o, t in OURS_TO_LLAVA_NEXT if key.startswith(o))
-        state[theirs + key[len(ours):]] = value
-    llava_next.load_state_dict(state, strict=True)  # every weight mapped, none left over
-    return llava_next.eval()
+    return copy_weights_into(LlavaNextForConditionalGeneration(config), model)
 
 
 def llava_next_processor(tokenizer, size, pinpoints, patch_size, mean, std):

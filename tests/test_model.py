@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
 
+from conftest import copy_weights_into
 from data import make_tiny_backbones
 from model import (
     IGNORE_INDEX,
@@ -92,16 +93,6 @@ def transformers_warnings():
 # ----------------------------------------------------------------------------------------------
 # Parity with transformers' LlavaForConditionalGeneration
 
-# Our module names -> the native LLaVA names (prefix replacement).
-OURS_TO_LLAVA = [
-    ("vision_tower.", "model.vision_tower."),
-    ("connector.0.", "model.multi_modal_projector.linear_1."),
-    ("connector.2.", "model.multi_modal_projector.linear_2."),
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-]
-
-
 def to_llava(model):
     """The same weights in a LlavaForConditionalGeneration (fp32, eval)."""
     config = LlavaConfig(
@@ -113,13 +104,7 @@ def to_llava(model):
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    llava = LlavaForConditionalGeneration(config)
-    state = {}
-    for key, value in model.state_dict().items():
-        ours, theirs = next((o, t) for o, t in OURS_TO_LLAVA if key.startswith(o))
-        state[theirs + key[len(ours):]] = value
-    llava.load_state_dict(state, strict=True)  # every weight mapped, none left over
-    return llava.eval()
+    return copy_weights_into(LlavaForConditionalGeneration(config), model)
 
 
 def test_same_logits_and_loss_as_transformers_llava(vlm):

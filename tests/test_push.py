@@ -107,6 +107,18 @@ torch.save({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_valu
 """
 
 
+def load_remote_elsewhere(folder, image, tmp_path):
+    """REMOTE_LOAD's outputs for `image` (saved as PNG), run in a fresh Python outside this
+    repository, offline; returns (outputs, the image as read back from the PNG)."""
+    image_path, out = tmp_path / "image.png", tmp_path / "remote_outputs.pt"
+    image.save(image_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(folder), str(image_path), str(out),
+                             json.dumps(MESSAGES)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out), Image.open(image_path)
+
+
 def test_remote_folder_loads_without_this_repository(run, tmp_path):
     run_dir, model, processor = run
     folder = tmp_path / "remote"
@@ -115,14 +127,8 @@ def test_remote_folder_loads_without_this_repository(run, tmp_path):
         assert exported.read() == ours.read()
     assert "1.2345" in (folder / "README.md").read_text()  # final loss from train_summary.json
 
-    image_path, out = tmp_path / "image.png", tmp_path / "remote_outputs.pt"
-    make_image().save(image_path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(folder), str(image_path), str(out),
-                             json.dumps(MESSAGES)], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(out)
-    inputs, logits, generated = project_outputs(model, processor, Image.open(image_path))
+    remote, image = load_remote_elsewhere(folder, make_image(), tmp_path)
+    inputs, logits, generated = project_outputs(model, processor, image)
     assert remote["module"].startswith("transformers_modules.")  # the folder's copy of model.py ran
     assert torch.equal(remote["input_ids"], inputs["input_ids"])
     assert torch.equal(remote["pixel_values"], inputs["pixel_values"])
@@ -231,14 +237,8 @@ def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, mon
 
     remote = tmp_path / "remote"
     assert push.main([run_dir, "--repo", "me/tiny", "--format", "remote", "--local-dir", str(remote)]) == 0
-    image_path, out = tmp_path / "image.png", tmp_path / "remote_outputs.pt"
-    smooth_image(70, 30).save(image_path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(remote), str(image_path), str(out),
-                             json.dumps(MESSAGES)], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = torch.load(out)
-    inputs, logits, generated = project_outputs(model, processor, Image.open(image_path))
+    loaded, image = load_remote_elsewhere(remote, smooth_image(70, 30), tmp_path)
+    inputs, logits, generated = project_outputs(model, processor, image)
     assert torch.equal(loaded["input_ids"], inputs["input_ids"]) and torch.equal(loaded["logits"], logits)
     assert torch.equal(loaded["generated"], generated)
 
