@@ -9,10 +9,11 @@ Read top to bottom, this is the path of an image and a prompt through the model:
   5. the loss         - next-token cross-entropy computed only at supervised positions.
   6. generation       - transformers' GenerationMixin; images are encoded once, at prefill.
   7. VLMProcessor     - tokenizer + image transform; expands each <image> to its image tokens.
-AnyRes (LLaVA-NeXT's high-resolution option) adds one idea at three places: the image processor cuts
-an image into tower-sized tiles (section 7), the model lays the tiles' features back on their grid
-(section 4, `lay_out_anyres`), and both count the tokens with the same function (`anyres_layout`).
   8. build_vlm        - assembles a new model from a pretrained encoder and LLM.
+AnyRes (LLaVA-NeXT's high-resolution option) adds one idea at three places: the image processor cuts
+an image into tower-sized tiles (section 7, `anyres_tiles`), the model lays the tiles' features back
+on their grid (section 4, `lay_out_anyres`), and both take the geometry from one function
+(section 1, `anyres_layout`).
 
 This file imports only torch, transformers (with its tokenizers), PIL and numpy, so push.py can ship it verbatim as
 the remote code of a Hub repo (`trust_remote_code=True`).
@@ -99,7 +100,8 @@ def count_image_tokens(vision_config, drop_cls):
     return patches + int(vision_has_cls(vision_config) and not drop_cls)
 
 
-# LLaVA-NeXT's AnyRes grids in tiles (rows, columns); with a 336 tower these are its pinpoints
+# AnyRes geometry: which tiles an image is cut into, and which of their features show the image.
+# LLaVA-NeXT's grids in tiles (rows, columns); with a 336 tower these are its pinpoints
 # [H, W] = [336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008].
 ANYRES_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
