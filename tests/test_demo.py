@@ -24,6 +24,8 @@ def test_demo_trains_far_above_chance(tmp_path):
     assert scored.returncode == 0, scored.stderr[-3000:]
     results = json.load(open(tmp_path / "eval" / "results.json"))
     accuracy = {name: c["accuracy"] for name, c in results["categories"].items()}
-    # chance: colour 1/6, shape 1/3, position 1/4 -> about 0.25 overall
+    # chance: colour 1/6, shape 1/3, position 1/4 -> about 0.25 overall. Seeds 0-4 measured on the
+    # 2-core machine: overall 0.75-0.92, colour 1.0, position 0.75-1.0 (README); the bounds sit
+    # below the worst seed, so another machine's float order does not fail a working demo.
     assert results["overall"]["accuracy"] >= 0.7, accuracy
-    assert accuracy["colour"] >= 0.9 and accuracy["position"] >= 0.9, accuracy
+    assert accuracy["colour"] >= 0.9 and accuracy["position"] >= 0.7, accuracy
