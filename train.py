@@ -189,7 +189,7 @@ def check_config(cfg, world_size):
         raise UserError("max_steps=0 and epochs=0 train nothing: set epochs >= 1 or max_steps >= 1")
     if cfg.compile and cfg.zero_stage == 3:
         raise UserError("compile=True needs zero_stage 0, 1 or 2 (ZeRO-3 gathers parameters inside the blocks, "
-                          "which breaks the compiled graphs)")
+                        "which breaks the compiled graphs)")
     if cfg.offload and cfg.zero_stage == 0:
         raise UserError("offload=True needs zero_stage 1, 2 or 3 (ZeRO does the offloading)")
     if not (cfg.train_vision or cfg.train_connector or cfg.train_lm):
@@ -207,7 +207,7 @@ def check_config(cfg, world_size):
         raise UserError("data_path is empty: set it in the config file or as data_path=FILE.json")
     if cfg.image_grid_pinpoints and cfg.image_aspect != "anyres":
         raise UserError(f"image_grid_pinpoints is set but image_aspect={cfg.image_aspect!r}; it only applies to "
-                          "image_aspect=anyres")
+                        "image_aspect=anyres")
     parse_pinpoints(cfg.image_grid_pinpoints)
     return cfg.batch_size // per_step
 
@@ -221,7 +221,7 @@ def parse_pinpoints(text):
         match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
         if not match:
             raise UserError(f"image_grid_pinpoints={text!r}: {item!r} is not HEIGHTxWIDTH in pixels "
-                              "(e.g. 336x672,672x336,672x672,1008x336,336x1008)")
+                            "(e.g. 336x672,672x336,672x672,1008x336,336x1008)")
         pinpoints.append([int(match[1]), int(match[2])])
     return pinpoints
 
@@ -237,7 +237,7 @@ def check_out_dir(cfg):
         foreign = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
         if foreign:  # someone else's files by our names: never delete or mix with them
             raise UserError(f"out_dir {cfg.out_dir} holds {', '.join(foreign)} but no small-vlm run (no "
-                              "train_config.json); choose a new or empty out_dir")
+                            "train_config.json); choose a new or empty out_dir")
         if cfg.resume:
             raise UserError(f"resume=True but {cfg.out_dir} holds no run; drop resume=True to start one")
         return None
@@ -251,7 +251,7 @@ def check_out_dir(cfg):
                    if old.get(k, getattr(Config, k)) != getattr(cfg, k)]
         if changed:
             raise UserError(f"resume=True, but {cfg.out_dir} was trained with different "
-                              f"{', '.join(f'{k}={old.get(k)!r}' for k in changed)}; use another out_dir")
+                            f"{', '.join(f'{k}={old.get(k, getattr(Config, k))!r}' for k in changed)}; use another out_dir")
         with open(latest) as f:
             tag = f.read().strip()
         root = os.path.dirname(latest)
@@ -267,7 +267,7 @@ def check_out_dir(cfg):
         return None
     state = "a finished" if os.path.exists(os.path.join(cfg.out_dir, "final")) else "an unfinished"
     raise UserError(f"out_dir {cfg.out_dir} already holds {state} run; pass resume=True to continue it, "
-                      "overwrite=True to start again there, or choose another out_dir")
+                    "overwrite=True to start again there, or choose another out_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,8 +477,8 @@ def disk_full_says_so(path):
         if getattr(e, "errno", None) != errno.ENOSPC and "unexpected pos" not in str(e) and free > 2**20:
             raise
         raise UserError(f"the disk is full ({free / 2**20:.0f} MiB free) while writing {path}; free some space "
-                          "and continue with resume=True (checkpoints/latest still names the last complete "
-                          "checkpoint)") from None
+                        "and continue with resume=True (checkpoints/latest still names the last complete "
+                        "checkpoint)") from None
 
 
 def checkpoint_problem(folder):
@@ -503,13 +503,13 @@ def load_checkpoint(engine, cfg, tag, rank):
         path, state = engine.load_checkpoint(root, tag=tag, load_module_strict=False)
     except (AssertionError, RuntimeError, OSError, KeyError) as e:  # a damaged file DeepSpeed cannot read
         raise UserError(f"checkpoint {root}/{tag} cannot be loaded ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); point "
-                          f"{root}/latest at an older step, or start again with overwrite=True") from None
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); point "
+                        f"{root}/latest at an older step, or start again with overwrite=True") from None
     if path is None:
         raise UserError(f"could not load checkpoint {root}/{tag}; remove it from {root}/latest or set overwrite=True")
     if "samples_done" not in state:  # written before positions were counted in samples
         raise UserError(f"checkpoint {root}/{tag} was written by an older small-vlm (no data position in "
-                          "samples); start the run again with overwrite=True")
+                        "samples); start the run again with overwrite=True")
     set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=True))
     return state
 
@@ -588,7 +588,7 @@ def check_skipped_share(totals, reasons):
     if seen and totals["skipped"] > MAX_SKIPPED_SHARE * seen:
         why = f"; e.g. record {reasons[0][0]!r}: {reasons[0][1]}" if reasons else ""
         raise UserError(f"{int(totals['skipped'])} of the {int(seen)} samples so far were bad and skipped, more than "
-                          f"{MAX_SKIPPED_SHARE:.0%}{why}; fix the data or the settings (image_folder, max_seq_len)")
+                        f"{MAX_SKIPPED_SHARE:.0%}{why}; fix the data or the settings (image_folder, max_seq_len)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,7 +602,7 @@ def prepare_demo(cfg):
     for wanted, folder in ((data_file, data_dir), (cfg.llm, backbones_dir)):
         if not os.path.exists(wanted) and os.path.isdir(folder) and os.listdir(folder):
             raise UserError(f"make_demo=True: {wanted} does not exist, and the demo writes its files only into a "
-                              f"new or empty folder, which {folder} is not; check the path for a typo")
+                            f"new or empty folder, which {folder} is not; check the path for a typo")
     if not os.path.exists(data_file):
         make_demo_data(data_dir)
     if not (os.path.exists(cfg.vision_model) and os.path.exists(cfg.llm)):
@@ -647,8 +647,8 @@ def check_images(dataset, cfg, sample=100):
     if missing and (not cfg.skip_bad_samples or len(missing) == len(indices)):
         record_id, path = missing[0]
         raise UserError(f"{len(missing)} of the first {len(indices)} image records have no file under "
-                          f"image_folder={cfg.image_folder!r} (e.g. record {record_id!r}: {path!r}); fix "
-                          "image_folder, or set skip_bad_samples=True to skip such records")
+                        f"image_folder={cfg.image_folder!r} (e.g. record {record_id!r}: {path!r}); fix "
+                        "image_folder, or set skip_bad_samples=True to skip such records")
 
 
 def prepare_out_dir(cfg, fresh):
@@ -725,14 +725,14 @@ def build_training_model(cfg, device):
                                      image_grid_pinpoints=parse_pinpoints(cfg.image_grid_pinpoints))
     except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
         raise UserError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
-                          f"{str(e).splitlines()[0]}") from None
+                        f"{str(e).splitlines()[0]}") from None
     layers = model.config.vision_config.num_hidden_layers + 1  # hidden states: the embeddings, then each layer's
     if not -layers <= cfg.vision_layer < layers:
         raise UserError(f"vision_layer={cfg.vision_layer} is out of range: {cfg.vision_model} has {layers} hidden "
-                          f"states, so it must be between {-layers} and {layers - 1} (LLaVA: -2)")
+                        f"states, so it must be between {-layers} and {layers - 1} (LLaVA: -2)")
     if cfg.max_seq_len <= model.config.num_image_tokens:
         raise UserError(f"max_seq_len={cfg.max_seq_len} leaves no room for text after one image's "
-                          f"{model.config.num_image_tokens} image tokens; raise it (LLaVA: 2048)")
+                        f"{model.config.num_image_tokens} image tokens; raise it (LLaVA: 2048)")
     rank = int(os.environ.get("RANK", 0))
     if model.config.image_grid_pinpoints:
         most = max(processor.image_token_count(pin_h, pin_w) for pin_h, pin_w in model.config.image_grid_pinpoints)
