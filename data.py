@@ -15,6 +15,7 @@ Read top to bottom, this is the path of one record to a batch:
 """
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -394,8 +395,7 @@ def tokenize_conversation(conversations, template, processor, max_seq_len=None, 
     encoding = tokenizer(text, add_special_tokens=not writes_own_bos(tokenizer, text), return_offsets_mapping=True)
 
     image_id = processor.image_token_id
-    n_images = encoding["input_ids"].count(image_id)
-    counts = iter(image_token_counts or [processor.num_image_tokens] * n_images)
+    counts = iter(image_token_counts) if image_token_counts else itertools.repeat(processor.num_image_tokens)
     input_ids, labels = [], []
     for token_id, (begin, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
         if token_id == image_id:
@@ -500,6 +500,7 @@ class VLMDataset(torch.utils.data.Dataset):
         self.image_paths_outside = image_paths_outside
         # LLaVA's modality_lengths: words + image tokens, no tokenizing or image decoding (cached by
         # datasets). With anyres an image's token count depends on its size: read from the file's header.
+        # Plain values, not the processor, go to map(): datasets hashes them into its cache key.
         image_processor = processor.image_processor
         anyres = None if image_processor.aspect != "anyres" else {
             "image_folder": image_folder, "paths_outside": image_paths_outside,

@@ -275,7 +275,9 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         if image_sizes is None:
             raise ValueError("this model uses AnyRes tiling: pass image_sizes, (N, 2) heights and widths, "
                              "as the processor returns it")
-        layouts = [self.anyres_layout(height, width) for height, width in image_sizes.tolist()]
+        vision, pinpoints = self.config.vision_config, self.config.image_grid_pinpoints
+        layouts = [anyres_layout(height, width, pinpoints, vision.image_size, vision.patch_size)
+                   for height, width in image_sizes.tolist()]
         needed = sum(1 + rows * cols for (rows, cols), _ in layouts)
         if needed != len(tiles):
             raise ValueError(f"{len(tiles)} tiles in pixel_values but the image_sizes call for {needed}; "
@@ -285,10 +287,6 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
             images.append(self.lay_out_anyres(tiles[begin:begin + 1 + rows * cols], rows, cols, window))
             begin += 1 + rows * cols
         return torch.cat(images)
-
-    def anyres_layout(self, height, width):
-        vision = self.config.vision_config
-        return anyres_layout(height, width, self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
 
     def lay_out_anyres(self, features, rows, cols, window):
         """One AnyRes image: (1 + rows * cols, P, D) tile features, base tile first -> (K, D) tokens.

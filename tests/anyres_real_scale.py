@@ -13,9 +13,9 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor  # noqa: E402
 
+from conftest import smooth_image  # noqa: E402
 from data import make_tiny_tokenizer  # noqa: E402
 from model import (CLIP_STD, IMAGE_TOKEN, VLMImageProcessor, VLMProcessor, add_image_token,  # noqa: E402
                    default_pinpoints)
@@ -24,11 +24,6 @@ TILE, PATCH = 336, 14
 SIZES = [(640, 480), (1920, 1080), (500, 2000), (1024, 1024), (336, 336), (100, 60), (4000, 3000)]  # (W, H)
 
 
-def photo_like(width, height):
-    """Slow colour gradients with a gentle wave, as smooth as a photo at this scale."""
-    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
-    rgb = np.stack([200 * x + 30, 180 * y + 40, 120 + 80 * np.sin(9 * x + 7 * y)], axis=-1)
-    return Image.fromarray(rgb.astype(np.uint8))
 
 
 def main():
@@ -46,7 +41,7 @@ def main():
     print("| image (W x H) | tiles | image tokens, ours | LlavaNextProcessor | largest pixel difference (levels in 255) |")
     print("|---|---|---|---|---|")
     for width, height in SIZES:
-        image = photo_like(width, height)
+        image = smooth_image(width, height)
         a = ours(text=IMAGE_TOKEN, images=image)
         b = theirs(text=IMAGE_TOKEN, images=image, return_tensors="pt")
         count_a, count_b = [int((x["input_ids"] == image_token_id).sum()) for x in (a, b)]

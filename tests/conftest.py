@@ -33,6 +33,40 @@ def copy_weights_into(native, model):
     return native.eval()
 
 
+def supervise_text(batch, image_token_id, prompt_tokens=3):
+    """Labels = input_ids, with padding, image tokens and the first `prompt_tokens` real tokens masked."""
+    from model import IGNORE_INDEX
+
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    labels[labels == image_token_id] = IGNORE_INDEX
+    first_real = (batch["attention_mask"] == 0).sum(1)  # left padding: index of the first real token
+    for row, start in enumerate(first_real.tolist()):
+        labels[row, start:start + prompt_tokens] = IGNORE_INDEX
+    return labels
+
+
+def smooth_image(width, height, seed=0):
+    """A smooth colour picture (slow sines): resizing it, torch and PIL differ by a level or two."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    x, y = np.linspace(0, 1, width)[None, :, None], np.linspace(0, 1, height)[:, None, None]
+    frequency, phase = rng.uniform(0.5, 3, (1, 1, 3)), rng.uniform(0, 6, (1, 1, 3))
+    pixels = 127 + 100 * np.sin(frequency * 6 * x + phase) * np.cos(frequency * 4 * y)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def write_json(path, records):
+    """records as a JSON file at path; returns the path as a string (what data_path takes)."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory):
     """(vision_dir, llm_dir): a full tiny CLIPModel and a tiny Llama + byte-level BPE tokenizer."""

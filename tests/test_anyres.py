@@ -4,8 +4,6 @@ and LlavaNextProcessor, the tile grid and its unpadding, the data pipeline, trai
 Tiny random backbones (32x32 tiles, 8x8 patches -> 16 features per tile, pinpoints [[32, 64], [64, 32],
 [64, 64], [96, 32], [32, 96]]), built locally; the token-count sweep runs at the real scale (336 tiles,
 14-pixel patches) without a model. No network."""
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -24,7 +22,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from conftest import copy_weights_into
+from conftest import copy_weights_into, smooth_image, supervise_text, write_json
 from data import UserError, VLMDataset, collate
 from model import (
     IGNORE_INDEX,
@@ -43,24 +41,8 @@ TILE, PATCH = 32, 8  # the tiny CLIP tower
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # LLaVA-NeXT's five grids, in 32-pixel tiles
 
 
-def smooth(width, height, seed=0):
-    """A smooth colour picture (slow sines): resampling it, torch and PIL differ by a level at most."""
-    rng = np.random.default_rng(seed)
-    x, y = np.linspace(0, 1, width)[None, :, None], np.linspace(0, 1, height)[:, None, None]
-    frequency, phase = rng.uniform(0.5, 3, (1, 1, 3)), rng.uniform(0, 6, (1, 1, 3))
-    pixels = 127 + 100 * np.sin(frequency * 6 * x + phase) * np.cos(frequency * 4 * y)
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def supervise_text(batch, image_token_id, prompt_tokens=3):
-    """Labels = input_ids, with padding, image tokens and the first `prompt_tokens` real tokens masked."""
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
-    labels[labels == image_token_id] = IGNORE_INDEX
-    first_real = (batch["attention_mask"] == 0).sum(1)  # left padding: index of the first real token
-    for row, start in enumerate(first_real.tolist()):
-        labels[row, start:start + prompt_tokens] = IGNORE_INDEX
-    return labels
 
 
 def their_tiles(height, width, pinpoints=PINPOINTS, tile=TILE):
@@ -121,7 +103,7 @@ SIZES = {"wide": (100, 30), "tall": (30, 100), "square": (64, 64), "tiny": (5, 3
 def test_same_logits_and_loss_as_transformers_llava_next(anyres, llava_next, width, height):
     model, processor = anyres
     theirs_model, _ = llava_next
-    batch = processor(text=[f"{IMAGE_TOKEN}\nWhat is in the image?"], images=[smooth(width, height)])
+    batch = processor(text=[f"{IMAGE_TOKEN}\nWhat is in the image?"], images=[smooth_image(width, height)])
     assert batch["image_sizes"].tolist() == [[height, width]]
     assert batch["pixel_values"].shape == (their_tiles(height, width), 3, TILE, TILE)
     labels = supervise_text(batch, model.config.image_token_id)
@@ -138,7 +120,7 @@ def test_same_logits_and_loss_as_transformers_llava_next(anyres, llava_next, wid
 def test_batch_of_differently_tiled_images_gives_llava_next_logits(anyres, llava_next):
     model, processor = anyres
     theirs_model, _ = llava_next
-    square, wide, dot = smooth(64, 64, 1), smooth(100, 30, 2), smooth(1, 1, 3)  # 5, 4 and 3 tiles
+    square, wide, dot = smooth_image(64, 64, 1), smooth_image(100, 30, 2), smooth_image(1, 1, 3)  # 5, 4 and 3 tiles
     texts = [f"{IMAGE_TOKEN}\nWhat is in the image?", f"Compare {IMAGE_TOKEN} with {IMAGE_TOKEN} please."]
     batch = processor(text=texts, images=[[square], [wide, dot]])
     assert batch["image_sizes"].tolist() == [[64, 64], [30, 100], [1, 1]]
@@ -173,7 +155,7 @@ PIXEL_TOLERANCE = {(640, 480): 1, (1920, 1080): 1, (500, 2000): 1, (900, 700): 1
 def test_processor_matches_llava_next_processor(anyres, llava_next, width, height):
     _, processor = anyres
     _, theirs_processor = llava_next
-    image, text = smooth(width, height, seed=width * height), f"{IMAGE_TOKEN}\nWhat is this?"
+    image, text = smooth_image(width, height, seed=width * height), f"{IMAGE_TOKEN}\nWhat is this?"
     ours = processor(text=[text], images=[image])
     theirs = theirs_processor(text=[text], images=[image], return_tensors="pt")
     image_id = processor.image_token_id
@@ -263,9 +245,9 @@ def test_features_are_laid_out_base_first_then_unpadded_rows_with_newlines(anyre
     model, processor = anyres
     # wide 200x30 -> pinpoint 32x96 (1x3 tiles), shown 96x15 pixels at rows 8-22: feature rows 1-2 of 4;
     # tall 30x200 -> 96x32 (3x1 tiles): feature columns 1-2 of 4; square 64x64 -> 2x2 tiles, nothing cut.
-    images = {"wide": (smooth(200, 30), 1, 3, range(1, 3), range(12)),
-              "tall": (smooth(30, 200), 3, 1, range(12), range(1, 3)),
-              "square": (smooth(64, 64), 2, 2, range(8), range(8))}
+    images = {"wide": (smooth_image(200, 30), 1, 3, range(1, 3), range(12)),
+              "tall": (smooth_image(30, 200), 3, 1, range(12), range(1, 3)),
+              "square": (smooth_image(64, 64), 2, 2, range(8), range(8))}
     pixel_values = processor.image_processor([image for image, *_ in images.values()])
     tiles = 1 + 3 + 1 + 3 + 1 + 4
     assert pixel_values["pixel_values"].shape[0] == tiles
@@ -285,17 +267,12 @@ def test_features_are_laid_out_base_first_then_unpadded_rows_with_newlines(anyre
 
 def test_tiles_and_image_sizes_must_agree(anyres):
     model, processor = anyres
-    inputs = processor.image_processor([smooth(64, 64), smooth(100, 30)])  # 5 + 4 tiles
+    inputs = processor.image_processor([smooth_image(64, 64), smooth_image(100, 30)])  # 5 + 4 tiles
     with pytest.raises(ValueError, match="pass image_sizes"):
         model.get_image_features(inputs["pixel_values"])
     extra = torch.cat([inputs["pixel_values"], inputs["pixel_values"][:1]])
     with pytest.raises(ValueError, match="10 tiles in pixel_values but the image_sizes call for 9"):
         model.get_image_features(extra, inputs["image_sizes"])
-
-
-def test_missing_tiles_are_named_like_extra_ones(anyres):
-    model, processor = anyres
-    inputs = processor.image_processor([smooth(64, 64), smooth(100, 30)])  # 5 + 4 tiles
     with pytest.raises(ValueError, match="8 tiles in pixel_values but the image_sizes call for 9"):
         model.get_image_features(inputs["pixel_values"][:8], inputs["image_sizes"])
 
@@ -310,10 +287,6 @@ TWO_IMAGES = [{"from": "human", "value": "<image> and <image>: which is taller?"
 TEXT_ONLY = [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello to you"}]
 
 
-def write_json(path, records):
-    with open(path, "w") as f:
-        json.dump(records, f)
-    return str(path)
 
 
 def their_count(processor, height, width):
@@ -329,7 +302,7 @@ def anyres_data(tmp_path):
     """Images of several sizes and records: text only, one image, two images of different sizes, one pixel."""
     sizes = {"wide.png": (200, 30), "tall.png": (30, 100), "square.png": (64, 64), "dot.png": (1, 1)}
     for seed, (name, (width, height)) in enumerate(sizes.items()):
-        smooth(width, height, seed).save(tmp_path / name)
+        smooth_image(width, height, seed).save(tmp_path / name)
     records = [{"id": "text", "conversations": TEXT_ONLY},
                {"id": "wide", "image": "wide.png", "conversations": CONVERSATION},
                {"id": "pair", "image": ["tall.png", "square.png"], "conversations": TWO_IMAGES},
@@ -381,8 +354,8 @@ def test_anyres_batch_gives_the_per_sample_losses(anyres, anyres_data, packed):
 
 def test_record_too_long_once_tiled_is_a_bad_record(tiny_backbones, anyres, tmp_path):
     _, processor = anyres
-    smooth(1, 1).save(tmp_path / "dot.png")  # 36 image tokens
-    smooth(64, 64).save(tmp_path / "square.png")  # 88 image tokens (16 with aspect pad)
+    smooth_image(1, 1).save(tmp_path / "dot.png")  # 36 image tokens
+    smooth_image(64, 64).save(tmp_path / "square.png")  # 88 image tokens (16 with aspect pad)
     records = [{"id": "small", "image": "dot.png", "conversations": CONVERSATION},
                {"id": "big", "image": "square.png", "conversations": CONVERSATION}]
     path = write_json(tmp_path / "data.json", records)
@@ -402,7 +375,7 @@ def test_record_too_long_once_tiled_is_a_bad_record(tiny_backbones, anyres, tmp_
 
 def test_broken_image_is_reported_as_with_pad_and_its_header_gives_its_length(tiny_backbones, anyres, tmp_path):
     _, processor = anyres
-    smooth(200, 30).save(tmp_path / "photo.png")
+    smooth_image(200, 30).save(tmp_path / "photo.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "photo.png").read_bytes()[:200])  # header whole, pixels cut
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
     records = [{"id": "cut", "image": "cut.png", "conversations": CONVERSATION},
@@ -441,7 +414,7 @@ def test_image_newline_gets_a_gradient_with_images_and_a_zero_one_without(tiny_b
         loss.backward()
         return model.image_newline.grad
 
-    images = processor(text=[f"{IMAGE_TOKEN}\nWhat is in the image?", "Describe the photo."], images=[smooth(100, 30)])
+    images = processor(text=[f"{IMAGE_TOKEN}\nWhat is in the image?", "Describe the photo."], images=[smooth_image(100, 30)])
     grad = newline_grad(images)
     assert grad is not None and grad.abs().sum() > 0
     # Text only: the blank-image pass (ZeRO lockstep) reaches image_newline too, with a zero gradient.
@@ -478,7 +451,7 @@ def test_anyres_model_and_processor_round_trip(tiny_backbones, tmp_path, monkeyp
     assert loaded_processor.image_processor.aspect == "anyres" and loaded_processor.patch_size == PATCH
     assert torch.equal(loaded.image_newline, model.image_newline)
 
-    texts, images = [f"{IMAGE_TOKEN}\nWhat is in the image?", "Describe the photo."], [smooth(120, 30)]  # 1x4 tiles
+    texts, images = [f"{IMAGE_TOKEN}\nWhat is in the image?", "Describe the photo."], [smooth_image(120, 30)]  # 1x4 tiles
     batch, loaded_batch = processor(text=texts, images=images), loaded_processor(text=texts, images=images)
     assert batch.keys() == loaded_batch.keys() >= {"pixel_values", "image_sizes"}
     assert all(torch.equal(batch[k], loaded_batch[k]) for k in batch)

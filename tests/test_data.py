@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_json
 from data import (
     TEMPLATES,
     VICUNA_SYSTEM,
@@ -182,10 +183,6 @@ def test_truncation_never_splits_image_tokens(processor):
 # Files, records and images
 
 
-def write_json(path, records):
-    with open(path, "w") as f:
-        json.dump(records, f)
-    return str(path)
 
 
 def write_image(folder, name, colour, size=(40, 40)):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
 
-from conftest import copy_weights_into
+from conftest import copy_weights_into, supervise_text
 from data import make_tiny_backbones
 from model import (
     IGNORE_INDEX,
@@ -54,15 +54,6 @@ def mixed_batch(processor):
     return processor(text=texts, images=[[RED, GREEN], [], [BLUE]])
 
 
-def supervise_text(batch, image_token_id, prompt_tokens=3):
-    """Labels = input_ids, with padding, image tokens and the first `prompt_tokens` real tokens masked."""
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
-    labels[labels == image_token_id] = IGNORE_INDEX
-    first_real = (batch["attention_mask"] == 0).sum(1)  # left padding: index of the first real token
-    for row, start in enumerate(first_real.tolist()):
-        labels[row, start:start + prompt_tokens] = IGNORE_INDEX
-    return labels
 
 
 def image_runs(ids, image_token_id):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import push
+from conftest import smooth_image
 from data import make_tiny_backbones
 from model import CLIP_STD, build_vlm
 
@@ -188,11 +189,6 @@ def test_llava_export_of_siglip_and_tied_qwen2_matches(tmp_path):
         torch.testing.assert_close(llava(**llava_inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=0)
 
 
-def smooth_image(width, height):
-    """A photo-like image (slow gradients): resizers agree on it to a level or two in 255."""
-    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
-    rgb = np.stack([200 * x + 30, 180 * y + 40, 120 + 80 * np.sin(3 * x + 2 * y)], axis=-1)
-    return Image.fromarray(rgb.astype(np.uint8))
 
 
 def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, monkeypatch, capsys):
