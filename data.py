@@ -613,7 +613,7 @@ def estimate_lengths(batch, num_image_tokens, anyres=None):
 # 6. Batching
 
 
-def collate(samples, pad_token_id, pack_length=0):
+def collate(samples, pad_token_id, pack_length=0, one_row=False):
     """A micro-batch as tensors. Skipped samples are dropped and listed in "skipped" (a batch where
     every sample was skipped has no rows); "num_tokens" counts the real (non-pad) tokens.
 
@@ -623,11 +623,18 @@ def collate(samples, pad_token_id, pack_length=0):
     and less padding. attention_mask is None and position_ids restart at 0 for every sample: from
     that, transformers builds a block-diagonal causal mask, so a token sees only its own sample, and
     the loss equals the unpacked batch's.
+    one_row=True (with pack_length): every sample in one row, (1, sum of lengths), no padding at
+    all: flash_attention_2 keeps attention per sample only in a batch of one row (train.make_collate).
     Images (tiles, 3, H, W) and their sizes (N, 2) come in the order their <image> tokens appear in
     the rows (row-major), as the model's splice expects; None when the batch has none."""
     kept = [s for s in samples if "skipped" not in s]
     lengths = [len(s["input_ids"]) for s in kept]
-    rows = pack_rows(lengths, pack_length) if pack_length else [[i] for i in range(len(kept))]  # sample indices
+    if pack_length and one_row:
+        rows = [list(range(len(kept)))] if kept else []  # sample indices
+    elif pack_length:
+        rows = pack_rows(lengths, pack_length)
+    else:
+        rows = [[i] for i in range(len(kept))]
     width = max((sum(lengths[i] for i in row) for row in rows), default=0)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

@@ -632,12 +632,18 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
     the LLM in the dtype of its embeddings. image_grid_pinpoints: anyres only; None = LLaVA-NeXT's
     five grids (default_pinpoints)."""
     load = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto", **load)
-    vision_tower = load_vision_tower(vision_model, dtype=language_model.dtype, **load)
+    # Loading draws from the random generator in some set-ups (ZeRO-3's partitioned loading) and not
+    # in others: on a generator of its own, the new parts below start the same way in every set-up.
+    with torch.random.fork_rng(devices=[]):
+        language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto", **load)
+        vision_tower = load_vision_tower(vision_model, dtype=language_model.dtype, **load)
     tokenizer = load_tokenizer(llm)
     image_token_id = add_image_token(tokenizer)
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-        language_model.resize_token_embeddings(len(tokenizer))
+        # The <image> row is never read as an input (the splice overwrites those positions), so it
+        # needs no careful start: no mean/covariance of the old table (mean_resizing), which at 7B
+        # under ZeRO-3 would gather the whole table on every rank.
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     vision_config = vision_tower.config
     pinpoints = None
     if image_aspect == "anyres":
@@ -663,7 +669,11 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
     # The LLM's generation_config may list several end tokens (Qwen2.5: <|im_end|> and <|endoftext|>)
     # that its config.json does not; generation must stop at them too.
     model.generation_config.eos_token_id = language_model.generation_config.eos_token_id
-    model.to(language_model.dtype)  # the new parts (connector, image_newline) in the LLM's dtype
+    # The new parts in the LLM's dtype (the loaded ones already are; under ZeRO-3 they are already
+    # partitioned, and must not be moved as a whole)
+    model.connector.to(language_model.dtype)
+    if pinpoints:
+        model.image_newline.data = model.image_newline.data.to(language_model.dtype)
     processor = build_processor(vision_model, tokenizer, config, image_aspect)
     return model, processor
 

@@ -21,6 +21,7 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from data import (TEMPLATES, LengthGroupedSampler, UserError, VLMDataset, bad_record, chat_template_for, collate,
                   demo_corpus, make_demo_data, make_tiny_backbones, run_command, write_json)
@@ -279,6 +280,15 @@ def component_of(name):
     return parts[name.split(".")[0]]
 
 
+def full_shape(p):
+    """A parameter's shape; under ZeRO-3 a partitioned parameter's own tensor is an empty slice."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def full_numel(p):
+    return getattr(p, "ds_numel", p.numel())
+
+
 def freeze_components(model, cfg):
     for name, p in model.named_parameters():
         p.requires_grad_(getattr(cfg, f"train_{component_of(name)}"))
@@ -325,7 +335,7 @@ def build_param_groups(model, cfg):
         if not p.requires_grad:
             continue
         part = component_of(name)
-        decay = p.ndim >= 2
+        decay = len(full_shape(p)) >= 2
         key = part if decay else f"{part}_no_decay"
         group = groups.setdefault(key, {"name": key, "params": [], "lr": getattr(cfg, f"lr_{part}"),
                                         "weight_decay": getattr(cfg, f"wd_{part}") if decay else 0.0})
@@ -336,13 +346,14 @@ def build_param_groups(model, cfg):
 def format_param_groups(groups):
     lines = [f"{'group':<20}{'tensors':>8}{'params':>14}{'lr':>10}{'wd':>8}"]
     for g in groups:
-        n = sum(p.numel() for p in g["params"])
+        n = sum(full_numel(p) for p in g["params"])
         lines.append(f"{g['name']:<20}{len(g['params']):>8}{n:>14,}{g['lr']:>10.2e}{g['weight_decay']:>8.3g}")
     return "\n".join(lines)
 
 
-def deepspeed_config(cfg, accumulation):
-    """Built here from Config, no 'auto' values: what you set is what DeepSpeed runs."""
+def deepspeed_config(cfg, accumulation, load_universal=False):
+    """Built here from Config, no 'auto' values: what you set is what DeepSpeed runs.
+    load_universal: the run resumes from a universal checkpoint (another number of ranks)."""
     zero = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
     if cfg.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -358,6 +369,7 @@ def deepspeed_config(cfg, accumulation):
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -395,7 +407,7 @@ def flops_per_token_and_image(model):
     lookups = {id(lm.get_input_embeddings().weight), id(lm.get_output_embeddings().weight)}
 
     def count(module, trainable=None):  # embedding tables are lookups, and the head runs on few positions
-        return sum(p.numel() for p in module.parameters()
+        return sum(full_numel(p) for p in module.parameters()
                    if id(p) not in lookups and (trainable is None or p.requires_grad == trainable))
 
     patches = model.config.num_image_tokens
@@ -425,11 +437,12 @@ def device_peak_flops():
 
 def rng_state():
     """Every generator's state as tensors, ints and strings, so that torch.load(weights_only=True)
-    reads it back (a checkpoint is data: loading one must not run code)."""
+    reads it back (a checkpoint is data: loading one must not run code). On a GPU: this rank's own
+    device's generator only, so the file fits a rank of a run on any number of GPUs."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
                                                    has_gauss, gauss],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
@@ -437,8 +450,14 @@ def set_rng_state(state):
     kind, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # the CPU and every GPU
 
 
 def save_checkpoint(engine, cfg, step, position, rank):
@@ -497,10 +516,43 @@ def checkpoint_problem(folder):
     return None
 
 
-def load_checkpoint(engine, cfg, tag, rank):
+def saved_world_size(cfg, tag):
+    """How many ranks wrote checkpoint TAG (each wrote its RNG state)."""
+    folder = os.path.join(cfg.out_dir, "checkpoints", tag)
+    return len([f for f in os.listdir(folder) if re.fullmatch(r"rng_rank\d+\.pt", f)])
+
+
+def needs_universal_checkpoint(cfg, tag, world_size):
+    """ZeRO (stages 1-3) saves each rank's slice of the optimizer state, cut for the number of ranks
+    that wrote it; DeepSpeed reads it on another number of ranks only in its universal form."""
+    return cfg.zero_stage > 0 and saved_world_size(cfg, tag) != world_size
+
+
+def write_universal_checkpoint(folder):
+    """FOLDER/universal: DeepSpeed's universal form of the checkpoint (one file per parameter and
+    optimizer state, whole), which any number of ranks can load. Written once, by DeepSpeed's own
+    converter in a child process, under a temporary name until it is complete."""
+    target, partial_dir = os.path.join(folder, "universal"), os.path.join(folder, "universal.partial")
+    if os.path.isdir(target):
+        return
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
+               "--output_folder", partial_dir, "--inject_missing_state"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise UserError(f"cannot convert {folder} for another number of processes ({last}); resume on the "
+                        f"{len([f for f in os.listdir(folder) if f.startswith('rng_rank')])} processes that wrote it")
+    os.replace(partial_dir, target)
+
+
+def load_checkpoint(engine, cfg, tag, rank, world_size, universal):
+    """The engine's weights and optimizer state, this rank's RNG state; returns the client state
+    (step, epoch, samples_done). universal: from TAG/universal (see needs_universal_checkpoint)."""
     root = os.path.join(cfg.out_dir, "checkpoints")
     try:
-        path, state = engine.load_checkpoint(root, tag=tag, load_module_strict=False)
+        path, state = engine.load_checkpoint(root, tag=f"{tag}/universal" if universal else tag,
+                                             load_module_strict=False)
     except (AssertionError, RuntimeError, OSError, KeyError) as e:  # a damaged file DeepSpeed cannot read
         raise UserError(f"checkpoint {root}/{tag} cannot be loaded ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); point "
@@ -510,8 +562,31 @@ def load_checkpoint(engine, cfg, tag, rank):
     if "samples_done" not in state:  # written before positions were counted in samples
         raise UserError(f"checkpoint {root}/{tag} was written by an older small-vlm (no data position in "
                         "samples); start the run again with overwrite=True")
-    set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=True))
+    if saved_world_size(cfg, tag) == world_size:
+        set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=True))
+    else:  # rank r of a new layout has no rank-r state to continue: the generators restart, as at a start
+        seed_everything(cfg.seed + state["step"])
     return state
+
+
+def forget_steps_after(out_dir, step):
+    """A resumed run trains the steps after its checkpoint again: the lines the interrupted run wrote
+    for them (metrics.jsonl, sample_ids_rank*.jsonl) go, so that every step is logged once. A line
+    cut short by a kill goes too."""
+    def kept(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    for name in os.listdir(out_dir):
+        if name == "metrics.jsonl" or re.fullmatch(r"sample_ids_rank\d+\.jsonl", name):
+            path = os.path.join(out_dir, name)
+            with open(path) as f:
+                lines = [line.rstrip("\n") + "\n" for line in f if kept(line)]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(path + ".tmp", path)
 
 
 def whole_state_dict(model, zero3, rank):
@@ -545,14 +620,12 @@ def save_final(engine, processor, cfg, rank, summary):
         os.replace(partial_dir, final)
 
 
-def log_step(cfg, rank, world_size, step, total_steps, epoch, loss, optimizer, engine, window, elapsed,
+def log_step(cfg, rank, world_size, device, step, total_steps, epoch, loss, optimizer, engine, window, elapsed,
              metrics, wandb_run):
     """One line in out_dir/metrics.jsonl (rank 0), a progress line, and wandb if on. Returns the samples
     trained and skipped in this window, summed over ranks."""
-    sums = torch.tensor([window["samples"], window["tokens"], window["positions"], window["flops"], window["skipped"]],
-                        dtype=torch.float64)
-    dist.all_reduce(sums)
-    samples, tokens, positions, flops, skipped = sums.tolist()
+    samples, tokens, positions, flops, skipped = sum_over_ranks(
+        [window["samples"], window["tokens"], window["positions"], window["flops"], window["skipped"]], device)
     peak = device_peak_flops()
     grad_norm = engine.get_global_grad_norm()  # a float or a tensor, by ZeRO stage
     grad_norm = None if grad_norm is None else float(grad_norm)
@@ -620,9 +693,10 @@ def load_connector_weights(model, folder):
     if not files:
         raise UserError(f"init_from={folder!r} holds no .safetensors weights; point it at a stage-1 run or final/")
     weights = {}
-    for f in files:
-        weights.update({k: v for k, v in load_file(os.path.join(folder, f)).items()
-                        if k.startswith("connector.") or k == "image_newline"})
+    for f in files:  # only the connector's tensors are read: a few MB of a 14 GB folder at 7B
+        with safe_open(os.path.join(folder, f), framework="pt") as shard:
+            weights.update({k: shard.get_tensor(k) for k in shard.keys()
+                            if k.startswith("connector.") or k == "image_newline"})
     try:
         model.connector.load_state_dict({k[len("connector."):]: v for k, v in weights.items() if k != "image_newline"})
     except RuntimeError as e:
@@ -680,6 +754,49 @@ def leave_stop_signals_to_the_rank(_worker_id):
         signal.signal(number, signal.SIG_IGN)
 
 
+def sum_over_ranks(values, device):
+    """[x, y, ...] summed over every rank, as floats. The tensor lives on the training device: the
+    process group of a GPU run has only NCCL, which moves GPU tensors alone, and a CPU tensor there
+    stops the run ("No backend type associated with device type cpu")."""
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def first_failure(failure, world_size):
+    """The message of the lowest rank that failed, known to every rank (its failure, or None)."""
+    messages = [None] * world_size
+    dist.all_gather_object(messages, failure)
+    return next(m for m in messages if m)
+
+
+def rank0_first(work, rank, then_the_others=True):
+    """work() on rank 0, then (then_the_others) on the other ranks, which find what rank 0 wrote to
+    disk. A UserError on rank 0 stops every rank with its one line, instead of leaving the others
+    waiting for rank 0 for ever. Returns work()'s result (None on ranks that did not run it)."""
+    result, error = None, [None]
+    if rank == 0:
+        try:
+            result = work()
+        except UserError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        stop_every_rank(error[0], rank)
+    if rank != 0 and then_the_others:
+        result = work()
+    return result
+
+
+def stop_every_rank(message, rank):
+    """Every rank ends with exit code 2 and the job prints one error line: rank 0 prints it before
+    any rank leaves (a launcher kills the others as soon as one rank exits)."""
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    dist.barrier()
+    exit_now(2)
+
+
 def exit_now(code):
     """Ends this process at once (its DataLoader workers see their parent gone and stop)."""
     sys.stdout.flush()
@@ -713,15 +830,26 @@ def use_one_process_without_launcher():
                       MASTER_PORT=str(port))
 
 
+def partitioned_loading(cfg, accumulation):
+    """Under ZeRO-3, from_pretrained creates each model already cut into per-rank slices (DeepSpeed's
+    zero.Init; only rank 0 reads the weight files), instead of a whole copy per rank in host memory
+    (8 x 68 GB for a 34B LLM on 8 GPUs): transformers looks for this object while it exists.
+    None below ZeRO-3."""
+    if cfg.zero_stage != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(deepspeed_config(cfg, accumulation))
+
+
 def build_training_model(cfg, device):
     """The model main() trains: build_vlm (pretrained encoder + LLM + a fresh connector), stage 1's
     connector when init_from is set, the training prompt format as the processor's chat template,
     and prepare_for_training. Returns (model, processor)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-    attn = cfg.attn_implementation if device.type == "cuda" else "sdpa"
     try:
         model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
-                                     cfg.image_aspect, dtype=dtype, attn_implementation=attn,
+                                     cfg.image_aspect, dtype=dtype, attn_implementation=attention_for(cfg, device),
                                      image_grid_pinpoints=parse_pinpoints(cfg.image_grid_pinpoints))
     except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
         raise UserError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
@@ -747,23 +875,39 @@ def build_training_model(cfg, device):
     return model, processor
 
 
+def attention_for(cfg, device):
+    """The attention implementation this run uses: the configured one on GPUs, sdpa on the CPU."""
+    return cfg.attn_implementation if device.type == "cuda" else "sdpa"
+
+
+def make_collate(cfg, pad_token_id, attn_implementation):
+    """The DataLoader's collate function: samples -> one micro-batch. Packed rows carry no attention
+    mask, only position_ids that restart at 0 for every sample. transformers turns those into
+    per-sample (block-diagonal) attention for sdpa, flex_attention and eager at any number of rows,
+    but flash_attention_2 finds the sample boundaries only in a batch of ONE row (its
+    _is_packed_sequence; with more rows each row is plain causal and a sample would attend to the
+    ones before it). So with flash_attention_2 a micro-batch is packed into a single row."""
+    if not cfg.pack_samples:
+        return partial(collate, pad_token_id=pad_token_id)
+    return partial(collate, pad_token_id=pad_token_id, pack_length=cfg.max_seq_len,
+                   one_row=attn_implementation == "flash_attention_2")
+
+
 def start_processes(cfg, rank):
     """The process group, this rank's device, the seeds, and (rank 0) the demo files. Returns the device."""
     import deepspeed  # imported where used: its import takes seconds and logs, and config errors come first
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its own GPU
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     if cfg.precision != "fp32" and device.type == "cpu":
         raise UserError(f"precision={cfg.precision} needs a GPU; use precision=fp32 on CPU")
     if device.type != "cuda" and cfg.attn_implementation != "sdpa":
         log_rank0(rank, f"attn_implementation={cfg.attn_implementation} is for GPUs; this CPU run uses sdpa")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     if rank == 0 and cfg.make_demo:
         prepare_demo(cfg)
     dist.barrier()
@@ -774,11 +918,16 @@ def build_data(cfg, processor, device, world_size, rank):
     """(dataset, sampler, loader), checked before any GPU work: a bad file fails here, not hours in.
     Bad records come back marked, never raised in a DataLoader worker (whose traceback would wrap
     the message); the loop stops at the first one unless skip_bad_samples is set."""
-    try:
-        dataset = VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
-                             skip_bad_samples=True, image_paths_outside=cfg.image_paths_outside)
-    except (ValueError, FileNotFoundError) as e:  # data.py's messages name the file / record
-        raise UserError(str(e)) from None
+    def load():
+        try:
+            return VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
+                              skip_bad_samples=True, image_paths_outside=cfg.image_paths_outside)
+        except (ValueError, FileNotFoundError) as e:  # data.py's messages name the file / record
+            raise UserError(str(e)) from None
+
+    # Rank 0 converts the files and estimates the lengths (with anyres: one image header per record)
+    # into the datasets cache; the other ranks then read that cache instead of all doing the same.
+    dataset = rank0_first(load, rank)
     if len(dataset) == 0:
         raise UserError(f"data_path={cfg.data_path!r} holds no records")
     check_images(dataset, cfg)
@@ -786,14 +935,13 @@ def build_data(cfg, processor, device, world_size, rank):
                                    world_size, rank, cfg.seed, group_by_length=cfg.group_by_length)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id,
-                           pack_length=cfg.max_seq_len if cfg.pack_samples else 0),
+        collate_fn=make_collate(cfg, processor.tokenizer.pad_token_id, attention_for(cfg, device)),
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
         worker_init_fn=leave_stop_signals_to_the_rank)
     return dataset, sampler, loader
 
 
-def build_engine(model, cfg, accumulation, rank):
+def build_engine(model, cfg, accumulation, rank, load_universal=False):
     """The param groups (printed), the optimizer and the DeepSpeed engine. Returns (engine,
     optimizer, each group's peak lr)."""
     import deepspeed
@@ -801,7 +949,7 @@ def build_engine(model, cfg, accumulation, rank):
     groups = build_param_groups(model, cfg)
     log_rank0(rank, format_param_groups(groups))
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=make_optimizer(groups, cfg), config=deepspeed_config(cfg, accumulation))
+        model=model, optimizer=make_optimizer(groups, cfg), config=deepspeed_config(cfg, accumulation, load_universal))
     return engine, optimizer, [g["lr"] for g in groups]
 
 
@@ -819,6 +967,7 @@ def main(argv=None):
 
     # --- processes, model, data, engine
     device = start_processes(cfg, rank)
+    zero3_loading = partitioned_loading(cfg, accumulation)  # kept for the run: transformers looks it up
     model, processor = build_training_model(cfg, device)  # pretrained encoder + LLM + a fresh (or stage-1) connector
     if cfg.compile:
         log_rank0(rank, f"compiling {len(repeated_blocks(model))} blocks (the first steps are slow)")
@@ -830,16 +979,23 @@ def main(argv=None):
     if rank == 0:  # every check passed: only now does out_dir become this run's
         prepare_out_dir(cfg, fresh=resume_tag is None)
     dist.barrier()
-    flops_per_token, flops_per_image = flops_per_token_and_image(model)  # before ZeRO-3 partitions the weights
-    engine, optimizer, peak_lrs = build_engine(model, cfg, accumulation, rank)
+    flops_per_token, flops_per_image = flops_per_token_and_image(model)
+    universal = bool(resume_tag) and needs_universal_checkpoint(cfg, resume_tag, world_size)
+    if universal:  # resumed on another number of processes
+        rank0_first(lambda: write_universal_checkpoint(os.path.join(cfg.out_dir, "checkpoints", resume_tag)), rank,
+                    then_the_others=False)
+    engine, optimizer, peak_lrs = build_engine(model, cfg, accumulation, rank, universal)
 
     # --- resume
     # The data position is the samples of this epoch already trained (whole steps of batch_size),
     # so a run resumed with another micro_batch_size or number of GPUs takes the very next ones.
     step, epoch, samples_done = 0, 0, 0
     if resume_tag:
-        state = load_checkpoint(engine, cfg, resume_tag, rank)
+        state = load_checkpoint(engine, cfg, resume_tag, rank, world_size, universal)
         step, epoch, samples_done = state["step"], state["epoch"], state["samples_done"]
+        if rank == 0:
+            forget_steps_after(cfg.out_dir, step)
+        dist.barrier()  # before any rank appends to its sample-id log again
         log_rank0(rank, f"resumed from {cfg.out_dir}/checkpoints/{resume_tag} at step {step}")
 
     # --- pre-emption: SIGTERM asks for a checkpoint at the next step boundary
@@ -863,17 +1019,18 @@ def main(argv=None):
     id_log = open(os.path.join(cfg.out_dir, f"sample_ids_rank{rank}.jsonl"), "a") if cfg.log_sample_ids else None
     window = {"samples": 0, "tokens": 0, "positions": 0, "flops": 0.0, "wait": 0.0, "skipped": 0}
     last_loss, t_window, t_wait = float("nan"), time.time(), time.time()
+    failure = None  # this rank's first bad record or diverged loss, if any (reported at the step's end)
     totals = {"trained": 0, "skipped": 0}  # samples, all ranks, this run (check_skipped_share)
     while step < total_steps:
         sampler.set_epoch(epoch)
         sampler.skip(samples_done)
         for batch in loader:
             window["wait"] += time.time() - t_wait
-            if batch["skipped"] and not cfg.skip_bad_samples:
-                raise bad_record(*batch["skipped"][0])
+            if batch["skipped"] and not cfg.skip_bad_samples and failure is None:
+                failure = str(bad_record(*batch["skipped"][0]))  # every rank stops at the step's end
             skipped += batch["skipped"]
             window["skipped"] += len(batch["skipped"])
-            if not batch["ids"]:  # every sample skipped: an all-masked step keeps ranks in lockstep
+            if not batch["ids"] or failure:  # nothing to train: an all-masked step keeps ranks in lockstep
                 batch = {"input_ids": torch.tensor([[processor.tokenizer.pad_token_id]]),
                          "labels": torch.tensor([[IGNORE_INDEX]]), "attention_mask": None,
                          "position_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": None, "image_sizes": None,
@@ -887,9 +1044,9 @@ def main(argv=None):
                       for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_sizes")}
             loss = engine(**inputs).loss
             loss_value = loss.item()  # the one GPU sync per micro-batch
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss is {loss_value} at step {step + 1} (micro-batch ids {batch['ids']}); "
-                                "lower the learning rate or check those samples, then resume=True")
+            if not math.isfinite(loss_value) and failure is None:
+                failure = (f"loss is {loss_value} at step {step + 1} (micro-batch ids {batch['ids']}); "
+                           "lower the learning rate or check those samples, then resume=True")
             engine.backward(loss)  # scales by 1/accumulation
             engine.step()  # steps the optimizer only at the accumulation boundary
             step_ids += batch["ids"]
@@ -904,25 +1061,27 @@ def main(argv=None):
             if not boundary:
                 continue
 
-            # one optimizer step done: average the loss over micro-batches and ranks
+            # one optimizer step done: the ranks agree on how it went, and average the loss
+            loss_sum, micro_batches, stop_asked, failed = sum_over_ranks(
+                [step_loss, step_micro, float(stop["signal"] > 0), float(failure is not None)], device)
+            if failed:  # a bad record or a diverged loss on some rank: every rank stops, one error line
+                stop_every_rank(first_failure(failure, world_size), rank)
             step, samples_done = step + 1, samples_done + cfg.batch_size
+            last_loss, step_loss, step_micro = loss_sum / micro_batches, 0.0, 0
             if id_log:
                 id_log.write(json.dumps({"step": step, "epoch": epoch, "ids": step_ids}) + "\n")
                 id_log.flush()
             step_ids = []
-            reduced = torch.tensor([step_loss, step_micro, float(stop["signal"] > 0)], dtype=torch.float64)
-            dist.all_reduce(reduced)
-            last_loss, step_loss, step_micro = reduced[0].item() / reduced[1].item(), 0.0, 0
             if step % cfg.log_every == 0 or step == total_steps:
-                trained, skipped_now = log_step(cfg, rank, world_size, step, total_steps, epoch, last_loss, optimizer,
-                                                engine, window, time.time() - t_window, metrics, wandb_run)
+                trained, skipped_now = log_step(cfg, rank, world_size, device, step, total_steps, epoch, last_loss,
+                                                optimizer, engine, window, time.time() - t_window, metrics, wandb_run)
                 totals["trained"] += trained
                 totals["skipped"] += skipped_now
                 check_skipped_share(totals, skipped)
                 window = dict.fromkeys(window, 0)
                 t_window = time.time()
             position = {"epoch": epoch, "samples_done": samples_done}
-            if reduced[2].item() > 0:  # some rank got SIGTERM or SIGINT
+            if stop_asked:  # some rank got SIGTERM or SIGINT
                 save_checkpoint(engine, cfg, step, position, rank)
                 received = signal.Signals(stop["signal"] or signal.SIGTERM)
                 log_rank0(rank, f"{received.name}: saved step {step} in {cfg.out_dir}/checkpoints; continue with the "
