@@ -6,8 +6,8 @@ A benchmark (one JSON object per line: {"id", "image", "question", "answer", "ch
     python eval.py out/run1 --data bench/gqa.jsonl --image_folder bench/images --batch_size 16
 
 Read top to bottom, this is the path of a record from the JSONL file to its score:
-  1. load_model        - CKPT is a training run, a small-vlm folder, a native LLaVA folder, a
-                         remote-code folder or a Hub repo id; each loads with its own classes.
+  1. load_model        - CKPT is a training run, a small-vlm folder, a native LLaVA or LLaVA-NeXT
+                         folder, a remote-code folder or a Hub repo id; each loads with its own classes.
   2. the prompt        - question (+ lettered options) + LLaVA's answer-format suffix, rendered
                          by the processor's chat template: exactly the prompt the model trained on.
   3. generation        - batched, left-padded, KV-cached; greedy unless --temperature > 0.
@@ -58,11 +58,17 @@ def read_checkpoint_config(ckpt):
         return ckpt, json.load(f)
 
 
+# Native folders (push.py --format llava) -> transformers' class for them, by config model_type.
+NATIVE_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+
+
 def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
     """(model, processor) in eval mode on `device` (default: cuda when available, else cpu) in
     `dtype` (default: bfloat16 on CUDA, float32 on CPU). The config's model_type picks the classes:
-    small_vlm -> model.py's; llava -> transformers' LLaVA; an auto_map -> the folder's own code,
-    which is someone else's Python: it runs only with trust_remote_code=True."""
+    small_vlm -> model.py's; llava, llava_next -> transformers' own (NATIVE_CLASSES, push.py's
+    --format llava of a model without / with anyres); an auto_map -> the folder's own code, which
+    is someone else's Python: it runs only with trust_remote_code=True."""
+    import transformers
     from transformers import AutoProcessor
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -72,14 +78,10 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
     if model_type == "small_vlm":
         model = VLMForCausalLM.from_pretrained(source, dtype=dtype)
         processor = VLMProcessor.from_pretrained(source)
-    elif model_type == "llava":
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(source)
+    elif model_type in NATIVE_CLASSES:
+        model = getattr(transformers, NATIVE_CLASSES[model_type]).from_pretrained(source, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(source)  # LlavaProcessor / LlavaNextProcessor
     elif "auto_map" in config:
-        import transformers
-
         if not trust_remote_code:
             raise UserError(f"{ckpt} is a remote-code model: loading it runs the Python files it ships "
                             "(config.json auto_map). Read them, and pass --trust_remote_code if you trust them")
@@ -91,7 +93,8 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
     else:
         raise UserError(
             f"{ckpt}: model_type {model_type!r} is not a vision-language model eval.py can load; expected "
-            "'small_vlm' (saved by train.py), 'llava' (push.py's native export) or a remote-code folder (auto_map)"
+            "'small_vlm' (saved by train.py), 'llava' or 'llava_next' (push.py's native export, without / with "
+            "anyres) or a remote-code folder (auto_map)"
         )
     return model.to(device).eval(), processor
 
@@ -146,10 +149,20 @@ def generate_answers(model, processor, prompts, images, batch_size=8, max_new_to
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
-                                    pad_token_id=pad_token_id, **sampling)  # (B, T + new)
+                                    pad_token_id=pad_token_id, **sampling, **never_generated(model))  # (B, T + new)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new)
         answers += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
+
+
+def never_generated(model):
+    """generate() settings that keep the image token out of the answer: a generated <image> is a
+    placeholder with no image behind it (our model raises at the next step, model.py
+    merge_image_features). build_vlm saves this in generation_config, but folders saved before it
+    did, and exports made from them by an older push.py, lack it. {} for a remote-code model whose
+    config names no image token."""
+    image_token_id = getattr(model.config, "image_token_id", None)
+    return {} if image_token_id is None else dict(suppress_tokens=[image_token_id])
 
 
 def open_image(image):
@@ -414,7 +427,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", help="training output folder (uses its final/), a saved model folder "
-                                     "(small-vlm, native LLaVA or remote code), or a Hub repo id")
+                                     "(small-vlm, native LLaVA / LLaVA-NeXT or remote code), or a Hub repo id")
     parser.add_argument("--image", help="one image to ask about (with --prompt)")
     parser.add_argument("--prompt", help="one question; prints the answer (no suffix is added)")
     parser.add_argument("--data", help="JSONL benchmark file: {id, image, question, answer, choices?, category?}")

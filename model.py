@@ -669,6 +669,7 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
     # The LLM's generation_config may list several end tokens (Qwen2.5: <|im_end|> and <|endoftext|>)
     # that its config.json does not; generation must stop at them too.
     model.generation_config.eos_token_id = language_model.generation_config.eos_token_id
+    model.generation_config.suppress_tokens = [image_token_id]  # a generated <image> has no image behind it
     # The new parts in the LLM's dtype (the loaded ones already are; under ZeRO-3 they are already
     # partitioned, and must not be moved as a whole)
     model.connector.to(language_model.dtype)

@@ -148,8 +148,12 @@ def choose_format(config, requested):
 
 
 def load_checkpoint(src):
-    """Model in its saved dtype (bf16 stays bf16) and processor."""
-    return VLMForCausalLM.from_pretrained(src, dtype="auto").eval(), VLMProcessor.from_pretrained(src)
+    """Model in its saved dtype (bf16 stays bf16) and processor. Its generation_config, which both
+    formats save, never generates <image>: build_vlm sets that, and a checkpoint saved before it
+    did gets it here."""
+    model = VLMForCausalLM.from_pretrained(src, dtype="auto").eval()
+    model.generation_config.suppress_tokens = [model.config.image_token_id]
+    return model, VLMProcessor.from_pretrained(src)
 
 
 def export_remote(src, dst):

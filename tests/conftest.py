@@ -33,6 +33,20 @@ def copy_weights_into(native, model):
     return native.eval()
 
 
+def favour_token(model, token_id, margin=1e4):
+    """Rigs the model so that token_id is by far its most likely next token, every step: a hook adds
+    `margin` to that logit of the LM head's output (ours or transformers' LLaVA, any head shape)."""
+    import torch
+
+    def add_margin(head, inputs, logits):
+        bonus = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        bonus[token_id] = margin
+        return logits + bonus
+
+    model.get_output_embeddings().register_forward_hook(add_margin)
+    return model
+
+
 def supervise_text(batch, image_token_id, prompt_tokens=3):
     """Labels = input_ids, with padding, image tokens and the first `prompt_tokens` real tokens masked."""
     from model import IGNORE_INDEX

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import favour_token, smooth_image
 from eval import (
     UserError,
     build_prompt,
@@ -206,6 +207,66 @@ def test_native_llava_folder_loads_and_batches(tiny_backbones, tmp_path, image_f
     prompts = [build_prompt(processor, q) for q in ["What?", "What color is it?", "Describe.", "Wide?"]]
     batched = generate_answers(model, processor, prompts, images, batch_size=4, max_new_tokens=5)
     assert batched == generate_answers(model, processor, prompts, images, batch_size=1, max_new_tokens=5)
+
+
+def test_native_llava_next_export_answers_as_the_folder_it_came_from(tiny_backbones, tmp_path):
+    """push.py's native export of an anyres model (model_type 'llava_next': LlavaNextForConditionalGeneration
+    + LlavaNextProcessor) loads, and gives the greedy answers of the small-vlm folder it was exported
+    from: the same prompts from its chat template, and images of different sizes (different tile
+    counts, so padded tiles and image_sizes) batched together or asked one by one."""
+    import push
+
+    model, processor = build_vlm(*tiny_backbones, image_aspect="anyres")
+    processor.chat_template = VICUNA_TEMPLATE
+    model.save_pretrained(tmp_path / "run" / "final")
+    processor.save_pretrained(tmp_path / "run" / "final")
+    push.export_llava(str(tmp_path / "run" / "final"), str(tmp_path / "llava"))
+    images = []
+    for width, height in [(40, 24), (24, 80), (200, 150), (7, 5)]:  # wide, tall, large, tiny
+        images.append(str(tmp_path / f"{width}x{height}.png"))
+        smooth_image(width, height).save(images[-1])
+    questions = ["What?", "What color is it?", "Describe.", "Is it small?"]
+
+    answers = {}
+    for folder in ("run", "llava"):
+        model, processor = load_model(str(tmp_path / folder))
+        prompts = [build_prompt(processor, q) for q in questions]
+        answers[folder] = generate_answers(model, processor, prompts, images, batch_size=4, max_new_tokens=6)
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    assert answers["llava"] == answers["run"]
+    assert generate_answers(model, processor, prompts, images, batch_size=1, max_new_tokens=6) == answers["run"]
+    assert len(set(answers["run"])) > 1  # answers depend on the image and question
+
+
+def test_image_token_is_never_generated_even_from_an_old_folder(tiny_vlm, tmp_path, image_folder, monkeypatch):
+    """A model rigged to write <image> next (favour_token), saved without generation_config.suppress_tokens
+    as folders were before build_vlm set it: greedy and sampled answers come with no error and no image
+    token. A generated <image> would be an image token with no image features behind it at the next step."""
+    model, processor = tiny_vlm
+    processor.chat_template = VICUNA_TEMPLATE
+    model.generation_config.suppress_tokens = None  # an old folder
+    model.save_pretrained(tmp_path / "old")
+    processor.save_pretrained(tmp_path / "old")
+    model, processor = load_model(str(tmp_path / "old"))
+    assert model.generation_config.suppress_tokens is None
+    image_token_id = model.config.image_token_id
+    favour_token(model, image_token_id)
+    generated = []  # the new ids of every generate() call
+    generate = model.generate
+
+    def recording_generate(**inputs):
+        output = generate(**inputs)
+        generated.append(output[:, inputs["input_ids"].shape[1]:])
+        return output
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    images = [os.path.join(image_folder, "red.png"), None]
+    prompts = [build_prompt(processor, "What?"), build_prompt(processor, "Say hi.", has_image=False)]
+    torch.manual_seed(0)
+    for temperature in (0.0, 1.0):  # greedy, sampled
+        generate_answers(model, processor, prompts, images, batch_size=2, max_new_tokens=4, temperature=temperature)
+    assert len(generated) == 2  # one batch each
+    assert not any((ids == image_token_id).any() for ids in generated)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
 
-from conftest import copy_weights_into, supervise_text
+from conftest import copy_weights_into, favour_token, supervise_text
 from data import make_tiny_backbones
 from model import (
     IGNORE_INDEX,
@@ -439,6 +439,22 @@ def test_generation_stops_at_eos(tiny_vlm):
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     assert out.shape == (2, batch["input_ids"].shape[1] + 1) and out[:, -1].tolist() == [eos, eos]
+
+
+def test_saved_model_never_generates_the_image_token(tiny_vlm, tmp_path):
+    """build_vlm's generation_config suppresses <image>, and a saved folder keeps it: rigged to want
+    <image> next (favour_token), the reloaded model generates, greedy and sampled, with no error and no
+    image token. A generated <image> would reach merge_image_features with no image features behind it."""
+    model, processor = tiny_vlm
+    image_token_id = model.config.image_token_id
+    model.save_pretrained(tmp_path)
+    model = favour_token(VLMForCausalLM.from_pretrained(tmp_path).eval(), image_token_id)
+    batch = processor(text=[f"{IMAGE_TOKEN}\nWhat is in the image?", "Describe the photo."], images=[RED])
+    torch.manual_seed(0)
+    for sampling in (dict(do_sample=False), dict(do_sample=True, temperature=1.0)):
+        with torch.no_grad():
+            new = model.generate(**batch, max_new_tokens=4, **sampling)[:, batch["input_ids"].shape[1]:]
+        assert new.shape[1] > 0 and not (new == image_token_id).any(), sampling
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import push
-from conftest import smooth_image
+from conftest import favour_token, smooth_image
 from data import make_tiny_backbones
 from model import CLIP_STD, build_vlm
 
@@ -237,6 +237,27 @@ def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, mon
     inputs, logits, generated = project_outputs(model, processor, image)
     assert torch.equal(loaded["input_ids"], inputs["input_ids"]) and torch.equal(loaded["logits"], logits)
     assert torch.equal(loaded["generated"], generated)
+
+
+def test_both_formats_never_generate_the_image_token_even_from_an_old_checkpoint(tiny_vlm, tmp_path):
+    """A checkpoint saved before build_vlm suppressed <image> in generation_config: both exports' generation
+    configs suppress it, and the native model, rigged to want <image> next (favour_token), never writes it."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model, processor = tiny_vlm
+    image_token_id = model.config.image_token_id
+    model.generation_config.suppress_tokens = None  # an old checkpoint
+    final = os.path.join(save_run(model, processor, tmp_path / "old"), "final")
+    for fmt, export in (("llava", push.export_llava), ("remote", push.export_remote)):
+        export(final, str(tmp_path / fmt))
+        generation_config = json.loads((tmp_path / fmt / "generation_config.json").read_text())
+        assert generation_config["suppress_tokens"] == [image_token_id], fmt
+    llava = favour_token(LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval(), image_token_id)
+    llava_processor = AutoProcessor.from_pretrained(tmp_path / "llava")
+    inputs = llava_processor(text=llava_processor.apply_chat_template(MESSAGES, add_generation_prompt=True),
+                             images=make_image(), return_tensors="pt")
+    new = llava.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert len(new) > 0 and image_token_id not in new.tolist()
 
 
 def test_interactive_upload_sends_the_folder_and_never_the_token(run, monkeypatch, capsys):
