@@ -193,7 +193,8 @@ def bench_train(system, stage, args, config, samples, env):
                 "zero_stage": args.zero_stage, "offload": args.offload, "packed": cfg.pack_samples,
                 "compiled": cfg.compile, "attn_implementation": config._attn_implementation,
                 "trains": "connector" if stage == "pretrain" else "connector+lm"}
-    batches = [collate(s, pad_token_id=0, pack_length=cfg.max_seq_len if cfg.pack_samples else 0) for s in samples]
+    collate_batch = train.make_collate(cfg, 0, config._attn_implementation)  # flash_attention_2 packs one row
+    batches = [collate_batch(s) for s in samples]
     try:
         return settings | measure_train_steps(system, cfg, config, batches, env)
     except torch.OutOfMemoryError as e:
@@ -206,7 +207,6 @@ def bench_train(system, stage, args, config, samples, env):
 def measure_train_steps(system, cfg, config, batches, env):
     """Warm-up steps, then the measured ones, each timed from forward to the end of the optimizer step."""
     import deepspeed
-    import torch.distributed as dist
 
     model = build_model(system, config, env.device, env.dtype)
     names = model if system == OURS else with_our_names(model)
@@ -218,7 +218,7 @@ def measure_train_steps(system, cfg, config, batches, env):
         torch.cuda.reset_peak_memory_stats()
     per_token, per_image = model_flops(config, cfg)
     warmup = len(batches) - env.settings["steps"]
-    times, totals = [], torch.zeros(4, dtype=torch.float64, device=env.device)  # samples, tokens, real, FLOPs
+    times, totals = [], [0.0, 0.0, 0.0, 0.0]  # samples, tokens, real, FLOPs
     for step, batch in enumerate(batches):
         inputs = {k: batch[k].to(env.device) if batch[k] is not None else None
                   for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")}
@@ -232,10 +232,11 @@ def measure_train_steps(system, cfg, config, batches, env):
         times.append(time.perf_counter() - start)
         real = batch["num_tokens"]
         images = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])
-        totals += torch.tensor([len(batch["ids"]), batch["input_ids"].numel(), real,
-                                per_token * real + per_image * images], dtype=torch.float64, device=env.device)
-    dist.all_reduce(totals)  # over ranks: every rank ran its own micro-batches
-    samples, tokens, real, flops = totals.tolist()
+        for i, value in enumerate((len(batch["ids"]), batch["input_ids"].numel(), real,
+                                   per_token * real + per_image * images)):
+            totals[i] += value
+    # over ranks: every rank ran its own micro-batches
+    samples, tokens, real, flops = train.sum_over_ranks(totals, env.device)
     memory = torch.cuda.max_memory_allocated() / 2**30 if env.device.type == "cuda" else None
     engine.destroy()
     del engine, optimizer, model, names

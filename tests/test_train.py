@@ -1,4 +1,5 @@
 """train.py: config parsing, param groups, the lr schedule, and real DeepSpeed launcher runs."""
+import itertools
 import json
 import math
 import os
@@ -477,3 +478,70 @@ def test_disk_full_while_saving_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="something else"):  # other errors are not disguised
         with train.disk_full_says_so(partial):
             raise RuntimeError("something else")
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing per attention implementation
+
+
+def text_samples(tokenizer, image_size, n=6):
+    """n text-only training samples of different lengths, as VLMDataset makes them."""
+    samples = []
+    for i in range(n):
+        ids = tokenizer(" ".join(["a red square on the left"] * (i + 1))).input_ids
+        samples.append({"id": f"s{i}", "input_ids": torch.tensor(ids), "labels": torch.tensor(ids),
+                        "pixel_values": torch.zeros(0, 3, image_size, image_size),
+                        "image_sizes": torch.zeros(0, 2, dtype=torch.long)})
+    return samples
+
+
+def test_flash_attention_gets_each_micro_batch_packed_into_one_row(tiny_vlm):
+    """transformers derives per-sample attention from position_ids alone, for sdpa/flex/eager at any
+    number of rows, but for flash_attention_2 only in a batch of one row: with two rows FA2 would
+    run plain causal attention over each row and a sample would see the ones packed before it."""
+    from transformers.masking_utils import find_packed_sequence_indices
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    model, processor = tiny_vlm
+    samples = text_samples(processor.tokenizer, model.config.vision_config.image_size)
+    lengths = {s["id"]: len(s["input_ids"]) for s in samples}
+    cfg = Config(pack_samples=True, max_seq_len=max(lengths.values()) + 4)
+    pad = processor.tokenizer.pad_token_id
+
+    rows = train.make_collate(cfg, pad, "sdpa")(samples)
+    assert rows["input_ids"].shape[0] >= 2 and rows["attention_mask"] is None
+    segments = find_packed_sequence_indices(rows["position_ids"])  # how sdpa's mask will see it
+    assert segments is not None
+    assert not _is_packed_sequence(rows["position_ids"], rows["input_ids"].shape[0])  # FA2 would not
+
+    one_row = train.make_collate(cfg, pad, "flash_attention_2")(samples)
+    assert one_row["input_ids"].shape == (1, sum(lengths.values())) and one_row["attention_mask"] is None
+    assert _is_packed_sequence(one_row["position_ids"], 1)
+    (cu_seqlens, _), (longest, _) = prepare_fa_kwargs_from_position_ids(one_row["position_ids"])
+    assert cu_seqlens.tolist() == [0, *itertools.accumulate(lengths[i] for i in one_row["ids"])]
+    assert longest == max(lengths.values())
+    unpacked = train.make_collate(Config(pack_samples=False), pad, "flash_attention_2")(samples)
+    assert unpacked["attention_mask"] is not None and unpacked["input_ids"].shape[0] == len(samples)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_give_the_padded_loss_per_attention_implementation(tiny_backbones, attn):
+    """Two or more packed rows, no attention mask: the same loss as one padded row per sample."""
+    from model import build_vlm
+
+    vision, llm = tiny_backbones
+    model, processor = build_vlm(vision, llm, dtype=torch.float32, attn_implementation=attn)
+    model.eval()
+    samples = text_samples(processor.tokenizer, model.config.vision_config.image_size)
+    pad = processor.tokenizer.pad_token_id
+    cfg = Config(pack_samples=True, max_seq_len=max(len(s["input_ids"]) for s in samples) + 4)
+    losses = {}
+    for name, collate_batch in (("padded", train.make_collate(Config(), pad, attn)),
+                                ("packed", train.make_collate(cfg, pad, attn))):
+        batch = collate_batch(samples)
+        if name == "packed":
+            assert batch["input_ids"].shape[0] >= 2
+        with torch.no_grad():
+            losses[name] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"], labels=batch["labels"]).loss.item()
+    assert abs(losses["padded"] - losses["packed"]) < 1e-5, losses
