@@ -12,6 +12,7 @@ Read top to bottom, this is the path of one record to a batch:
   8. the demo data         - a synthetic coloured-shapes task drawn with PIL (`python data.py --make-demo DIR`).
   9. tiny backbones        - small random CLIP/SigLIP + Llama/Qwen2 and a byte-level BPE tokenizer, saved to
                              folders, for the demo and the tests (model.py, the remote code, holds only the model).
+ 10. show_samples          - `python data.py --show CONFIG`: samples as the model gets them, labels audited.
 """
 import argparse
 import hashlib
@@ -691,9 +692,11 @@ def pack_rows(lengths, capacity):
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
-    """LLaVA's "group by modality length": image and text-only records form separate batches (a
-    batch never mixes them), records of similar length share a batch (less padding), and the
-    order of batches is shuffled (group_by_length=False: a plain shuffle). One global batch =
+    """LLaVA's "group by modality length": image and text-only records form separate batches,
+    records of similar length share a batch (less padding), and the order of batches is shuffled
+    (group_by_length=False: a plain shuffle). The exception is the end of an epoch, as in LLaVA: what
+    is left of both groups after their full batches goes into the last batch(es), which can then
+    hold both kinds (and repeats of the epoch's first samples, to fill the step). One global batch =
     `batch_size` samples = one optimizer step; it is cut into micro-batches of micro_batch_size
     (neighbours in length), and micro-batch j of a step goes to rank j % world_size.
 
@@ -955,15 +958,259 @@ def make_tiny_backbones(out_dir, vision="clip", llm="llama", image_size=32, patc
     return vision_dir, llm_dir
 
 
+# ----------------------------------------------------------------------------------------------
+# 10. See what the model sees: `python data.py --show CONFIG [key=value ...] [--n N | --id ID]`
+#
+# A template or tokenizer change that shifts the labels fails silently (LLaVA's "tokenization
+# mismatch ... (ignored)"): the run trains on nothing, or on the wrong text. --show prints a
+# sample as the model gets it, and audits it with a check that shares no code with the labels:
+# the supervised tokens, decoded, must be the record's answers, each with its end-of-turn marker.
+
+SUPERVISED_MARKS = ("[[", "]]")  # around supervised text when the output is not a terminal
+TERMINAL_COLOURS = {"answer": "\033[1;32m", "image": "\033[36m"}  # bold green answers, cyan images
+RESET = "\033[0m"
+
+
+def processor_from_config(cfg):
+    """The processor build_vlm makes for this config, without loading any weights: the LLM's
+    tokenizer with <image>, and the image transform and token counts from the tower's config."""
+    from transformers import AutoConfig
+
+    from model import (VLMConfig, add_image_token, build_processor, check_pinpoints, count_image_tokens,
+                       default_pinpoints, load_tokenizer)
+    from train import parse_pinpoints
+
+    for key in ("llm", "vision_model"):
+        name = getattr(cfg, key)
+        if not os.path.exists(name) and not HUB_REPO_ID.fullmatch(name):
+            raise UserError(f"{key}={name!r} is no folder here, and no Hub name (owner/name) either")
+    try:
+        tokenizer = load_tokenizer(cfg.llm)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of llm={cfg.llm!r}: {str(e).strip().splitlines()[0]}") from None
+    try:
+        vision = AutoConfig.from_pretrained(cfg.vision_model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the config of vision_model={cfg.vision_model!r}: "
+                        f"{str(e).strip().splitlines()[0]}") from None
+    vision = getattr(vision, "vision_config", vision)  # a full CLIP/SigLIP checkpoint: its vision half
+    pinpoints = None
+    if cfg.image_aspect == "anyres":
+        try:
+            pinpoints = check_pinpoints(parse_pinpoints(cfg.image_grid_pinpoints) or
+                                        default_pinpoints(vision.image_size), vision.image_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    config = VLMConfig(vision_config=vision.to_dict(), image_token_id=add_image_token(tokenizer),
+                       num_image_tokens=count_image_tokens(vision, cfg.drop_cls), image_grid_pinpoints=pinpoints)
+    return build_processor(cfg.vision_model, tokenizer, config, cfg.image_aspect)
+
+
+def token_runs(input_ids, labels, image_id):
+    """[(kind, ids), ...]: the sample cut where the kind of token changes: "image", "answer"
+    (supervised) or "prompt" (masked)."""
+    runs = []
+    for token, label in zip(input_ids, labels):
+        kind = "image" if token == image_id else "prompt" if label == IGNORE_INDEX else "answer"
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(token)
+        else:
+            runs.append((kind, [token]))
+    return runs
+
+
+def decode(tokenizer, ids):
+    """The text of ids exactly as the tokenizer writes it back: special tokens shown, no clean-up."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def render_sample(input_ids, labels, processor, image_counts, colour):
+    """The sample's text with each image's tokens as one `<image xN>` and the supervised text marked.
+    A run's text is the growth of the decoded prefix (a SentencePiece tokenizer decodes a run on its
+    own without its leading space), with each image decoded as its one <image> token."""
+    tokenizer, image_id = processor.tokenizer, processor.image_token_id
+    counts, shown, prefix, decoded = iter(image_counts), [], [], ""
+    for kind, ids in token_runs(input_ids, labels, image_id):
+        if kind == "image":  # one run may hold several images back to back (plain, several <image>)
+            left = len(ids)
+            while left > 0:
+                count = next(counts)
+                shown.append(mark(f"<image x{count}>", kind, colour))
+                prefix.append(image_id)
+                left -= count
+            decoded = decode(tokenizer, prefix)
+            continue
+        prefix += ids
+        text = decode(tokenizer, prefix)
+        shown.append(mark(text[len(decoded):] if text.startswith(decoded) else decode(tokenizer, ids), kind, colour))
+        decoded = text
+    return "".join(shown)
+
+
+def mark(text, kind, colour):
+    if kind == "prompt":
+        return text
+    if colour:
+        return TERMINAL_COLOURS[kind] + text + RESET
+    return SUPERVISED_MARKS[0] + text + SUPERVISED_MARKS[1] if kind == "answer" else text
+
+
+def describe_image(k, height, width, processor):
+    """One line: how image k becomes its tokens (for anyres: the tile grid, the rows kept, the newlines)."""
+    image_processor, count = processor.image_processor, processor.image_token_count(height, width)
+    size = image_processor.size
+    if image_processor.aspect != "anyres":
+        return f"image {k}: {width}x{height} px -> {image_processor.aspect} to {size}x{size} -> {count} tokens"
+    from model import anyres_layout
+
+    (rows, cols), (top, bottom, left, right) = anyres_layout(height, width, image_processor.image_grid_pinpoints,
+                                                             size, processor.patch_size)
+    base = (size // processor.patch_size) ** 2
+    return (f"image {k}: {width}x{height} px -> anyres {rows}x{cols} tiles of {size} px + a base tile -> "
+            f"{base} base + {bottom - top} rows x ({right - left} + 1 newline) = {count} tokens, "
+            f"{bottom - top} newlines")
+
+
+def ends_the_turn(after, template, tokenizer):
+    """True when `after`, the supervised text after an answer, is the answer's end-of-turn marker
+    (whitespace around it allowed): plain ends a caption with "\n", vicuna_v1 an answer with the
+    EOS, a chat template with one of the tokenizer's special tokens (<|im_end|>, <|eot_id|>, ...)."""
+    if template == "plain":
+        return after.endswith("\n") and not after.strip()
+    if template == "vicuna_v1":
+        return after.strip() == tokenizer.eos_token
+    return after.strip() in [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+
+
+def audit_supervision(answers, input_ids, labels, tokenizer, template, cut):
+    """[problem, ...] where the supervised tokens of a sample are not exactly the record's answers,
+    each once and followed by its end-of-turn marker (whitespace around them allowed); [] when they
+    are. It shares no code with render_pieces / tokenize_conversation: it decodes the supervised
+    tokens and compares them with the record's text. cut: the sample fills max_seq_len, so its last
+    answer may be cut short and later ones missing."""
+    problems = []
+    shifted = next((p for p, (token, label) in enumerate(zip(input_ids, labels))
+                    if label != IGNORE_INDEX and label != token), None)
+    if shifted is not None:
+        problems.append(f"token {shifted}: the label is {labels[shifted]} but the input id is {input_ids[shifted]} "
+                        "(labels not aligned with the ids)")
+    spans, start = [], None  # [(first, last + 1)] of each run of supervised positions
+    for p, label in enumerate([*labels, IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = p
+        elif label == IGNORE_INDEX and start is not None:
+            spans.append((start, p))
+            start = None
+    for k, answer in enumerate(answers):
+        if k >= len(spans):
+            if not cut:
+                problems.append(f"answer {k + 1} ({answer[:40]!r}) is not supervised at all")
+            continue
+        first, end = spans[k]
+        text, answer = decode(tokenizer, input_ids[first:end]), answer.strip()
+        if cut and end == len(input_ids) and answer.startswith(text.strip()):
+            continue  # cut short by max_seq_len, as training sees it
+        at = text.find(answer)
+        before, after = text[:max(at, 0)], text[at + len(answer):]
+        wrong = []
+        if at < 0:
+            wrong.append(f"it does not hold the answer {answer!r}")
+        elif before.strip():
+            wrong.append(f"{before!r} comes before the answer")
+        if at >= 0 and not ends_the_turn(after, template, tokenizer):
+            marker = {"plain": "'\\n'", "vicuna_v1": repr(tokenizer.eos_token)}.get(template, "a special token")
+            wrong.append(f"{after!r} follows the answer where its end-of-turn marker ({marker}) should be")
+        if wrong:
+            problems.append(f"answer {k + 1}, tokens {first}-{end - 1}: the supervised text is {text!r}: "
+                            + ", ".join(wrong))
+    for first, end in spans[len(answers):]:
+        problems.append(f"tokens {first}-{end - 1}: {decode(tokenizer, input_ids[first:end])!r} is supervised but "
+                        "is no answer")
+    return problems
+
+
+def show_samples(config, overrides, n=1, record_id=None):
+    """Prints records as training gets them and audits their labels; returns 0, or 1 when the audit fails."""
+    from train import check_config, load_config, prepare_demo
+
+    if not config.endswith(".py"):
+        raise UserError(f"--show {config!r}: give a config file (configs/*.py), then key=value overrides")
+    cfg, _ = load_config([config, *overrides])
+    check_config(cfg, world_size=1)
+    if n < 1:
+        raise UserError(f"--n {n}: show at least 1 record")
+    if cfg.make_demo:
+        prepare_demo(cfg)
+    processor = processor_from_config(cfg)
+    datasets.disable_progress_bars()
+    try:
+        dataset = VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
+                             image_paths_outside=cfg.image_paths_outside)
+    except (ValueError, FileNotFoundError) as e:  # the messages name the file (and line)
+        raise UserError(str(e)) from None
+    if record_id is None:
+        indices = range(min(n, len(dataset)))
+    else:
+        ids = dataset.records["id"]
+        if record_id not in ids:
+            raise UserError(f"--id {record_id!r}: no record of data_path={cfg.data_path!r} has this id "
+                            f"({len(ids)} records; the first is {ids[0]!r})")
+        indices = [ids.index(record_id)]
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    marks = "in colour" if colour else "in " + " ".join(SUPERVISED_MARKS)
+    print(f"{cfg.data_path}: {len(dataset)} records; template={cfg.template}, llm={cfg.llm}, "
+          f"image_aspect={cfg.image_aspect}, max_seq_len={cfg.max_seq_len}; supervised text {marks}")
+    failed = []
+    for i in indices:
+        record, sample = dataset.records[i], dataset[i]  # dataset[i]: a bad record is one error naming it
+        input_ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+        sizes = sample["image_sizes"].tolist()
+        n_image = input_ids.count(processor.image_token_id)
+        n_text, n_supervised = len(input_ids) - n_image, sum(label != IGNORE_INDEX for label in labels)
+        print(f"\n--- record {record['id']!r} (index {i})")
+        print(render_sample(input_ids, labels, processor,
+                            [processor.image_token_count(h, w) for h, w in sizes], colour))
+        for k, (height, width) in enumerate(sizes, start=1):
+            print(describe_image(k, height, width, processor))
+        print(f"{len(input_ids)} tokens: {n_image} image + {n_text} text; {n_supervised} supervised = "
+              f"{n_supervised / len(input_ids):.1%} of all tokens, {n_supervised / max(n_text, 1):.1%} of the text")
+        cut = len(input_ids) >= cfg.max_seq_len
+        if cut:
+            print(f"the sample fills max_seq_len={cfg.max_seq_len}: training cuts it there, so may its last answer")
+        answers = [turn["value"] for turn in record["conversations"][1::2]]
+        problems = audit_supervision(answers, input_ids, labels, processor.tokenizer, cfg.template, cut)
+        if problems:
+            failed.append(record["id"])
+            print(f"audit FAILED for record {record['id']!r}: " + "; ".join(problems))
+        else:
+            print("audit: ok, the supervised text is " + ("the record's answer and its end-of-turn marker"
+                  if len(answers) == 1 else f"the record's {len(answers)} answers, each with its end-of-turn marker"))
+    print(f"\naudit: {len(indices) - len(failed)} of {len(indices)} samples supervise exactly their answers" +
+          (f"; FAILED: {', '.join(map(repr, failed))}" if failed else ""))
+    return 1 if failed else 0
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="small-vlm data tools. Example: python data.py --make-demo data/demo")
-    parser.add_argument("--make-demo", metavar="DIR", required=True,
+    parser = argparse.ArgumentParser(description="small-vlm data tools. Examples: python data.py --make-demo "
+                                                 "data/demo; python data.py --show configs/demo.py --n 3")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--make-demo", metavar="DIR",
                         help="write the synthetic coloured-shapes demo data set (images + JSON) into DIR")
+    action.add_argument("--show", metavar="CONFIG",
+                        help="print records of CONFIG's data as the model gets them, and audit their labels")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="--show: config overrides, as for train.py")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--n", type=int, default=1, help="--show: the first N records (default 1)")
+    which.add_argument("--id", help="--show: the record with this id")
     parser.add_argument("--n-pretrain", type=int, default=2000, help="stage-1 caption records")
     parser.add_argument("--n-finetune", type=int, default=8000, help="stage-2 QA records")
     parser.add_argument("--n-eval", type=int, default=144, help="eval questions (36k balances all answers)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.show:
+        return show_samples(args.show, args.overrides, args.n, args.id)
+    if args.overrides:
+        raise UserError(f"--make-demo takes no key=value settings, got {' '.join(args.overrides)}")
     try:
         written = make_demo_data(args.make_demo, args.n_pretrain, args.n_finetune, args.n_eval, args.seed)
     except (OSError, ValueError) as e:  # an unwritable or non-empty folder, a bad count
@@ -973,4 +1220,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("data", sys.modules[__name__])  # train.py's `import data` is this module: one UserError
     sys.exit(run_command(main))

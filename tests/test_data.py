@@ -1,11 +1,13 @@
 """data.py: loading, rendering, label masks, images, batching, sampling and the demo data."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoTokenizer
 
 from conftest import write_json
 from data import (
@@ -56,6 +58,17 @@ def expected_answers(template, conversation, tokenizer):
     return [f"{a}<|im_end|>" for a in answers]
 
 
+def expected_text(template, conversation):
+    """The prompt text each template writes, by hand (the tiny tokenizer is byte-level: no space after
+    <image>), with <image> moved to the front of its turn as LLaVA does."""
+    turns = [("<image>\nWhat colour is it?", "red"), ("And the shape?", "a circle")][:len(conversation) // 2]
+    if template == "plain":
+        return "<image>red\n"
+    if template == "vicuna_v1":
+        return VICUNA_SYSTEM + " " + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in turns)
+    return "".join(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n" for q, a in turns)
+
+
 @pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("conversation", [ONE_TURN, TWO_TURNS], ids=["one-turn", "two-turns"])
 def test_labels_supervise_exactly_the_answers(processor, template, conversation):
@@ -70,9 +83,8 @@ def test_labels_supervise_exactly_the_answers(processor, template, conversation)
     assert decoded == expected_answers(template, conversation, tokenizer)
     assert all(label in (IGNORE_INDEX, token) for label, token in zip(labels, input_ids))
 
-    text = "".join(piece for piece, _ in render_pieces(conversation, template, tokenizer))
-    expected_ids = []
-    for token in tokenizer(text)["input_ids"]:
+    expected_ids = []  # the whole prompt, written out here, tokenized by the tokenizer alone
+    for token in tokenizer(expected_text(template, conversation))["input_ids"]:
         expected_ids += [token] * (processor.num_image_tokens if token == processor.image_token_id else 1)
     assert input_ids == expected_ids
     assert input_ids[0] == tokenizer.bos_token_id and labels[0] == IGNORE_INDEX
@@ -380,14 +392,19 @@ def test_sampler_ranks_are_disjoint_and_complete():
     assert set(sum(shares, [])) == set(range(101))
 
 
-def test_sampler_batches_never_mix_modalities():
-    lengths, has_image = make_lengths(n=480)
-    has_image = [i % 5 != 0 for i in range(480)]  # 384 image, 96 text-only: divisible by 8
+def test_sampler_batches_keep_modalities_apart_except_the_tail():
+    lengths, has_image = make_lengths(n=490)
+    has_image = [i % 5 != 0 for i in range(490)]  # 392 image = 24 x 16 + 8; 98 text-only = 6 x 16 + 2
     order = list(LengthGroupedSampler(lengths, has_image, batch_size=16, micro_batch_size=8, seed=3))
-    for b in range(0, len(order), 8):
-        assert len({has_image[i] for i in order[b:b + 8]}) == 1
-
-
+    batches = [order[b:b + 16] for b in range(0, len(order), 16)]
+    assert len(batches) == 24 + 6 + 1  # the full batches of each group, then one tail batch
+    for batch in batches[:-1]:
+        assert len({has_image[i] for i in batch}) == 1
+    # The tail: the 8 image and 2 text-only records left over, then 6 repeats to fill the step.
+    tail, repeats = batches[-1][:10], batches[-1][10:]
+    assert sorted(has_image[i] for i in tail) == [False] * 2 + [True] * 8
+    assert sorted(order[:480] + tail) == list(range(490))  # every record once, before the repeats
+    assert repeats == order[:6]  # the epoch's first samples
 def test_sampler_order_is_deterministic_per_seed_and_epoch():
     lengths, has_image = make_lengths()
     sampler = LengthGroupedSampler(lengths, has_image, 8, 4, seed=5)
@@ -749,3 +766,152 @@ def test_image_paths_stay_inside_the_image_folder(tmp_path, processor):
     assert "skipped" not in dataset[2]
     trusting = VLMDataset(path, str(inside), processor, "vicuna_v1", image_paths_outside=True)
     assert trusting[0]["pixel_values"].shape[0] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# python data.py --show: one sample as the model gets it, its labels audited
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL = os.path.join(os.path.dirname(ROOT), "shared", "real")  # ../shared/real: the real tokenizers and configs
+
+
+def show(capsys, demo_dir, *more):
+    """(exit code, stdout, stderr) of `python data.py --show configs/demo.py` on the small demo data."""
+    import data
+
+    argv = ["--show", os.path.join(ROOT, "configs", "demo.py"), f"data_path={demo_dir}/finetune.json",
+            f"image_folder={demo_dir}/images", f"vision_model={demo_dir}/backbones/tiny-clip",
+            f"llm={demo_dir}/backbones/tiny-llama", "make_demo=false", *more]
+    code = data.run_command(data.main, argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_show_prints_the_answers_marked_and_the_image_as_one_run(demo_dir, capsys):
+    code, out, _ = show(capsys, demo_dir, "--n", "3")
+    assert code == 0
+    records = json.load(open(demo_dir / "finetune.json"))[:3]
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "backbones" / "tiny-llama")
+    blocks = out.split("\n--- record ")[1:]
+    assert len(blocks) == 3
+    for record, block in zip(records, blocks):
+        assert block.startswith(repr(record["id"]))
+        answers = [turn["value"] for turn in record["conversations"][1::2]]
+        # vicuna_v1 as LLaVA writes it: "ASSISTANT:", then " {answer}</s>" supervised; the 32-pixel tower
+        # with 8-pixel patches gives (32 / 8)^2 = 16 image tokens
+        assert block.count("[[") == len(answers) and all(f"ASSISTANT:[[ {a}</s>]]" in block for a in answers)
+        assert "USER: <image x16>\n" in block and block.count("<image") == 1
+        total, image, text, supervised, share = re.search(
+            r"(\d+) tokens: (\d+) image \+ (\d+) text; (\d+) supervised = ([\d.]+)% of all", block).groups()
+        # the byte-level tokenizer splits at spaces: " {answer}" is its own word, "</s>" one more token
+        expected = sum(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1 for a in answers)
+        assert (int(image), int(supervised)) == (16, expected) and int(total) == int(image) + int(text)
+        assert float(share) == round(100 * expected / int(total), 1)
+        assert "audit: ok" in block
+    assert out.rstrip().endswith("audit: 3 of 3 samples supervise exactly their answers")
+
+
+def test_show_colours_instead_of_brackets_on_a_terminal(demo_dir, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    code, out, _ = show(capsys, demo_dir, "--id", "finetune-1")
+    assert code == 0 and "[[" not in out and "\033[1;32m " in out and "\033[36m<image x16>\033[0m" in out
+
+
+def shifted_labels(tokenize):
+    """tokenize_conversation with every label one position late: LLaVA's silent mismatch, by hand."""
+    def shifted(*args, **kwargs):
+        input_ids, labels = tokenize(*args, **kwargs)
+        return input_ids, [IGNORE_INDEX] + labels[:-1]
+    return shifted
+
+
+def role_in_the_answer(turns, eos):
+    """A vicuna template edit that moves "ASSISTANT:" into the supervised piece."""
+    pieces = [(VICUNA_SYSTEM + " ", False)]
+    for (_, question), (_, answer) in zip(turns[0::2], turns[1::2]):
+        pieces += [(f"USER: {question} ", False), (f"ASSISTANT: {answer}{eos}", True)]
+    return pieces
+
+
+def no_end_of_turn(turns, eos):
+    """A vicuna template edit that leaves the </s> after each answer unsupervised: the model never learns to stop."""
+    pieces = [(VICUNA_SYSTEM + " ", False)]
+    for (_, question), (_, answer) in zip(turns[0::2], turns[1::2]):
+        pieces += [(f"USER: {question} ASSISTANT:", False), (f" {answer}", True), (eos, False)]
+    return pieces
+
+
+@pytest.mark.parametrize("name, broken, problem", [
+    ("tokenize_conversation", shifted_labels, "labels not aligned with the ids"),
+    ("vicuna_pieces", lambda _: role_in_the_answer, "': ' comes before the answer"),  # " ASSISTANT" straddles
+    ("vicuna_pieces", lambda _: no_end_of_turn, "where its end-of-turn marker ('</s>') should be"),
+], ids=["labels-shifted", "role-in-the-answer", "no-end-of-turn"])
+def test_show_audit_names_the_sample_whose_labels_are_wrong(demo_dir, capsys, monkeypatch, name, broken, problem):
+    import data
+
+    monkeypatch.setattr(data, name, broken(getattr(data, name)))
+    code, out, _ = show(capsys, demo_dir, "--n", "2")
+    assert code == 1
+    first_answer = json.load(open(demo_dir / "finetune.json"))[0]["conversations"][1]["value"]
+    failure = next(line for line in out.splitlines() if line.startswith("audit FAILED for record 'finetune-0': "))
+    assert problem in failure and "answer 1, tokens " in failure and first_answer in failure
+    assert out.rstrip().endswith("audit: 0 of 2 samples supervise exactly their answers; FAILED: 'finetune-0', "
+                                 "'finetune-1'")
+
+
+def test_show_gives_the_anyres_tile_grid_and_newlines(demo_dir, tmp_path, capsys):
+    Image.new("RGB", (64, 16), (200, 30, 30)).save(tmp_path / "wide.png")
+    path = write_json(tmp_path / "wide.json", [{"id": "wide", "image": "wide.png", "conversations": ONE_TURN}])
+    code, out, _ = show(capsys, demo_dir, "image_aspect=anyres", f"data_path={path}", f"image_folder={tmp_path}")
+    # 32-pixel tower, 8-pixel patches: pinpoints 32x64, 64x32, 64x64, 96x32, 32x96 (H x W). The 32x64
+    # one holds the 64x16 image whole with the least padding: 1 x 2 tiles, a 4 x 8 feature grid, of
+    # which the image (16 of 32 rows of pixels, centred) fills the middle 2 rows.
+    # Tokens: the base tile's 4 x 4 = 16, then 2 rows x (8 + 1 newline) = 18: 34.
+    assert code == 0 and "<image x34>" in out
+    assert ("image 1: 64x16 px -> anyres 1x2 tiles of 32 px + a base tile -> 16 base + 2 rows x (8 + 1 newline) "
+            "= 34 tokens, 2 newlines") in out
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/real (the real tokenizers) is not here")
+@pytest.mark.parametrize("tokenizer, vision, template, answer", [
+    ("vicuna-7b-v1.5", "clip-vit-large-patch14-336", "vicuna_v1", "ASSISTANT:[[ {}</s>]]"),
+    ("qwen2.5-instruct", "siglip-so400m-patch14-384", "chat", "<|im_start|>assistant\n[[{}<|im_end|>]]"),
+    ("llama-3.1-instruct", "clip-vit-large-patch14-336", "chat",
+     "<|start_header_id|>assistant<|end_header_id|>\n\n[[{}<|eot_id|>]]"),
+])
+def test_show_with_real_tokenizers_and_templates(demo_dir, capsys, tokenizer, vision, template, answer):
+    code, out, _ = show(capsys, demo_dir, f"llm={REAL}/tokenizers/{tokenizer}", f"vision_model={REAL}/configs/{vision}",
+                        f"template={template}", "max_seq_len=2048", "--id", "finetune-2")
+    assert code == 0, out
+    # CLIP-L/14 at 336: (336 / 14)^2 = 576 patches; SigLIP so400m/14 at 384: (384 / 14)^2 = 27^2 = 729
+    assert f"<image x{576 if 'clip' in vision else 729}>" in out
+    record = next(r for r in json.load(open(demo_dir / "finetune.json")) if r["id"] == "finetune-2")
+    for turn in record["conversations"][1::2]:
+        assert answer.format(turn["value"]) in out
+    assert "audit: 1 of 1 samples supervise exactly their answers" in out
+
+
+@pytest.mark.parametrize("more, message", [
+    (["--n", "0"], "--n 0: show at least 1 record"),
+    (["--id", "no-such-id"], "--id 'no-such-id': no record of data_path="),
+    (["data_path=/no/such/file.json"], "data file '/no/such/file.json' does not exist"),
+    (["llm=/no/such/llm"], "llm='/no/such/llm' is no folder here"),
+    (["template=vicuna"], "template='vicuna': valid values are plain, vicuna_v1, chat"),
+])
+def test_show_bad_input_is_one_error_line(demo_dir, capsys, more, message):
+    code, _, err = show(capsys, demo_dir, *more)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_show_names_a_missing_config_and_unreadable_data(demo_dir, tmp_path, capsys):
+    import data
+
+    assert data.run_command(data.main, ["--show", str(tmp_path / "missing.py")]) == 2
+    assert capsys.readouterr().err == f"error: config file '{tmp_path / 'missing.py'}' not found\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "conversations": ONE_TURN}) + "\n{oops\n")
+    code, _, err = show(capsys, demo_dir, f"data_path={bad}")
+    assert code == 2 and err.startswith(f"error: {bad}, line 2: malformed JSON") and err.count("\n") == 1, err

@@ -11,7 +11,6 @@ from conftest import favour_token, smooth_image
 from eval import (
     UserError,
     build_prompt,
-    evaluate,
     format_question,
     generate_answers,
     load_model,
@@ -20,7 +19,6 @@ from eval import (
     normalize_answer,
     option_letter,
     score,
-    select_records,
 )
 from model import build_vlm
 
@@ -45,6 +43,37 @@ def run_dir(tiny_vlm, tmp_path):
     model.save_pretrained(final)
     processor.save_pretrained(final)
     return str(tmp_path / "run")
+
+
+PARROT_WORD = "dog"  # one token of the tiny tokenizer (" dog")
+
+
+@pytest.fixture
+def parrot_run_dir(tiny_vlm, tmp_path):
+    """A run folder whose model answers every prompt with PARROT_WORD, once per new token, so that the
+    tests know its answers without running eval.py's code. Its decoder layers add nothing (their
+    output projections are zero), so the last position's hidden state is its own token's embedding;
+    every embedding is 1 in dimension 0, the final norm keeps only that dimension, and the LM head
+    reads it into the word's logit alone: the word scores above every other token (0), always."""
+    model, processor = tiny_vlm
+    word = processor.tokenizer(" " + PARROT_WORD, add_special_tokens=False)["input_ids"]
+    assert len(word) == 1
+    decoder = model.language_model.get_decoder()
+    with torch.no_grad():
+        for layer in decoder.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.language_model.get_input_embeddings().weight[:, 0] = 1.0
+        decoder.norm.weight.zero_()
+        decoder.norm.weight[0] = 1.0
+        head = model.language_model.get_output_embeddings().weight
+        head.zero_()
+        head[word[0], 0] = 1.0
+    processor.chat_template = VICUNA_TEMPLATE
+    final = tmp_path / "parrot" / "final"
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    return str(tmp_path / "parrot")
 
 
 @pytest.fixture
@@ -273,63 +302,48 @@ def test_image_token_is_never_generated_even_from_an_old_folder(tiny_vlm, tmp_pa
 # Command line
 
 
-def test_prompt_mode_prints_the_answer(run_dir, image_folder, capsys):
+def test_prompt_mode_prints_the_answer(parrot_run_dir, image_folder, capsys):
     image = os.path.join(image_folder, "red.png")
-    main([run_dir, "--image", image, "--prompt", "What is in the image?", "--max_new_tokens", "5"])
-    printed = capsys.readouterr().out
-
-    model, processor = load_model(run_dir)
-    prompt = build_prompt(processor, "What is in the image?")
-    expected = generate_answers(model, processor, [prompt], [image], max_new_tokens=5)[0]
-    assert printed == expected + "\n"
+    main([parrot_run_dir, "--image", image, "--prompt", "What is in the image?", "--max_new_tokens", "3"])
+    assert capsys.readouterr().out == f"{PARROT_WORD} {PARROT_WORD} {PARROT_WORD}\n"  # one word per new token
 
 
-def test_benchmark_end_to_end(run_dir, image_folder, tmp_path, capsys):
+def test_benchmark_end_to_end(parrot_run_dir, image_folder, tmp_path, capsys):
+    """The parrot answers "dog" to everything (one new token); the scores follow by hand."""
     records = [
-        {"id": "q1", "image": "red.png", "question": "What color is it?", "answer": "?", "category": "color"},
+        {"id": "q1", "image": "red.png", "question": "What is it?", "answer": "Dog.", "category": "color"},
         {"id": "q2", "image": "green.png", "question": "What color?", "answer": "zzz nothing", "category": "color"},
-        {"id": "q3", "image": "blue.png", "question": "How many?", "answer": ["?"], "category": "count"},
+        # VQAv2's leave-one-out mean over the 3 annotators: (1/3 + 1/3 + 2/3) / 3 = 4/9
+        {"id": "q3", "image": "blue.png", "question": "How many?", "answer": ["dog", "a dog", "cat"],
+         "category": "count"},
         {"id": "q4", "image": "wide.png", "question": "Which?", "choices": ["cat", "dog"], "answer": "B",
-         "category": "choice"},
-        {"id": "q5", "question": "Say something.", "answer": "?"},  # text-only
+         "category": "choice"},  # the option's text counts as its letter
+        {"id": "q5", "question": "Say something.", "answer": "the dog"},  # text-only
     ]
-    # The tiny model is random, so first learn its answers, then make some of them right:
-    # q1 and q5 exact (1), q2 wrong (0), q3 two of three annotators agree: VQAv2's leave-one-out mean
-    # (1/3 + 1/3 + 2/3) / 3 = 4/9.
-    model, processor = load_model(run_dir)
-    selected = select_records(records, image_folder)
-    found = evaluate(model, processor, *selected, batch_size=2, max_new_tokens=6)["answers"]
-    predictions = {row["id"]: row["prediction"] for row in found}
-    assert all(normalize_answer(predictions[i]) for i in ("q1", "q3", "q5"))  # non-empty after normalizing
-    records[0]["answer"] = predictions["q1"]
-    records[2]["answer"] = [predictions["q3"], predictions["q3"], "zzz nothing"]
-    records[4]["answer"] = predictions["q5"]
     data = write_jsonl(tmp_path / "bench.jsonl", records)
 
     out = tmp_path / "results"
-    main([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(out),
-          "--batch_size", "2", "--max_new_tokens", "6"])
+    main([parrot_run_dir, "--data", data, "--image_folder", image_folder, "--out", str(out),
+          "--batch_size", "2", "--max_new_tokens", "1"])
     table = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     results = json.loads((out / "results.json").read_text())
 
     assert [row["id"] for row in rows] == ["q1", "q2", "q3", "q4", "q5"]
-    assert {row["id"]: row["prediction"] for row in rows} == predictions
+    assert all(row["prediction"] == PARROT_WORD for row in rows)
     correct = {row["id"]: row["correct"] for row in rows}
-    assert correct["q1"] == 1.0 and correct["q2"] == 0.0 and correct["q5"] == 1.0
-    assert correct["q3"] == pytest.approx(4 / 9)
-    assert correct["q4"] == score(predictions["q4"], records[3])
+    assert correct == {"q1": 1.0, "q2": 0.0, "q3": pytest.approx(4 / 9), "q4": 1.0, "q5": 1.0}
     mc_suffix = "Answer with the option's letter from the given choices directly."
     assert rows[3]["prompt"].endswith(f"A. cat\nB. dog\n{mc_suffix} ASSISTANT:")
     assert rows[0]["prompt"].endswith("Answer the question using a single word or phrase. ASSISTANT:")
 
-    assert results["overall"] == {"count": 5, "accuracy": pytest.approx(sum(correct.values()) / 5)}
+    assert results["overall"] == {"count": 5, "accuracy": pytest.approx((3 + 4 / 9) / 5)}
     assert results["categories"]["color"] == {"count": 2, "accuracy": 0.5}
     assert results["categories"]["count"] == {"count": 1, "accuracy": pytest.approx(4 / 9)}
-    assert results["categories"]["choice"]["count"] == 1
+    assert results["categories"]["choice"] == {"count": 1, "accuracy": 1.0}
     assert results["missing"] == []
     assert results["settings"]["batch_size"] == 2 and results["settings"]["metric"] == "auto"
-    assert "overall" in table and "color" in table and f"{100 * results['overall']['accuracy']:.2f}%" in table
+    assert "overall" in table and "color" in table and f"{100 * (3 + 4 / 9) / 5:.2f}%" in table
 
 
 def test_skip_missing_counts_missing_images(run_dir, image_folder, tmp_path, capsys):
@@ -430,14 +444,28 @@ def test_more_bad_records_are_one_line_before_the_model_loads(image_folder, tmp_
     assert err.startswith("error: ") and "\n" not in err and all(e in err for e in expected), err
 
 
-def test_image_marker_in_a_question_is_where_the_image_goes(run_dir, image_folder, tmp_path, capsys):
+def test_image_marker_in_a_question_is_where_the_image_goes(run_dir, image_folder, tmp_path, capsys, monkeypatch):
     """LLaVA users type <image>; the chat template places the image, so the marker is dropped."""
+    import eval as eval_module
+
     data = write_jsonl(tmp_path / "bench.jsonl", [{**GOOD, "question": "<image>\nColor?"}, GOOD])
     main([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(tmp_path / "out")])
     rows = [json.loads(line) for line in open(tmp_path / "out" / "answers.jsonl")]
     assert rows[0]["prompt"] == rows[1]["prompt"] and rows[0]["prompt"].count("<image>") == 1
-    main([run_dir, "--image", os.path.join(image_folder, "red.png"), "--prompt", "<image> Color?"])
-    assert capsys.readouterr().out.strip()
+    given, generate = [], eval_module.generate_answers  # the prompts the model is given
+
+    def recording(model, processor, prompts, *args, **kwargs):
+        given.extend(prompts)
+        return generate(model, processor, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(eval_module, "generate_answers", recording)
+    capsys.readouterr()
+    printed = []
+    for question in ("<image> Color?", "Color?"):
+        main([run_dir, "--image", os.path.join(image_folder, "red.png"), "--prompt", question, "--max_new_tokens", "3"])
+        printed.append(capsys.readouterr().out)
+    assert given[0] == given[1] == "USER: <image>\nColor? ASSISTANT:"
+    assert printed[0] == printed[1] != ""
 
 
 def test_arguments_checked_before_the_model_loads(run_dir, image_folder, tmp_path, capsys):

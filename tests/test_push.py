@@ -64,6 +64,15 @@ def project_outputs(model, processor, image):
     return inputs, logits, generated
 
 
+def project_answer(model, processor, image, question, max_new_tokens=3):
+    """The project model's greedy answer to one image and question, as text: what a pipeline on the
+    export must reply."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=image)
+    generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 class FakeHub:
     """Stands in for HfApi: records every call and the files of the folder at upload time."""
 
@@ -164,7 +173,7 @@ def test_llava_folder_matches_project_model(run, tmp_path, capsys):
     pipe = pipeline("image-text-to-text", model=str(folder))
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]}]
     reply = pipe(text=chat, max_new_tokens=3)[0]["generated_text"][-1]
-    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    assert reply == {"role": "assistant", "content": project_answer(model, processor, image, "Describe.")}
 
 
 def test_llava_export_of_siglip_and_tied_qwen2_matches(tmp_path):
@@ -229,7 +238,7 @@ def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, mon
     chat = [{"role": "user", "content": [{"type": "image", "image": smooth_image(60, 30)},
                                          {"type": "text", "text": "Describe."}]}]
     reply = pipe(text=chat, max_new_tokens=3)[0]["generated_text"][-1]
-    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    assert reply == {"role": "assistant", "content": project_answer(model, processor, smooth_image(60, 30), "Describe.")}
 
     remote = tmp_path / "remote"
     assert push.main([run_dir, "--repo", "me/tiny", "--format", "remote", "--local-dir", str(remote)]) == 0
