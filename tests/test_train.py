@@ -565,3 +565,25 @@ def test_packed_rows_give_the_padded_loss_per_attention_implementation(tiny_back
             losses[name] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  position_ids=batch["position_ids"], labels=batch["labels"]).loss.item()
     assert abs(losses["padded"] - losses["packed"]) < 1e-5, losses
+
+
+def test_every_tensor_collective_goes_through_sum_over_ranks():
+    """A GPU run's process group has only NCCL, which carries GPU tensors alone: a CPU tensor in
+    all_reduce stops the run at its first step. sum_over_ranks puts its tensor on the training
+    device; every other tensor collective in train.py and bench.py would be a place to get it wrong.
+    (Object collectives, e.g. all_gather_object, place their own tensors.)"""
+    import ast
+
+    tensor_collectives = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "broadcast",
+                          "reduce", "send", "recv"}
+    for path in ("train.py", "bench.py"):
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
+        for function in [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]:
+            calls = [node.func.attr for node in ast.walk(function) if isinstance(node, ast.Call)
+                     and isinstance(node.func, ast.Attribute) and node.func.attr in tensor_collectives]
+            assert not calls or function.name == "sum_over_ranks", (path, function.name, calls)
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.dist, "all_reduce", lambda tensor: seen.append((tensor.device, tensor.dtype)))
+        assert train.sum_over_ranks([1, 2.5], torch.device("cpu")) == [1.0, 2.5]
+    assert seen == [(torch.device("cpu"), torch.float64)]

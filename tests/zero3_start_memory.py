@@ -1,56 +1,69 @@
-"""Peak host memory (RSS) of each rank of a 2-rank ZeRO-3 start, for a model of a few hundred MB
-(an 8-layer LLM of width 1024 in fp32: 113M parameters, 450 MB). Not a test (a measurement: it
-launches `deepspeed --num_gpus 2 train.py` for one step and samples every process's RSS):
+"""Host memory of each rank when a 2-rank ZeRO-3 run has built its model (train.py's start: the
+process group, then build_training_model), for a model of about a GB: an 8-layer LLM of width
+2048, 0.3B parameters, saved in fp16 and trained in fp32 (1.2 GB). Not a test (a measurement, on
+CPU ranks):
 
     python tests/zero3_start_memory.py [CHECKOUT]     # CHECKOUT: the train.py to measure (default: this one)
 
-Under ZeRO-3, train.py creates the model already partitioned (transformers' DeepSpeed integration:
-only rank 0 reads the weight files), so a rank holds its slice, not the whole model.
+It launches itself with `deepspeed --num_gpus 2`; each rank prints its peak and current RSS and how
+many parameter values it holds. Under ZeRO-3 train.py creates the model already partitioned
+(transformers' DeepSpeed integration: only rank 0 reads the weight files), so a rank holds its slice.
 """
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
-import time
-
-import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from data import make_demo_data, make_tiny_backbones  # noqa: E402
+FOLDER = os.path.join(tempfile.gettempdir(), "small-vlm-zero3-start")
 
 
-def peak_rss_per_rank(command, cwd):
-    """Runs command; returns ({pid: peak RSS in bytes} of its train.py ranks, its exit code)."""
-    job = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peaks = {}
-    while job.poll() is None:
-        for child in psutil.Process(job.pid).children(recursive=True):
-            try:
-                if "--local_rank" in " ".join(child.cmdline()):
-                    peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_info().rss)
-            except psutil.NoSuchProcess:
-                pass
-        time.sleep(0.1)
-    return peaks, job.returncode
+def measure_rank(checkout):
+    """One rank: build the model as train.py does under ZeRO-3, then report."""
+    import psutil
+    import torch
+
+    sys.path.insert(0, checkout)
+    import train
+
+    cfg = train.Config(vision_model=f"{FOLDER}/tiny-clip", llm=f"{FOLDER}/tiny-llama", precision="fp32",
+                       zero_stage=3, batch_size=2, micro_batch_size=1, data_path="unused", train_lm=True)
+    rank = int(os.environ["RANK"])
+    device = train.start_processes(cfg, rank)
+    partitioning = train.partitioned_loading(cfg, 1) if hasattr(train, "partitioned_loading") else None
+    model, _ = train.build_training_model(cfg, device)
+    held = sum(p.numel() for p in model.parameters())  # this rank's values (a slice when partitioned)
+    print(json.dumps({"checkout": checkout, "rank": rank, "partitioned": partitioning is not None,
+                      "parameter_values_held": held,
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                      "rss_mb": round(psutil.Process().memory_info().rss / 2**20)}), flush=True)
+    torch.distributed.barrier()
 
 
 def main(checkout):
-    folder = os.path.join(tempfile.gettempdir(), "small-vlm-zero3-start")
-    if not os.path.exists(os.path.join(folder, "tiny-llama")):
-        make_demo_data(folder, n_pretrain=8, n_finetune=16, n_eval=1)
-        make_tiny_backbones(folder, image_size=32, patch_size=8, vision_width=64, llm_width=1024, layers=8)
-    out = os.path.join(folder, "run")
-    command = ["deepspeed", "--num_gpus", "2", "train.py", "configs/demo.py", f"data_path={folder}/finetune.json",
-               f"image_folder={folder}/images", f"vision_model={folder}/tiny-clip", f"llm={folder}/tiny-llama",
-               "make_demo=false", "zero_stage=3", "max_steps=1", "batch_size=4", "micro_batch_size=2",
-               "num_workers=0", "save_every=0", "max_seq_len=128", "overwrite=true", f"out_dir={out}"]
-    peaks, code = peak_rss_per_rank(command, checkout)
-    print(json.dumps({"checkout": checkout, "exit_code": code,
-                      "peak_rss_mb_per_rank": sorted(round(v / 2**20) for v in peaks.values())}))
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from data import make_tiny_backbones
+
+    if not os.path.exists(os.path.join(FOLDER, "tiny-llama")):
+        from transformers import AutoModelForCausalLM
+
+        make_tiny_backbones(FOLDER, image_size=32, patch_size=8, vision_width=64, llm_width=2048, layers=8)
+        # saved in fp16, as Vicuna ships: loading it in another dtype makes a copy in memory (a file
+        # in the loaded dtype is memory-mapped, and its pages are shared by the ranks)
+        llm = AutoModelForCausalLM.from_pretrained(f"{FOLDER}/tiny-llama", dtype=torch.float16)
+        llm.save_pretrained(f"{FOLDER}/tiny-llama")
+    run = subprocess.run(["deepspeed", "--num_gpus", "2", os.path.abspath(__file__), "--rank", checkout],
+                         cwd=checkout, capture_output=True, text=True)
+    lines = [line for line in run.stdout.splitlines() if line.startswith('{"checkout"')]
+    print("\n".join(sorted(lines)) if lines else run.stdout[-3000:] + run.stderr[-3000:])
 
 
 if __name__ == "__main__":
-    main(os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else ROOT)
+    if "--rank" in sys.argv:
+        measure_rank(sys.argv[sys.argv.index("--rank") + 1])
+    else:
+        main(os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else ROOT)
