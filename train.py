@@ -4,8 +4,11 @@
     deepspeed --num_gpus 8 train.py configs/llava_pretrain.py lr_connector=2e-3
     python train.py configs/llava_finetune.py --dry-run      # print the resolved config
 
-Read top to bottom: settings, config parsing, checks, model, param groups, DeepSpeed, data,
-learning-rate schedule, checkpoints, the loop, the final inference folder.
+Read top to bottom: the settings, building the model and choosing what trains, the param groups,
+the optimizer and DeepSpeed, the learning-rate schedule, `main` and its loop, saving. Below the
+banner "What keeps a run safe" come the parts the loop calls to guard it, by concern: config
+parsing and checks, the output folder, processes and data loading, ranks agreeing (bad records,
+diverged losses, signals), resume and random state, logging and FLOPs.
 """
 import argparse
 import contextlib
@@ -35,6 +38,7 @@ from safetensors import safe_open
 from data import (TEMPLATES, LengthGroupedSampler, UserError, VLMDataset, bad_record, chat_template_for, collate,
                   demo_corpus, make_demo_data, make_tiny_backbones, run_command, write_json)
 from model import IGNORE_INDEX, build_connector, build_vlm, inference_folder
+
 
 # ----------------------------------------------------------------------------------------------
 # Settings: every key a config file or `key=value` can set. The README's table mirrors this.
@@ -98,6 +102,316 @@ class Config:
     wandb: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "small-vlm"  # the Weights & Biases project name
     log_sample_ids: bool = False  # write out_dir/sample_ids_rank{R}.jsonl: the record ids each step trained on
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The model: a pretrained encoder and LLM, a fresh connector, and what of it trains
+
+
+def build_training_model(cfg, device):
+    """The model main() trains: build_vlm (pretrained encoder + LLM + a fresh connector), stage 1's
+    connector when init_from is set, the training prompt format as the processor's chat template,
+    and prepare_for_training. Returns (model, processor)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    try:
+        model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
+                                     cfg.image_aspect, dtype=dtype, attn_implementation=attention_for(cfg, device),
+                                     image_grid_pinpoints=parse_pinpoints(cfg.image_grid_pinpoints))
+    except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
+        raise UserError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
+                        f"{str(e).splitlines()[0]}") from None
+    check_model_fits(cfg, model, processor)
+    if cfg.init_from:
+        log_rank0(int(os.environ.get("RANK", 0)), load_connector_weights(model, cfg.init_from))
+    processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
+    prepare_for_training(model, cfg)
+    return model, processor
+
+
+def component_of(name):
+    # image_newline (anyres) is new like the connector and sits between tower and LLM: it trains with it
+    parts = {"vision_tower": "vision", "connector": "connector", "image_newline": "connector", "language_model": "lm"}
+    return parts[name.split(".")[0]]
+
+
+def freeze_components(model, cfg):
+    for name, p in model.named_parameters():
+        p.requires_grad_(getattr(cfg, f"train_{component_of(name)}"))
+
+
+def prepare_for_training(model, cfg, ours=None):
+    """A built model made ready to train, the same way in train.py and bench.py: what trains
+    (train_*), each part's mode, gradient checkpointing, compiled blocks. `ours`: the model as our
+    names see it (bench.py passes its view of the transformers peer)."""
+    ours = ours or model
+    freeze_components(ours, cfg)
+    # from_pretrained leaves every module in eval mode, and transformers recomputes a layer in
+    # backward (gradient checkpointing) only while that layer is in training mode. Everything the
+    # gradients flow through trains in training mode, a frozen LLM too: in stage 1 the connector's
+    # gradients come through the whole LLM, whose activations are what checkpointing saves.
+    model.train()
+    if not cfg.train_vision:
+        # A frozen tower comes before everything that trains: no gradient flows through it, so
+        # there is nothing to recompute, and eval mode keeps it deterministic (no dropout).
+        ours.vision_tower.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        compile_blocks(model)
+
+
+def repeated_blocks(model):
+    """The LLM's decoder layers and the vision tower's encoder layers."""
+    return [*model.language_model.get_decoder().layers, *model.vision_tower.encoder.layers]
+
+
+def compile_blocks(model):
+    """torch.compile each repeated block on its own: the blocks are where the time goes, blocks of
+    one kind share their compiled code, and the glue around them (the splice, the loss) stays plain
+    Python. The first steps compile a few variants (with and without gradients, a batch of one row)."""
+    for block in repeated_blocks(model):
+        block.compile(dynamic=True)  # one graph for every batch and sequence length
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Param groups: one AdamW group per (component x decay / no decay), each with its own lr and wd.
+
+
+def build_param_groups(model, cfg):
+    """Biases and norm weights (1-D tensors) get no weight decay; frozen parameters are left out."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = component_of(name)
+        decay = len(full_shape(p)) >= 2
+        key = part if decay else f"{part}_no_decay"
+        group = groups.setdefault(key, {"name": key, "params": [], "lr": getattr(cfg, f"lr_{part}"),
+                                        "weight_decay": getattr(cfg, f"wd_{part}") if decay else 0.0})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def format_param_groups(groups):
+    lines = [f"{'group':<20}{'tensors':>8}{'params':>14}{'lr':>10}{'wd':>8}"]
+    for g in groups:
+        n = sum(full_numel(p) for p in g["params"])
+        lines.append(f"{g['name']:<20}{len(g['params']):>8}{n:>14,}{g['lr']:>10.2e}{g['weight_decay']:>8.3g}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The optimizer and the DeepSpeed engine
+
+
+def make_optimizer(groups, cfg):
+    import deepspeed  # imported where used: its import takes seconds and logs, and config errors come first
+    if cfg.offload:  # AdamW on the CPU copy of the optimizer state, vectorized C++
+        return deepspeed.ops.adam.DeepSpeedCPUAdam(groups, adamw_mode=True)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=torch.cuda.is_available())
+
+
+def deepspeed_config(cfg, accumulation, load_universal=False):
+    """Built here from Config, no 'auto' values: what you set is what DeepSpeed runs.
+    load_universal: the run resumes from a universal checkpoint (another number of ranks)."""
+    zero = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    if cfg.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "checkpoint": {"load_universal": load_universal},
+    }
+
+
+def build_engine(model, cfg, accumulation, rank, load_universal=False):
+    """The param groups (printed), the optimizer and the DeepSpeed engine. Returns (engine,
+    optimizer, each group's peak lr)."""
+    import deepspeed
+
+    groups = build_param_groups(model, cfg)
+    log_rank0(rank, format_param_groups(groups))
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=make_optimizer(groups, cfg), config=deepspeed_config(cfg, accumulation, load_universal))
+    return engine, optimizer, [g["lr"] for g in groups]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Learning rate: linear warmup, then cosine to min_lr_ratio, as a factor of each group's peak lr.
+
+
+def lr_factor(step, total_steps, warmup_ratio, min_ratio):
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, peak_lrs, factor):
+    for group, peak in zip(optimizer.param_groups, peak_lrs):
+        group["lr"] = peak * factor
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The run
+
+
+def main(argv=None):
+    # --- settings: the config, checked before anything starts
+    cfg, dry_run = load_config(sys.argv[1:] if argv is None else argv)
+    if not dry_run:
+        use_one_process_without_launcher()
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    accumulation = check_config(cfg, world_size)
+    log_rank0(rank, json.dumps(dataclasses.asdict(cfg), indent=1))
+    if dry_run:
+        return
+    resume_tag = check_out_dir(cfg)
+
+    # --- processes, model, data, engine
+    device = start_processes(cfg, rank)
+    zero3_loading = partitioned_loading(cfg, accumulation)  # kept for the run: transformers looks it up
+    model, processor = build_training_model(cfg, device)  # pretrained encoder + LLM + a fresh (or stage-1) connector
+    dataset, sampler, loader = build_data(cfg, processor, device, world_size, rank)
+    total_steps = count_steps(cfg, len(dataset), len(loader) // accumulation)
+    if rank == 0:  # every check passed: only now does out_dir become this run's
+        prepare_out_dir(cfg, fresh=resume_tag is None)
+    dist.barrier()
+    universal = prepare_universal_checkpoint(cfg, resume_tag, world_size, rank)  # resumed on another GPU count
+    engine, optimizer, peak_lrs = build_engine(model, cfg, accumulation, rank, universal)
+
+    # --- resume: the weights, the optimizer, and the data position (the samples of this epoch
+    # already trained, in whole steps: a run resumed on other GPUs takes the very next ones)
+    step, epoch, samples_done = resume(engine, cfg, resume_tag, rank, world_size, universal)
+    stop = catch_stop_signals()  # SIGTERM / Ctrl-C: a checkpoint at the next step's end, then exit
+    log = RunLog(cfg, model, rank, world_size, device, total_steps)
+    log_rank0(rank, f"{len(dataset)} records, {len(loader) // accumulation} steps/epoch, {total_steps} steps, "
+                    f"{world_size} processes x {cfg.micro_batch_size} samples x {accumulation} accumulation")
+
+    # --- the loop: `accumulation` micro-batches per rank make one optimizer step
+    failure = None  # this rank's first bad record or diverged loss: every rank stops at the step's end
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        sampler.skip(samples_done)
+        for batch in loader:
+            log.arrived(batch)
+            failure = failure or bad_record_in(batch, cfg)
+            if not batch["ids"] or failure:  # nothing to train: an all-masked batch keeps the ranks in lockstep
+                batch = nothing_to_train(processor.tokenizer.pad_token_id)
+            boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
+            if boundary:
+                set_lr(optimizer, peak_lrs, lr_factor(step, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
+            loss = engine(**on_device(batch, device)).loss
+            loss_value = loss.item()  # the one GPU sync per micro-batch
+            failure = failure or diverged(loss_value, step, batch)
+            engine.backward(loss)  # scales by 1/accumulation
+            engine.step()  # steps the optimizer only at the accumulation boundary
+            log.trained(batch, loss_value)
+            if not boundary:
+                continue
+
+            # one optimizer step done: the ranks agree on how it went (and on the loss), then log and save
+            stop_asked = agree_at_step_end(log, stop, failure, device, world_size, rank)
+            step, samples_done = step + 1, samples_done + cfg.batch_size
+            log.step_done(step, epoch, optimizer, engine)
+            position = {"epoch": epoch, "samples_done": samples_done}
+            if stop_asked:  # some rank got SIGTERM or SIGINT
+                save_checkpoint_and_exit(engine, cfg, step, position, rank, stop)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save_checkpoint(engine, cfg, step, position, rank)
+            if step >= total_steps:
+                break
+        else:  # the epoch ran out
+            log.epoch_done(epoch)
+            epoch, samples_done = epoch + 1, 0
+
+    # --- the end: a last checkpoint (to resume or extend) and the inference folder
+    save_checkpoint(engine, cfg, step, {"epoch": epoch, "samples_done": samples_done}, rank)
+    save_final(engine, processor, cfg, rank, log.summary(step))
+    log.close()
+    log_rank0(rank, f"done: {cfg.out_dir}/final (load with VLMForCausalLM.from_pretrained, or python eval.py)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Saving: checkpoints (to resume) and final/ (to use)
+# Checkpoints are written under a temporary name, renamed when complete, then `latest` is switched:
+# a run killed mid-write leaves the previous checkpoint as the one resume picks.
+
+
+def save_checkpoint(engine, cfg, step, position, rank):
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    tag = f"step{step:08d}"
+    partial_tag = tag + ".partial"
+    if rank == 0:
+        shutil.rmtree(os.path.join(root, partial_tag), ignore_errors=True)
+    dist.barrier()
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
+    with disk_full_says_so(os.path.join(root, partial_tag)):
+        engine.save_checkpoint(root, tag=partial_tag, client_state={"step": step, **position}, save_latest=False,
+                               exclude_frozen_parameters=frozen)  # frozen weights come from the base models
+        torch.save(rng_state(), os.path.join(root, partial_tag, f"rng_rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+        os.replace(os.path.join(root, partial_tag), os.path.join(root, tag))
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(tag)
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        done = sorted(d for d in os.listdir(root) if d.startswith("step") and not d.endswith(".partial"))
+        for old in done[:-max(1, cfg.keep_checkpoints)]:
+            shutil.rmtree(os.path.join(root, old))
+    dist.barrier()
+
+
+def whole_state_dict(model, zero3, rank):
+    """The model's weights, whole, on rank 0. Under ZeRO-3 each rank holds a slice of every
+    parameter: they are gathered one at a time and rank 0 keeps a CPU copy of each, so a GPU never
+    holds more than one whole parameter beyond its slices (gathering all at once would put a whole
+    model on every GPU: +13.5 GB for a 7B LLM in bf16)."""
+    import deepspeed
+
+    state = model.state_dict()  # under ZeRO-3: buffers whole, parameters as empty placeholders
+    if zero3:
+        for name, p in model.named_parameters(remove_duplicate=False):
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0:
+                    state[name] = p.detach().cpu().clone()
+    return state
+
+
+def save_final(engine, processor, cfg, rank, summary):
+    """out_dir/final: a folder that VLMForCausalLM/VLMProcessor.from_pretrained load for inference."""
+    final, partial_dir = os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "final.partial")
+    state = whole_state_dict(engine.module, cfg.zero_stage == 3, rank)
+    if rank == 0:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        with disk_full_says_so(partial_dir):
+            engine.module.save_pretrained(partial_dir, state_dict=state)
+            processor.save_pretrained(partial_dir)
+            write_json(os.path.join(partial_dir, "train_config.json"), dataclasses.asdict(cfg))
+            write_json(os.path.join(partial_dir, "train_summary.json"), summary)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial_dir, final)
+
+
+# ==============================================================================================
+# What keeps a run safe. The loop above calls these; none of them is needed to follow a sample
+# from the data to the loss, but each guards something a real run meets.
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# Config parsing and checks
 
 
 def parse_value(key, text, default):
@@ -227,6 +541,36 @@ def parse_pinpoints(text):
     return pinpoints
 
 
+def check_model_fits(cfg, model, processor):
+    """Settings that need the built model: vision_layer exists, one image fits max_seq_len (and a
+    note when an anyres image may not)."""
+    layers = model.config.vision_config.num_hidden_layers + 1  # hidden states: the embeddings, then each layer's
+    if not -layers <= cfg.vision_layer < layers:
+        raise UserError(f"vision_layer={cfg.vision_layer} is out of range: {cfg.vision_model} has {layers} hidden "
+                        f"states, so it must be between {-layers} and {layers - 1} (LLaVA: -2)")
+    if cfg.max_seq_len <= model.config.num_image_tokens:
+        raise UserError(f"max_seq_len={cfg.max_seq_len} leaves no room for text after one image's "
+                        f"{model.config.num_image_tokens} image tokens; raise it (LLaVA: 2048)")
+    if model.config.image_grid_pinpoints:
+        most = max(processor.image_token_count(pin_h, pin_w) for pin_h, pin_w in model.config.image_grid_pinpoints)
+        if cfg.max_seq_len < most:
+            log_rank0(int(os.environ.get("RANK", 0)),
+                      f"note: with anyres an image takes up to {most} tokens (an image shaped like a pinpoint); "
+                      f"max_seq_len={cfg.max_seq_len} refuses such samples (skip_bad_samples skips them). "
+                      "LLaVA-NeXT trains with 4096.")
+
+
+def count_steps(cfg, n_records, steps_per_epoch):
+    """The run's optimizer steps: max_steps, or epochs x whole steps of batch_size per epoch."""
+    if steps_per_epoch == 0:
+        raise UserError(f"{n_records} records give no full step of batch_size={cfg.batch_size}; lower batch_size")
+    return cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder
+
+
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl")  # what a run writes beside train_config.json
 
 
@@ -271,13 +615,75 @@ def check_out_dir(cfg):
                     "overwrite=True to start again there, or choose another out_dir")
 
 
-# ----------------------------------------------------------------------------------------------
-# Param groups: one AdamW group per (component x decay / no decay), each with its own lr and wd.
+def prepare_out_dir(cfg, fresh):
+    """Writable, holding this run's resolved config; a fresh start with overwrite=True (or resume=True
+    and no checkpoint yet) clears what the previous run left (check_out_dir made sure it is one)."""
+    try:
+        if fresh and (cfg.overwrite or cfg.resume):  # resume=True before any checkpoint starts over
+            for stale in RUN_FILES:
+                path = os.path.join(cfg.out_dir, stale)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
+    except OSError as e:
+        raise UserError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from None
 
-def component_of(name):
-    # image_newline (anyres) is new like the connector and sits between tower and LLM: it trains with it
-    parts = {"vision_tower": "vision", "connector": "connector", "image_newline": "connector", "language_model": "lm"}
-    return parts[name.split(".")[0]]
+
+# ----------------------------------------------------------------------------------------------
+# Processes, loading and data
+
+
+def use_one_process_without_launcher():
+    """`python train.py ...` without the deepspeed launcher: one process (one GPU, or the CPU).
+    The launcher sets these; without them DeepSpeed would look for MPI to find its ranks."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as probe:  # a port for the (one-member) process group
+        try:
+            # the launcher's default: DeepSpeed's CPU backend leaves a shared-memory buffer named
+            # after the port in /dev/shm, so reruns on one port reuse one buffer instead of adding more
+            probe.bind(("127.0.0.1", 29500))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))  # in use: any free port
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def start_processes(cfg, rank):
+    """The process group, this rank's device, the seeds, and (rank 0) the demo files. Returns the device."""
+    import deepspeed  # imported where used: its import takes seconds and logs, and config errors come first
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its own GPU
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg.precision != "fp32" and device.type == "cpu":
+        raise UserError(f"precision={cfg.precision} needs a GPU; use precision=fp32 on CPU")
+    if device.type != "cuda" and cfg.attn_implementation != "sdpa":
+        log_rank0(rank, f"attn_implementation={cfg.attn_implementation} is for GPUs; this CPU run uses sdpa")
+    seed_everything(cfg.seed)
+    if rank == 0 and cfg.make_demo:
+        prepare_demo(cfg)
+    dist.barrier()
+    return device
+
+
+def partitioned_loading(cfg, accumulation):
+    """Under ZeRO-3, from_pretrained creates each model already cut into per-rank slices (DeepSpeed's
+    zero.Init; only rank 0 reads the weight files), instead of a whole copy per rank in host memory
+    (8 x 68 GB for a 34B LLM on 8 GPUs): transformers looks for this object while it exists.
+    None below ZeRO-3."""
+    if cfg.zero_stage != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(deepspeed_config(cfg, accumulation))
 
 
 def full_shape(p):
@@ -287,402 +693,6 @@ def full_shape(p):
 
 def full_numel(p):
     return getattr(p, "ds_numel", p.numel())
-
-
-def freeze_components(model, cfg):
-    for name, p in model.named_parameters():
-        p.requires_grad_(getattr(cfg, f"train_{component_of(name)}"))
-
-
-def prepare_for_training(model, cfg, ours=None):
-    """A built model made ready to train, the same way in train.py and bench.py: what trains
-    (train_*), each part's mode, gradient checkpointing, compiled blocks. `ours`: the model as our
-    names see it (bench.py passes its view of the transformers peer)."""
-    ours = ours or model
-    freeze_components(ours, cfg)
-    # from_pretrained leaves every module in eval mode, and transformers recomputes a layer in
-    # backward (gradient checkpointing) only while that layer is in training mode. Everything the
-    # gradients flow through trains in training mode, a frozen LLM too: in stage 1 the connector's
-    # gradients come through the whole LLM, whose activations are what checkpointing saves.
-    model.train()
-    if not cfg.train_vision:
-        # A frozen tower comes before everything that trains: no gradient flows through it, so
-        # there is nothing to recompute, and eval mode keeps it deterministic (no dropout).
-        ours.vision_tower.eval()
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        compile_blocks(model)
-
-
-def repeated_blocks(model):
-    """The LLM's decoder layers and the vision tower's encoder layers."""
-    return [*model.language_model.get_decoder().layers, *model.vision_tower.encoder.layers]
-
-
-def compile_blocks(model):
-    """torch.compile each repeated block on its own: the blocks are where the time goes, blocks of
-    one kind share their compiled code, and the glue around them (the splice, the loss) stays plain
-    Python. The first steps compile a few variants (with and without gradients, a batch of one row)."""
-    for block in repeated_blocks(model):
-        block.compile(dynamic=True)  # one graph for every batch and sequence length
-
-
-def build_param_groups(model, cfg):
-    """Biases and norm weights (1-D tensors) get no weight decay; frozen parameters are left out."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        part = component_of(name)
-        decay = len(full_shape(p)) >= 2
-        key = part if decay else f"{part}_no_decay"
-        group = groups.setdefault(key, {"name": key, "params": [], "lr": getattr(cfg, f"lr_{part}"),
-                                        "weight_decay": getattr(cfg, f"wd_{part}") if decay else 0.0})
-        group["params"].append(p)
-    return list(groups.values())
-
-
-def format_param_groups(groups):
-    lines = [f"{'group':<20}{'tensors':>8}{'params':>14}{'lr':>10}{'wd':>8}"]
-    for g in groups:
-        n = sum(full_numel(p) for p in g["params"])
-        lines.append(f"{g['name']:<20}{len(g['params']):>8}{n:>14,}{g['lr']:>10.2e}{g['weight_decay']:>8.3g}")
-    return "\n".join(lines)
-
-
-def deepspeed_config(cfg, accumulation, load_universal=False):
-    """Built here from Config, no 'auto' values: what you set is what DeepSpeed runs.
-    load_universal: the run resumes from a universal checkpoint (another number of ranks)."""
-    zero = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
-    if cfg.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if cfg.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
-        "train_batch_size": cfg.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,  # we log ourselves
-        "checkpoint": {"load_universal": load_universal},
-    }
-
-
-def make_optimizer(groups, cfg):
-    import deepspeed  # imported where used: its import takes seconds and logs, and config errors come first
-    if cfg.offload:  # AdamW on the CPU copy of the optimizer state, vectorized C++
-        return deepspeed.ops.adam.DeepSpeedCPUAdam(groups, adamw_mode=True)
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=torch.cuda.is_available())
-
-
-# ----------------------------------------------------------------------------------------------
-# Learning rate: linear warmup, then cosine to min_lr_ratio, as a factor of each group's peak lr.
-
-
-def lr_factor(step, total_steps, warmup_ratio, min_ratio):
-    warmup = math.ceil(total_steps * warmup_ratio)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed accounting
-
-
-def flops_per_token_and_image(model):
-    """Matmul FLOPs of training, as (per LLM position, per image tile: one per image, or the
-    base + grid tiles of an anyres image): 2 per parameter per token
-    forward; in backward 2 more for activation gradients wherever gradients flow (a module that
-    trains, or lies after one that trains), and 2 more for the weight gradients of trainable
-    parameters. So a trained LLM costs 6N per token, a frozen one under a trained connector 4N.
-    Attention's T^2 term and the LM head (run only at supervised positions) are left out."""
-    lm = model.language_model
-    lookups = {id(lm.get_input_embeddings().weight), id(lm.get_output_embeddings().weight)}
-
-    def count(module, trainable=None):  # embedding tables are lookups, and the head runs on few positions
-        return sum(full_numel(p) for p in module.parameters()
-                   if id(p) not in lookups and (trainable is None or p.requires_grad == trainable))
-
-    patches = model.config.num_image_tokens
-    vision_trains = count(model.vision_tower, True) > 0
-    connector_needs_grad = vision_trains or count(model.connector, True) > 0
-    lm_needs_grad = connector_needs_grad or count(lm, True) > 0
-    per_image = 2 * count(model.vision_tower) * patches * (3 if vision_trains else 1)
-    per_image += (2 * count(model.connector) * (2 if vision_trains else 1) + 2 * count(model.connector, True)) * patches
-    per_token = 2 * count(lm) * (2 if lm_needs_grad else 1) + 2 * count(lm, True)
-    return per_token, per_image
-
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-def device_peak_flops():
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: written under a temporary name, renamed when complete, then `latest` is switched.
-# A run killed mid-write leaves the previous checkpoint as the one resume picks.
-
-
-def rng_state():
-    """Every generator's state as tensors, ints and strings, so that torch.load(weights_only=True)
-    reads it back (a checkpoint is data: loading one must not run code). On a GPU: this rank's own
-    device's generator only, so the file fits a rank of a run on any number of GPUs."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
-                                                   has_gauss, gauss],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # the CPU and every GPU
-
-
-def save_checkpoint(engine, cfg, step, position, rank):
-    root = os.path.join(cfg.out_dir, "checkpoints")
-    tag = f"step{step:08d}"
-    partial_tag = tag + ".partial"
-    if rank == 0:
-        shutil.rmtree(os.path.join(root, partial_tag), ignore_errors=True)
-    dist.barrier()
-    frozen = any(not p.requires_grad for p in engine.module.parameters())
-    with disk_full_says_so(os.path.join(root, partial_tag)):
-        engine.save_checkpoint(root, tag=partial_tag, client_state={"step": step, **position}, save_latest=False,
-                               exclude_frozen_parameters=frozen)  # frozen weights come from the base models
-        torch.save(rng_state(), os.path.join(root, partial_tag, f"rng_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
-        os.replace(os.path.join(root, partial_tag), os.path.join(root, tag))
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(tag)
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        done = sorted(d for d in os.listdir(root) if d.startswith("step") and not d.endswith(".partial"))
-        for old in done[:-max(1, cfg.keep_checkpoints)]:
-            shutil.rmtree(os.path.join(root, old))
-    dist.barrier()
-
-
-@contextlib.contextmanager
-def disk_full_says_so(path):
-    """A save that fails for lack of space (torch reports it as "unexpected pos") says so, and where."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        folder = next(p for p in (path, os.path.dirname(path), ".") if os.path.isdir(p))
-        free = shutil.disk_usage(folder).free
-        if getattr(e, "errno", None) != errno.ENOSPC and "unexpected pos" not in str(e) and free > 2**20:
-            raise
-        raise UserError(f"the disk is full ({free / 2**20:.0f} MiB free) while writing {path}; free some space "
-                        "and continue with resume=True (checkpoints/latest still names the last complete "
-                        "checkpoint)") from None
-
-
-def checkpoint_problem(folder):
-    """Why a checkpoint folder cannot be resumed from, or None when it looks complete: every rank
-    wrote its RNG state, and DeepSpeed's model (and, under ZeRO, per-rank optimizer) files are there."""
-    if not os.path.isdir(folder):
-        return f"{folder} does not exist"
-    files = os.listdir(folder)
-    ranks = len([f for f in files if re.fullmatch(r"rng_rank\d+\.pt", f)])
-    models = len([f for f in files if f.endswith("model_states.pt")])
-    optimizers = len([f for f in files if f.endswith("optim_states.pt")])
-    if not ranks or not models:
-        return f"{folder} lacks its {'RNG' if not ranks else 'model'} state files"
-    if models not in (1, ranks) or optimizers not in (0, ranks):
-        return f"{folder} has {models} model and {optimizers} optimizer state files for {ranks} ranks"
-    return None
-
-
-def saved_world_size(cfg, tag):
-    """How many ranks wrote checkpoint TAG (each wrote its RNG state)."""
-    folder = os.path.join(cfg.out_dir, "checkpoints", tag)
-    return len([f for f in os.listdir(folder) if re.fullmatch(r"rng_rank\d+\.pt", f)])
-
-
-def needs_universal_checkpoint(cfg, tag, world_size):
-    """ZeRO (stages 1-3) saves each rank's slice of the optimizer state, cut for the number of ranks
-    that wrote it; DeepSpeed reads it on another number of ranks only in its universal form."""
-    return cfg.zero_stage > 0 and saved_world_size(cfg, tag) != world_size
-
-
-def write_universal_checkpoint(folder):
-    """FOLDER/universal: DeepSpeed's universal form of the checkpoint (one file per parameter and
-    optimizer state, whole), which any number of ranks can load. Written once, by DeepSpeed's own
-    converter in a child process, under a temporary name until it is complete."""
-    target, partial_dir = os.path.join(folder, "universal"), os.path.join(folder, "universal.partial")
-    if os.path.isdir(target):
-        return
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
-               "--output_folder", partial_dir, "--inject_missing_state"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
-        raise UserError(f"cannot convert {folder} for another number of processes ({last}); resume on the "
-                        f"{len([f for f in os.listdir(folder) if f.startswith('rng_rank')])} processes that wrote it")
-    os.replace(partial_dir, target)
-
-
-def load_checkpoint(engine, cfg, tag, rank, world_size, universal):
-    """The engine's weights and optimizer state, this rank's RNG state; returns the client state
-    (step, epoch, samples_done). universal: from TAG/universal (see needs_universal_checkpoint)."""
-    root = os.path.join(cfg.out_dir, "checkpoints")
-    try:
-        path, state = engine.load_checkpoint(root, tag=f"{tag}/universal" if universal else tag,
-                                             load_module_strict=False)
-    except (AssertionError, RuntimeError, OSError, KeyError) as e:  # a damaged file DeepSpeed cannot read
-        raise UserError(f"checkpoint {root}/{tag} cannot be loaded ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); point "
-                        f"{root}/latest at an older step, or start again with overwrite=True") from None
-    if path is None:
-        raise UserError(f"could not load checkpoint {root}/{tag}; remove it from {root}/latest or set overwrite=True")
-    if "samples_done" not in state:  # written before positions were counted in samples
-        raise UserError(f"checkpoint {root}/{tag} was written by an older small-vlm (no data position in "
-                        "samples); start the run again with overwrite=True")
-    if saved_world_size(cfg, tag) == world_size:
-        set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=True))
-    else:  # rank r of a new layout has no rank-r state to continue: the generators restart, as at a start
-        seed_everything(cfg.seed + state["step"])
-    return state
-
-
-def forget_steps_after(out_dir, step):
-    """A resumed run trains the steps after its checkpoint again: the lines the interrupted run wrote
-    for them (metrics.jsonl, sample_ids_rank*.jsonl) go, so that every step is logged once. A line
-    cut short by a kill goes too."""
-    def kept(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-            return False
-
-    for name in os.listdir(out_dir):
-        if name == "metrics.jsonl" or re.fullmatch(r"sample_ids_rank\d+\.jsonl", name):
-            path = os.path.join(out_dir, name)
-            with open(path) as f:
-                lines = [line.rstrip("\n") + "\n" for line in f if kept(line)]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(path + ".tmp", path)
-
-
-def whole_state_dict(model, zero3, rank):
-    """The model's weights, whole, on rank 0. Under ZeRO-3 each rank holds a slice of every
-    parameter: they are gathered one at a time and rank 0 keeps a CPU copy of each, so a GPU never
-    holds more than one whole parameter beyond its slices (gathering all at once would put a whole
-    model on every GPU: +13.5 GB for a 7B LLM in bf16)."""
-    import deepspeed
-
-    state = model.state_dict()  # under ZeRO-3: buffers whole, parameters as empty placeholders
-    if zero3:
-        for name, p in model.named_parameters(remove_duplicate=False):
-            with deepspeed.zero.GatheredParameters([p]):
-                if rank == 0:
-                    state[name] = p.detach().cpu().clone()
-    return state
-
-
-def save_final(engine, processor, cfg, rank, summary):
-    """out_dir/final: a folder that VLMForCausalLM/VLMProcessor.from_pretrained load for inference."""
-    final, partial_dir = os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "final.partial")
-    state = whole_state_dict(engine.module, cfg.zero_stage == 3, rank)
-    if rank == 0:
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        with disk_full_says_so(partial_dir):
-            engine.module.save_pretrained(partial_dir, state_dict=state)
-            processor.save_pretrained(partial_dir)
-            write_json(os.path.join(partial_dir, "train_config.json"), dataclasses.asdict(cfg))
-            write_json(os.path.join(partial_dir, "train_summary.json"), summary)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial_dir, final)
-
-
-def log_step(cfg, rank, world_size, device, step, total_steps, epoch, loss, optimizer, engine, window, elapsed,
-             metrics, wandb_run):
-    """One line in out_dir/metrics.jsonl (rank 0), a progress line, and wandb if on. Returns the samples
-    trained and skipped in this window, summed over ranks."""
-    samples, tokens, positions, flops, skipped = sum_over_ranks(
-        [window["samples"], window["tokens"], window["positions"], window["flops"], window["skipped"]], device)
-    peak = device_peak_flops()
-    grad_norm = engine.get_global_grad_norm()  # a float or a tensor, by ZeRO stage
-    grad_norm = None if grad_norm is None else float(grad_norm)
-    memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    record = {"step": step, "epoch": epoch, "loss": loss,
-              "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "grad_norm": grad_norm,
-              "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
-              "padding": 1 - tokens / positions if positions else 0.0,
-              "mfu": flops / elapsed / (world_size * peak) if peak else None,
-              "data_wait": window["wait"] / elapsed, "skipped": int(skipped), "memory_gb": memory / 2**30}
-    if rank != 0:
-        return samples, skipped
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
-    eta = elapsed / cfg.log_every * (total_steps - step)
-    print(f"step {step}/{total_steps} | loss {loss:.4f} | lr {max(record['lr'].values()):.2e} | "
-          f"{samples / elapsed:.1f} samples/s | "
-          f"data wait {record['data_wait']:.0%} | eta {eta / 60:.1f} min", flush=True)
-    if wandb_run:
-        wandb_run.log({k: v for k, v in record.items() if k != "lr"} |
-                      {f"lr/{k}": v for k, v in record["lr"].items()}, step=step)
-    return samples, skipped
-
-
-MAX_SKIPPED_SHARE = 0.5  # a run that skips more of its samples than this stops: its data or settings are wrong
-
-
-def check_skipped_share(totals, reasons):
-    """Stops a run that trains on (almost) nothing, such as every image missing, or max_seq_len
-    too short for any sample: skip_bad_samples=True is for a few bad records, not for bad settings."""
-    seen = totals["trained"] + totals["skipped"]
-    if seen and totals["skipped"] > MAX_SKIPPED_SHARE * seen:
-        why = f"; e.g. record {reasons[0][0]!r}: {reasons[0][1]}" if reasons else ""
-        raise UserError(f"{int(totals['skipped'])} of the {int(seen)} samples so far were bad and skipped, more than "
-                        f"{MAX_SKIPPED_SHARE:.0%}{why}; fix the data or the settings (image_folder, max_seq_len)")
-
-
-# ----------------------------------------------------------------------------------------------
-# Setup helpers
-
-
-def prepare_demo(cfg):
-    """The demo's data and tiny backbones, created on first use (there is no download)."""
-    data_file = cfg.data_path.split(",")[0]
-    data_dir, backbones_dir = os.path.dirname(data_file), os.path.dirname(cfg.llm)
-    for wanted, folder in ((data_file, data_dir), (cfg.llm, backbones_dir)):
-        if not os.path.exists(wanted) and os.path.isdir(folder) and os.listdir(folder):
-            raise UserError(f"make_demo=True: {wanted} does not exist, and the demo writes its files only into a "
-                            f"new or empty folder, which {folder} is not; check the path for a typo")
-    if not os.path.exists(data_file):
-        make_demo_data(data_dir)
-    if not (os.path.exists(cfg.vision_model) and os.path.exists(cfg.llm)):
-        vision_dir, llm_dir = make_tiny_backbones(os.path.dirname(cfg.llm), corpus=demo_corpus(), image_size=64,
-                                                  patch_size=8, vision_width=96, llm_width=128, layers=2)
-        if (vision_dir, llm_dir) != (cfg.vision_model, cfg.llm):
-            raise UserError(f"make_demo wrote {vision_dir} and {llm_dir}; point vision_model and llm there")
 
 
 def load_connector_weights(model, folder):
@@ -709,6 +719,51 @@ def load_connector_weights(model, folder):
     return f"init_from={folder}: connector loaded"
 
 
+def attention_for(cfg, device):
+    """The attention implementation this run uses: the configured one on GPUs, sdpa on the CPU."""
+    return cfg.attn_implementation if device.type == "cuda" else "sdpa"
+
+
+def make_collate(cfg, pad_token_id, attn_implementation):
+    """The DataLoader's collate function: samples -> one micro-batch. Packed rows carry no attention
+    mask, only position_ids that restart at 0 for every sample. transformers turns those into
+    per-sample (block-diagonal) attention for sdpa, flex_attention and eager at any number of rows,
+    but flash_attention_2 finds the sample boundaries only in a batch of ONE row (its
+    _is_packed_sequence; with more rows each row is plain causal and a sample would attend to the
+    ones before it). So with flash_attention_2 a micro-batch is packed into a single row."""
+    if not cfg.pack_samples:
+        return partial(collate, pad_token_id=pad_token_id)
+    return partial(collate, pad_token_id=pad_token_id, pack_length=cfg.max_seq_len,
+                   one_row=attn_implementation == "flash_attention_2")
+
+
+def build_data(cfg, processor, device, world_size, rank):
+    """(dataset, sampler, loader), checked before any GPU work: a bad file fails here, not hours in.
+    Bad records come back marked, never raised in a DataLoader worker (whose traceback would wrap
+    the message); the loop stops at the first one unless skip_bad_samples is set."""
+    def load():
+        try:
+            return VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
+                              skip_bad_samples=True, image_paths_outside=cfg.image_paths_outside)
+        except (ValueError, FileNotFoundError) as e:  # data.py's messages name the file / record
+            raise UserError(str(e)) from None
+
+    # Rank 0 converts the files and estimates the lengths (with anyres: one image header per record)
+    # into the datasets cache; the other ranks then read that cache instead of all doing the same.
+    dataset = rank0_first(load, rank)
+    if len(dataset) == 0:
+        raise UserError(f"data_path={cfg.data_path!r} holds no records")
+    check_images(dataset, cfg)
+    sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, cfg.batch_size, cfg.micro_batch_size,
+                                   world_size, rank, cfg.seed, group_by_length=cfg.group_by_length)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=make_collate(cfg, processor.tokenizer.pad_token_id, attention_for(cfg, device)),
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
+        worker_init_fn=leave_stop_signals_to_the_rank)
+    return dataset, sampler, loader
+
+
 def check_images(dataset, cfg, sample=100):
     """Before any GPU work: image_folder exists and the first `sample` image records resolve."""
     indices = [i for i, has in enumerate(dataset.has_image) if has][:sample]
@@ -725,33 +780,25 @@ def check_images(dataset, cfg, sample=100):
                         "image_folder, or set skip_bad_samples=True to skip such records")
 
 
-def prepare_out_dir(cfg, fresh):
-    """Writable, holding this run's resolved config; a fresh start with overwrite=True (or resume=True
-    and no checkpoint yet) clears what the previous run left (check_out_dir made sure it is one)."""
-    try:
-        if fresh and (cfg.overwrite or cfg.resume):  # resume=True before any checkpoint starts over
-            for stale in RUN_FILES:
-                path = os.path.join(cfg.out_dir, stale)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        write_json(os.path.join(cfg.out_dir, "train_config.json"), dataclasses.asdict(cfg))
-    except OSError as e:
-        raise UserError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from None
+def prepare_demo(cfg):
+    """The demo's data and tiny backbones, created on first use (there is no download)."""
+    data_file = cfg.data_path.split(",")[0]
+    data_dir, backbones_dir = os.path.dirname(data_file), os.path.dirname(cfg.llm)
+    for wanted, folder in ((data_file, data_dir), (cfg.llm, backbones_dir)):
+        if not os.path.exists(wanted) and os.path.isdir(folder) and os.listdir(folder):
+            raise UserError(f"make_demo=True: {wanted} does not exist, and the demo writes its files only into a "
+                            f"new or empty folder, which {folder} is not; check the path for a typo")
+    if not os.path.exists(data_file):
+        make_demo_data(data_dir)
+    if not (os.path.exists(cfg.vision_model) and os.path.exists(cfg.llm)):
+        vision_dir, llm_dir = make_tiny_backbones(os.path.dirname(cfg.llm), corpus=demo_corpus(), image_size=64,
+                                                  patch_size=8, vision_width=96, llm_width=128, layers=2)
+        if (vision_dir, llm_dir) != (cfg.vision_model, cfg.llm):
+            raise UserError(f"make_demo wrote {vision_dir} and {llm_dir}; point vision_model and llm there")
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # pre-emption, Ctrl-C: finish the step, save, exit
-
-
-def leave_stop_signals_to_the_rank(_worker_id):
-    """DataLoader workers leave SIGTERM and SIGINT (Ctrl-C reaches the whole process group) to their
-    rank, which checkpoints before exiting; a worker dying on them would crash the rank mid-save.
-    So the rank must end with exit_now, never sys.exit: Python's exit joins its worker processes
-    after a SIGTERM that these ignore, and would wait forever."""
-    for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+# ----------------------------------------------------------------------------------------------
+# Ranks agreeing: bad records, diverged losses, stop signals
 
 
 def sum_over_ranks(values, device):
@@ -761,6 +808,45 @@ def sum_over_ranks(values, device):
     total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return total.tolist()
+
+
+def agree_at_step_end(log, stop, failure, device, world_size, rank):
+    """At each step's end the ranks sum the step's loss and their flags: a failure on any rank stops
+    every rank (one error line); otherwise log gets the mean loss. Returns whether a stop signal came."""
+    loss_sum, micro_batches = log.take_step_loss()
+    loss_sum, micro_batches, stop_asked, failed = sum_over_ranks(
+        [loss_sum, micro_batches, float(stop["signal"] > 0), float(failure is not None)], device)
+    if failed:
+        stop_every_rank(first_failure(failure, world_size), rank)
+    log.last_loss = loss_sum / micro_batches
+    return stop_asked > 0
+
+
+def bad_record_in(batch, cfg):
+    """The message of the batch's first bad record, unless skip_bad_samples (then it is counted)."""
+    if batch["skipped"] and not cfg.skip_bad_samples:
+        return str(bad_record(*batch["skipped"][0]))
+    return None
+
+
+def diverged(loss_value, step, batch):
+    if math.isfinite(loss_value):
+        return None
+    return (f"loss is {loss_value} at step {step + 1} (micro-batch ids {batch['ids']}); "
+            "lower the learning rate or check those samples, then resume=True")
+
+
+def nothing_to_train(pad_token_id):
+    """A micro-batch of one pad token and no label: every module still runs (the model sees to
+    that), so ZeRO's collectives stay in step with the ranks that have samples."""
+    return {"input_ids": torch.tensor([[pad_token_id]]), "labels": torch.tensor([[IGNORE_INDEX]]),
+            "attention_mask": None, "position_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": None,
+            "image_sizes": None, "num_tokens": 0, "ids": [], "skipped": []}
+
+
+def on_device(batch, device):
+    return {k: batch[k].to(device, non_blocking=True) if batch[k] is not None else None
+            for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_sizes")}
 
 
 def first_failure(failure, world_size):
@@ -797,6 +883,48 @@ def stop_every_rank(message, rank):
     exit_now(2)
 
 
+MAX_SKIPPED_SHARE = 0.5  # a run that skips more of its samples than this stops: its data or settings are wrong
+
+
+def check_skipped_share(totals, reasons):
+    """Stops a run that trains on (almost) nothing, such as every image missing, or max_seq_len
+    too short for any sample: skip_bad_samples=True is for a few bad records, not for bad settings."""
+    seen = totals["trained"] + totals["skipped"]
+    if seen and totals["skipped"] > MAX_SKIPPED_SHARE * seen:
+        why = f"; e.g. record {reasons[0][0]!r}: {reasons[0][1]}" if reasons else ""
+        raise UserError(f"{int(totals['skipped'])} of the {int(seen)} samples so far were bad and skipped, more than "
+                        f"{MAX_SKIPPED_SHARE:.0%}{why}; fix the data or the settings (image_folder, max_seq_len)")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # pre-emption, Ctrl-C: finish the step, save, exit
+
+
+def catch_stop_signals():
+    """{"signal": 0}, set to the first SIGTERM or SIGINT received (the launcher answers Ctrl-C by
+    sending SIGTERM after it: the first names the stop)."""
+    stop = {"signal": 0}
+    for number in STOP_SIGNALS:
+        signal.signal(number, lambda received, _: stop.update(signal=stop["signal"] or received))
+    return stop
+
+
+def save_checkpoint_and_exit(engine, cfg, step, position, rank, stop):
+    save_checkpoint(engine, cfg, step, position, rank)
+    received = signal.Signals(stop["signal"] or signal.SIGTERM)
+    log_rank0(rank, f"{received.name}: saved step {step} in {cfg.out_dir}/checkpoints; continue with the "
+                    f"same command plus resume=True")
+    exit_now(128 + received.value)
+
+
+def leave_stop_signals_to_the_rank(_worker_id):
+    """DataLoader workers leave SIGTERM and SIGINT (Ctrl-C reaches the whole process group) to their
+    rank, which checkpoints before exiting; a worker dying on them would crash the rank mid-save.
+    So the rank must end with exit_now, never sys.exit: Python's exit joins its worker processes
+    after a SIGTERM that these ignore, and would wait forever."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
 def exit_now(code):
     """Ends this process at once (its DataLoader workers see their parent gone and stop)."""
     sys.stdout.flush()
@@ -804,311 +932,312 @@ def exit_now(code):
     os._exit(code)
 
 
-def log_rank0(rank, *args):
+# ----------------------------------------------------------------------------------------------
+# Resume and random state
+
+
+def resume(engine, cfg, tag, rank, world_size, universal):
+    """(step, epoch, samples_done): (0, 0, 0) for a new run, else the checkpoint's, loaded."""
+    if not tag:
+        return 0, 0, 0
+    state = load_checkpoint(engine, cfg, tag, rank, world_size, universal)
     if rank == 0:
-        print(*args, flush=True)
+        forget_steps_after(cfg.out_dir, state["step"])
+    dist.barrier()  # before any rank appends to its sample-id log again
+    log_rank0(rank, f"resumed from {cfg.out_dir}/checkpoints/{tag} at step {state['step']}")
+    return state["step"], state["epoch"], state["samples_done"]
+
+
+def prepare_universal_checkpoint(cfg, tag, world_size, rank):
+    """True when the run resumes under ZeRO on another number of ranks than wrote checkpoint TAG;
+    then rank 0 has written its universal form (the others wait)."""
+    if not tag or not needs_universal_checkpoint(cfg, tag, world_size):
+        return False
+    rank0_first(lambda: write_universal_checkpoint(os.path.join(cfg.out_dir, "checkpoints", tag)), rank,
+                then_the_others=False)
+    return True
+
+
+def load_checkpoint(engine, cfg, tag, rank, world_size, universal):
+    """The engine's weights and optimizer state, this rank's RNG state; returns the client state
+    (step, epoch, samples_done). universal: from TAG/universal (see needs_universal_checkpoint)."""
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    try:
+        path, state = engine.load_checkpoint(root, tag=f"{tag}/universal" if universal else tag,
+                                             load_module_strict=False)
+    except (AssertionError, RuntimeError, OSError, KeyError) as e:  # a damaged file DeepSpeed cannot read
+        raise UserError(f"checkpoint {root}/{tag} cannot be loaded ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); point "
+                        f"{root}/latest at an older step, or start again with overwrite=True") from None
+    if path is None:
+        raise UserError(f"could not load checkpoint {root}/{tag}; remove it from {root}/latest or set overwrite=True")
+    if "samples_done" not in state:  # written before positions were counted in samples
+        raise UserError(f"checkpoint {root}/{tag} was written by an older small-vlm (no data position in "
+                        "samples); start the run again with overwrite=True")
+    if saved_world_size(cfg, tag) == world_size:
+        set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=True))
+    else:  # rank r of a new layout has no rank-r state to continue: the generators restart, as at a start
+        seed_everything(cfg.seed + state["step"])
+    return state
+
+
+def saved_world_size(cfg, tag):
+    """How many ranks wrote checkpoint TAG (each wrote its RNG state)."""
+    folder = os.path.join(cfg.out_dir, "checkpoints", tag)
+    return len([f for f in os.listdir(folder) if re.fullmatch(r"rng_rank\d+\.pt", f)])
+
+
+def needs_universal_checkpoint(cfg, tag, world_size):
+    """ZeRO (stages 1-3) saves each rank's slice of the optimizer state, cut for the number of ranks
+    that wrote it; DeepSpeed reads it on another number of ranks only in its universal form."""
+    return cfg.zero_stage > 0 and saved_world_size(cfg, tag) != world_size
+
+
+def write_universal_checkpoint(folder):
+    """FOLDER/universal: DeepSpeed's universal form of the checkpoint (one file per parameter and
+    optimizer state, whole), which any number of ranks can load. Written once, by DeepSpeed's own
+    converter in a child process, under a temporary name until it is complete."""
+    target, partial_dir = os.path.join(folder, "universal"), os.path.join(folder, "universal.partial")
+    if os.path.isdir(target):
+        return
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
+               "--output_folder", partial_dir, "--inject_missing_state"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise UserError(f"cannot convert {folder} for another number of processes ({last}); resume on the "
+                        f"{len([f for f in os.listdir(folder) if f.startswith('rng_rank')])} processes that wrote it")
+    os.replace(partial_dir, target)
+
+
+def checkpoint_problem(folder):
+    """Why a checkpoint folder cannot be resumed from, or None when it looks complete: every rank
+    wrote its RNG state, and DeepSpeed's model (and, under ZeRO, per-rank optimizer) files are there."""
+    if not os.path.isdir(folder):
+        return f"{folder} does not exist"
+    files = os.listdir(folder)
+    ranks = len([f for f in files if re.fullmatch(r"rng_rank\d+\.pt", f)])
+    models = len([f for f in files if f.endswith("model_states.pt")])
+    optimizers = len([f for f in files if f.endswith("optim_states.pt")])
+    if not ranks or not models:
+        return f"{folder} lacks its {'RNG' if not ranks else 'model'} state files"
+    if models not in (1, ranks) or optimizers not in (0, ranks):
+        return f"{folder} has {models} model and {optimizers} optimizer state files for {ranks} ranks"
+    return None
+
+
+def forget_steps_after(out_dir, step):
+    """A resumed run trains the steps after its checkpoint again: the lines the interrupted run wrote
+    for them (metrics.jsonl, sample_ids_rank*.jsonl) go, so that every step is logged once. A line
+    cut short by a kill goes too."""
+    def kept(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    for name in os.listdir(out_dir):
+        if name == "metrics.jsonl" or re.fullmatch(r"sample_ids_rank\d+\.jsonl", name):
+            path = os.path.join(out_dir, name)
+            with open(path) as f:
+                lines = [line.rstrip("\n") + "\n" for line in f if kept(line)]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def disk_full_says_so(path):
+    """A save that fails for lack of space (torch reports it as "unexpected pos") says so, and where."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        folder = next(p for p in (path, os.path.dirname(path), ".") if os.path.isdir(p))
+        free = shutil.disk_usage(folder).free
+        if getattr(e, "errno", None) != errno.ENOSPC and "unexpected pos" not in str(e) and free > 2**20:
+            raise
+        raise UserError(f"the disk is full ({free / 2**20:.0f} MiB free) while writing {path}; free some space "
+                        "and continue with resume=True (checkpoints/latest still names the last complete "
+                        "checkpoint)") from None
+
+
+def rng_state():
+    """Every generator's state as tensors, ints and strings, so that torch.load(weights_only=True)
+    reads it back (a checkpoint is data: loading one must not run code). On a GPU: this rank's own
+    device's generator only, so the file fits a rank of a run on any number of GPUs."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                   has_gauss, gauss],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # the CPU and every GPU
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# Logging and FLOPs
 
 
-def use_one_process_without_launcher():
-    """`python train.py ...` without the deepspeed launcher: one process (one GPU, or the CPU).
-    The launcher sets these; without them DeepSpeed would look for MPI to find its ranks."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as probe:  # a port for the (one-member) process group
-        try:
-            # the launcher's default: DeepSpeed's CPU backend leaves a shared-memory buffer named
-            # after the port in /dev/shm, so reruns on one port reuse one buffer instead of adding more
-            probe.bind(("127.0.0.1", 29500))
-        except OSError:
-            probe.bind(("127.0.0.1", 0))  # in use: any free port
-        port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+class RunLog:
+    """What the loop measures and writes: the loss of the step being trained, a window of
+    throughput counters (samples, real tokens, computed positions, FLOPs, time waiting for data,
+    skipped samples) logged every log_every steps, the bad records skipped, and each step's record
+    ids. Writes out_dir/metrics.jsonl (rank 0), sample_ids_rank{R}.jsonl (log_sample_ids), wandb."""
+
+    def __init__(self, cfg, model, rank, world_size, device, total_steps):
+        self.cfg, self.rank, self.world_size, self.device, self.total_steps = cfg, rank, world_size, device, total_steps
+        self.flops_per_token, self.flops_per_image = flops_per_token_and_image(model)
+        self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+        self.id_log = (open(os.path.join(cfg.out_dir, f"sample_ids_rank{rank}.jsonl"), "a")
+                       if cfg.log_sample_ids else None)
+        self.wandb_run = None
+        if cfg.wandb and rank == 0:
+            import wandb
+
+            self.wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+        self.step_loss, self.step_micro, self.step_ids, self.last_loss = 0.0, 0, [], float("nan")
+        self.skipped, self.skipped_before = [], 0  # skipped: (id, reason) this epoch, on this rank
+        self.totals = {"trained": 0, "skipped": 0}  # samples, all ranks, this run (check_skipped_share)
+        self.window = dict.fromkeys(("samples", "tokens", "positions", "flops", "wait", "skipped"), 0)
+        self.t_window = self.t_wait = time.time()
+
+    def arrived(self, batch):
+        self.window["wait"] += time.time() - self.t_wait
+        self.skipped += batch["skipped"]
+        self.window["skipped"] += len(batch["skipped"])
+
+    def trained(self, batch, loss_value):
+        self.step_ids += batch["ids"]
+        self.step_loss, self.step_micro = self.step_loss + loss_value, self.step_micro + 1
+        n_tokens = batch["num_tokens"]  # real tokens, not padding
+        n_tiles = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])  # anyres: several per image
+        self.window["samples"] += len(batch["ids"])
+        self.window["tokens"] += n_tokens
+        self.window["positions"] += batch["input_ids"].numel()  # computed, padding included
+        self.window["flops"] += self.flops_per_token * n_tokens + self.flops_per_image * n_tiles
+        self.t_wait = time.time()
+
+    def take_step_loss(self):
+        """(sum of this rank's micro-batch losses this step, their number), then starts the next step."""
+        taken, self.step_loss, self.step_micro = (self.step_loss, self.step_micro), 0.0, 0
+        return taken
+
+    def step_done(self, step, epoch, optimizer, engine):
+        if self.id_log:
+            self.id_log.write(json.dumps({"step": step, "epoch": epoch, "ids": self.step_ids}) + "\n")
+            self.id_log.flush()
+        self.step_ids = []
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
+            trained, skipped = log_step(self.cfg, self.rank, self.world_size, self.device, step, self.total_steps,
+                                        epoch, self.last_loss, optimizer, engine, self.window,
+                                        time.time() - self.t_window, self.metrics, self.wandb_run)
+            self.totals["trained"] += trained
+            self.totals["skipped"] += skipped
+            check_skipped_share(self.totals, self.skipped)
+            self.window = dict.fromkeys(self.window, 0)
+            self.t_window = time.time()
+
+    def epoch_done(self, epoch):
+        if self.skipped:
+            log_rank0(self.rank, f"epoch {epoch}: skipped {len(self.skipped)} bad samples on rank 0: {self.skipped[:10]}")
+        self.skipped_before += len(self.skipped)
+        self.skipped = []
+
+    def summary(self, step):
+        """train_summary.json's content; says how many samples were skipped, if any."""
+        skipped = self.skipped_before + len(self.skipped)
+        if skipped:
+            log_rank0(self.rank, f"skipped {skipped} bad samples on rank 0 in all; this epoch: {self.skipped[:10]}")
+        return {"final_loss": self.last_loss, "steps": step, "samples": step * self.cfg.batch_size,
+                "skipped_rank0": skipped}
+
+    def close(self):
+        for log in (self.metrics, self.id_log):
+            if log:
+                log.close()
 
 
-def partitioned_loading(cfg, accumulation):
-    """Under ZeRO-3, from_pretrained creates each model already cut into per-rank slices (DeepSpeed's
-    zero.Init; only rank 0 reads the weight files), instead of a whole copy per rank in host memory
-    (8 x 68 GB for a 34B LLM on 8 GPUs): transformers looks for this object while it exists.
-    None below ZeRO-3."""
-    if cfg.zero_stage != 3:
+def log_step(cfg, rank, world_size, device, step, total_steps, epoch, loss, optimizer, engine, window, elapsed,
+             metrics, wandb_run):
+    """One line in out_dir/metrics.jsonl (rank 0), a progress line, and wandb if on. Returns the samples
+    trained and skipped in this window, summed over ranks."""
+    samples, tokens, positions, flops, skipped = sum_over_ranks(
+        [window["samples"], window["tokens"], window["positions"], window["flops"], window["skipped"]], device)
+    peak = device_peak_flops()
+    grad_norm = engine.get_global_grad_norm()  # a float or a tensor, by ZeRO stage
+    grad_norm = None if grad_norm is None else float(grad_norm)
+    memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    record = {"step": step, "epoch": epoch, "loss": loss,
+              "lr": {g["name"]: g["lr"] for g in optimizer.param_groups}, "grad_norm": grad_norm,
+              "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+              "padding": 1 - tokens / positions if positions else 0.0,
+              "mfu": flops / elapsed / (world_size * peak) if peak else None,
+              "data_wait": window["wait"] / elapsed, "skipped": int(skipped), "memory_gb": memory / 2**30}
+    if rank != 0:
+        return samples, skipped
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    eta = elapsed / cfg.log_every * (total_steps - step)
+    print(f"step {step}/{total_steps} | loss {loss:.4f} | lr {max(record['lr'].values()):.2e} | "
+          f"{samples / elapsed:.1f} samples/s | "
+          f"data wait {record['data_wait']:.0%} | eta {eta / 60:.1f} min", flush=True)
+    if wandb_run:
+        wandb_run.log({k: v for k, v in record.items() if k != "lr"} |
+                      {f"lr/{k}": v for k, v in record["lr"].items()}, step=step)
+    return samples, skipped
+
+
+def flops_per_token_and_image(model):
+    """Matmul FLOPs of training, as (per LLM position, per image tile: one per image, or the
+    base + grid tiles of an anyres image): 2 per parameter per token
+    forward; in backward 2 more for activation gradients wherever gradients flow (a module that
+    trains, or lies after one that trains), and 2 more for the weight gradients of trainable
+    parameters. So a trained LLM costs 6N per token, a frozen one under a trained connector 4N.
+    Attention's T^2 term and the LM head (run only at supervised positions) are left out."""
+    lm = model.language_model
+    lookups = {id(lm.get_input_embeddings().weight), id(lm.get_output_embeddings().weight)}
+
+    def count(module, trainable=None):  # embedding tables are lookups, and the head runs on few positions
+        return sum(full_numel(p) for p in module.parameters()
+                   if id(p) not in lookups and (trainable is None or p.requires_grad == trainable))
+
+    patches = model.config.num_image_tokens
+    vision_trains = count(model.vision_tower, True) > 0
+    connector_needs_grad = vision_trains or count(model.connector, True) > 0
+    lm_needs_grad = connector_needs_grad or count(lm, True) > 0
+    per_image = 2 * count(model.vision_tower) * patches * (3 if vision_trains else 1)
+    per_image += (2 * count(model.connector) * (2 if vision_trains else 1) + 2 * count(model.connector, True)) * patches
+    per_token = 2 * count(lm) * (2 if lm_needs_grad else 1) + 2 * count(lm, True)
+    return per_token, per_image
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def device_peak_flops():
+    if not torch.cuda.is_available():
         return None
-    from transformers.integrations import HfDeepSpeedConfig
-
-    return HfDeepSpeedConfig(deepspeed_config(cfg, accumulation))
-
-
-def build_training_model(cfg, device):
-    """The model main() trains: build_vlm (pretrained encoder + LLM + a fresh connector), stage 1's
-    connector when init_from is set, the training prompt format as the processor's chat template,
-    and prepare_for_training. Returns (model, processor)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-    try:
-        model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
-                                     cfg.image_aspect, dtype=dtype, attn_implementation=attention_for(cfg, device),
-                                     image_grid_pinpoints=parse_pinpoints(cfg.image_grid_pinpoints))
-    except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
-        raise UserError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
-                        f"{str(e).splitlines()[0]}") from None
-    layers = model.config.vision_config.num_hidden_layers + 1  # hidden states: the embeddings, then each layer's
-    if not -layers <= cfg.vision_layer < layers:
-        raise UserError(f"vision_layer={cfg.vision_layer} is out of range: {cfg.vision_model} has {layers} hidden "
-                        f"states, so it must be between {-layers} and {layers - 1} (LLaVA: -2)")
-    if cfg.max_seq_len <= model.config.num_image_tokens:
-        raise UserError(f"max_seq_len={cfg.max_seq_len} leaves no room for text after one image's "
-                        f"{model.config.num_image_tokens} image tokens; raise it (LLaVA: 2048)")
-    rank = int(os.environ.get("RANK", 0))
-    if model.config.image_grid_pinpoints:
-        most = max(processor.image_token_count(pin_h, pin_w) for pin_h, pin_w in model.config.image_grid_pinpoints)
-        if cfg.max_seq_len < most:
-            log_rank0(rank, f"note: with anyres an image takes up to {most} tokens (an image shaped like a pinpoint); "
-                            f"max_seq_len={cfg.max_seq_len} refuses such samples (skip_bad_samples skips them). "
-                            "LLaVA-NeXT trains with 4096.")
-    if cfg.init_from:
-        log_rank0(rank, load_connector_weights(model, cfg.init_from))
-    processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
-    prepare_for_training(model, cfg)
-    return model, processor
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def attention_for(cfg, device):
-    """The attention implementation this run uses: the configured one on GPUs, sdpa on the CPU."""
-    return cfg.attn_implementation if device.type == "cuda" else "sdpa"
-
-
-def make_collate(cfg, pad_token_id, attn_implementation):
-    """The DataLoader's collate function: samples -> one micro-batch. Packed rows carry no attention
-    mask, only position_ids that restart at 0 for every sample. transformers turns those into
-    per-sample (block-diagonal) attention for sdpa, flex_attention and eager at any number of rows,
-    but flash_attention_2 finds the sample boundaries only in a batch of ONE row (its
-    _is_packed_sequence; with more rows each row is plain causal and a sample would attend to the
-    ones before it). So with flash_attention_2 a micro-batch is packed into a single row."""
-    if not cfg.pack_samples:
-        return partial(collate, pad_token_id=pad_token_id)
-    return partial(collate, pad_token_id=pad_token_id, pack_length=cfg.max_seq_len,
-                   one_row=attn_implementation == "flash_attention_2")
-
-
-def start_processes(cfg, rank):
-    """The process group, this rank's device, the seeds, and (rank 0) the demo files. Returns the device."""
-    import deepspeed  # imported where used: its import takes seconds and logs, and config errors come first
-
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its own GPU
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    if cfg.precision != "fp32" and device.type == "cpu":
-        raise UserError(f"precision={cfg.precision} needs a GPU; use precision=fp32 on CPU")
-    if device.type != "cuda" and cfg.attn_implementation != "sdpa":
-        log_rank0(rank, f"attn_implementation={cfg.attn_implementation} is for GPUs; this CPU run uses sdpa")
-    seed_everything(cfg.seed)
-    if rank == 0 and cfg.make_demo:
-        prepare_demo(cfg)
-    dist.barrier()
-    return device
-
-
-def build_data(cfg, processor, device, world_size, rank):
-    """(dataset, sampler, loader), checked before any GPU work: a bad file fails here, not hours in.
-    Bad records come back marked, never raised in a DataLoader worker (whose traceback would wrap
-    the message); the loop stops at the first one unless skip_bad_samples is set."""
-    def load():
-        try:
-            return VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
-                              skip_bad_samples=True, image_paths_outside=cfg.image_paths_outside)
-        except (ValueError, FileNotFoundError) as e:  # data.py's messages name the file / record
-            raise UserError(str(e)) from None
-
-    # Rank 0 converts the files and estimates the lengths (with anyres: one image header per record)
-    # into the datasets cache; the other ranks then read that cache instead of all doing the same.
-    dataset = rank0_first(load, rank)
-    if len(dataset) == 0:
-        raise UserError(f"data_path={cfg.data_path!r} holds no records")
-    check_images(dataset, cfg)
-    sampler = LengthGroupedSampler(dataset.lengths, dataset.has_image, cfg.batch_size, cfg.micro_batch_size,
-                                   world_size, rank, cfg.seed, group_by_length=cfg.group_by_length)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=make_collate(cfg, processor.tokenizer.pad_token_id, attention_for(cfg, device)),
-        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
-        worker_init_fn=leave_stop_signals_to_the_rank)
-    return dataset, sampler, loader
-
-
-def build_engine(model, cfg, accumulation, rank, load_universal=False):
-    """The param groups (printed), the optimizer and the DeepSpeed engine. Returns (engine,
-    optimizer, each group's peak lr)."""
-    import deepspeed
-
-    groups = build_param_groups(model, cfg)
-    log_rank0(rank, format_param_groups(groups))
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=make_optimizer(groups, cfg), config=deepspeed_config(cfg, accumulation, load_universal))
-    return engine, optimizer, [g["lr"] for g in groups]
-
-
-def main(argv=None):
-    # --- settings: the config, checked before anything starts
-    cfg, dry_run = load_config(sys.argv[1:] if argv is None else argv)
-    if not dry_run:
-        use_one_process_without_launcher()
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    accumulation = check_config(cfg, world_size)
-    log_rank0(rank, json.dumps(dataclasses.asdict(cfg), indent=1))
-    if dry_run:
-        return
-    resume_tag = check_out_dir(cfg)
-
-    # --- processes, model, data, engine
-    device = start_processes(cfg, rank)
-    zero3_loading = partitioned_loading(cfg, accumulation)  # kept for the run: transformers looks it up
-    model, processor = build_training_model(cfg, device)  # pretrained encoder + LLM + a fresh (or stage-1) connector
-    if cfg.compile:
-        log_rank0(rank, f"compiling {len(repeated_blocks(model))} blocks (the first steps are slow)")
-    dataset, sampler, loader = build_data(cfg, processor, device, world_size, rank)
-    steps_per_epoch = len(loader) // accumulation
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset)} records give no full step of batch_size={cfg.batch_size}; lower batch_size")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    if rank == 0:  # every check passed: only now does out_dir become this run's
-        prepare_out_dir(cfg, fresh=resume_tag is None)
-    dist.barrier()
-    flops_per_token, flops_per_image = flops_per_token_and_image(model)
-    universal = bool(resume_tag) and needs_universal_checkpoint(cfg, resume_tag, world_size)
-    if universal:  # resumed on another number of processes
-        rank0_first(lambda: write_universal_checkpoint(os.path.join(cfg.out_dir, "checkpoints", resume_tag)), rank,
-                    then_the_others=False)
-    engine, optimizer, peak_lrs = build_engine(model, cfg, accumulation, rank, universal)
-
-    # --- resume
-    # The data position is the samples of this epoch already trained (whole steps of batch_size),
-    # so a run resumed with another micro_batch_size or number of GPUs takes the very next ones.
-    step, epoch, samples_done = 0, 0, 0
-    if resume_tag:
-        state = load_checkpoint(engine, cfg, resume_tag, rank, world_size, universal)
-        step, epoch, samples_done = state["step"], state["epoch"], state["samples_done"]
-        if rank == 0:
-            forget_steps_after(cfg.out_dir, step)
-        dist.barrier()  # before any rank appends to its sample-id log again
-        log_rank0(rank, f"resumed from {cfg.out_dir}/checkpoints/{resume_tag} at step {step}")
-
-    # --- pre-emption: SIGTERM asks for a checkpoint at the next step boundary
-    stop = {"signal": 0}
-    for number in STOP_SIGNALS:
-        # the first signal names the stop (the launcher answers Ctrl-C by sending SIGTERM after it)
-        signal.signal(number, lambda received, _: stop.update(signal=stop["signal"] or received))
-
-    wandb_run = None
-    if cfg.wandb and rank == 0:
-        import wandb
-
-        wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    log_rank0(rank, f"{len(dataset)} records, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-                    f"{world_size} processes x {cfg.micro_batch_size} samples x {accumulation} accumulation")
-
-    # --- the loop
-    step_loss, step_micro, skipped, skipped_before = 0.0, 0, [], 0  # skipped: (id, reason) this epoch
-    step_ids = []  # the record ids of this step's micro-batches (log_sample_ids)
-    id_log = open(os.path.join(cfg.out_dir, f"sample_ids_rank{rank}.jsonl"), "a") if cfg.log_sample_ids else None
-    window = {"samples": 0, "tokens": 0, "positions": 0, "flops": 0.0, "wait": 0.0, "skipped": 0}
-    last_loss, t_window, t_wait = float("nan"), time.time(), time.time()
-    failure = None  # this rank's first bad record or diverged loss, if any (reported at the step's end)
-    totals = {"trained": 0, "skipped": 0}  # samples, all ranks, this run (check_skipped_share)
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        sampler.skip(samples_done)
-        for batch in loader:
-            window["wait"] += time.time() - t_wait
-            if batch["skipped"] and not cfg.skip_bad_samples and failure is None:
-                failure = str(bad_record(*batch["skipped"][0]))  # every rank stops at the step's end
-            skipped += batch["skipped"]
-            window["skipped"] += len(batch["skipped"])
-            if not batch["ids"] or failure:  # nothing to train: an all-masked step keeps ranks in lockstep
-                batch = {"input_ids": torch.tensor([[processor.tokenizer.pad_token_id]]),
-                         "labels": torch.tensor([[IGNORE_INDEX]]), "attention_mask": None,
-                         "position_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": None, "image_sizes": None,
-                         "num_tokens": 0, "ids": []}
-            boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
-            if boundary:
-                factor = lr_factor(step, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
-                for g, peak in zip(optimizer.param_groups, peak_lrs):
-                    g["lr"] = peak * factor
-            inputs = {k: batch[k].to(device, non_blocking=True) if batch[k] is not None else None
-                      for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_sizes")}
-            loss = engine(**inputs).loss
-            loss_value = loss.item()  # the one GPU sync per micro-batch
-            if not math.isfinite(loss_value) and failure is None:
-                failure = (f"loss is {loss_value} at step {step + 1} (micro-batch ids {batch['ids']}); "
-                           "lower the learning rate or check those samples, then resume=True")
-            engine.backward(loss)  # scales by 1/accumulation
-            engine.step()  # steps the optimizer only at the accumulation boundary
-            step_ids += batch["ids"]
-            step_loss, step_micro = step_loss + loss_value, step_micro + 1
-            n_tokens = batch["num_tokens"]  # real tokens, not padding
-            n_tiles = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])  # anyres: several per image
-            window["samples"] += len(batch["ids"])
-            window["tokens"] += n_tokens
-            window["positions"] += batch["input_ids"].numel()  # computed, padding included
-            window["flops"] += flops_per_token * n_tokens + flops_per_image * n_tiles
-            t_wait = time.time()
-            if not boundary:
-                continue
-
-            # one optimizer step done: the ranks agree on how it went, and average the loss
-            loss_sum, micro_batches, stop_asked, failed = sum_over_ranks(
-                [step_loss, step_micro, float(stop["signal"] > 0), float(failure is not None)], device)
-            if failed:  # a bad record or a diverged loss on some rank: every rank stops, one error line
-                stop_every_rank(first_failure(failure, world_size), rank)
-            step, samples_done = step + 1, samples_done + cfg.batch_size
-            last_loss, step_loss, step_micro = loss_sum / micro_batches, 0.0, 0
-            if id_log:
-                id_log.write(json.dumps({"step": step, "epoch": epoch, "ids": step_ids}) + "\n")
-                id_log.flush()
-            step_ids = []
-            if step % cfg.log_every == 0 or step == total_steps:
-                trained, skipped_now = log_step(cfg, rank, world_size, device, step, total_steps, epoch, last_loss,
-                                                optimizer, engine, window, time.time() - t_window, metrics, wandb_run)
-                totals["trained"] += trained
-                totals["skipped"] += skipped_now
-                check_skipped_share(totals, skipped)
-                window = dict.fromkeys(window, 0)
-                t_window = time.time()
-            position = {"epoch": epoch, "samples_done": samples_done}
-            if stop_asked:  # some rank got SIGTERM or SIGINT
-                save_checkpoint(engine, cfg, step, position, rank)
-                received = signal.Signals(stop["signal"] or signal.SIGTERM)
-                log_rank0(rank, f"{received.name}: saved step {step} in {cfg.out_dir}/checkpoints; continue with the "
-                                f"same command plus resume=True")
-                exit_now(128 + received.value)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint(engine, cfg, step, position, rank)
-            if step >= total_steps:
-                break
-        else:  # the epoch ran out
-            if skipped:
-                log_rank0(rank, f"epoch {epoch}: skipped {len(skipped)} bad samples on rank 0: {skipped[:10]}")
-            skipped_before += len(skipped)
-            epoch, samples_done, skipped = epoch + 1, 0, []
-
-    # --- the end: a last checkpoint (to resume or extend) and the inference folder
-    save_checkpoint(engine, cfg, step, {"epoch": epoch, "samples_done": samples_done}, rank)
-    if skipped_before + len(skipped):
-        log_rank0(rank, f"skipped {skipped_before + len(skipped)} bad samples on rank 0 in all; this epoch: {skipped[:10]}")
-    save_final(engine, processor, cfg, rank, {"final_loss": last_loss, "steps": step,
-                                              "samples": step * cfg.batch_size, "skipped_rank0": skipped_before + len(skipped)})
-    log_rank0(rank, f"done: {cfg.out_dir}/final (load with VLMForCausalLM.from_pretrained, or python eval.py)")
-    for log in (metrics, id_log):
-        if log:
-            log.close()
-
-
+def log_rank0(rank, *args):
+    if rank == 0:
+        print(*args, flush=True)
 if __name__ == "__main__":
     if run_command(main) == 2:  # a user's mistake or a diverged run: one error line
         exit_now(2)

@@ -144,6 +144,26 @@ def free_port():
         return probe.getsockname()[1]
 
 
+# A launched job runs in a session of its own (so a test can signal all its processes); if pytest is
+# killed, nothing would stop it. This watcher ends the job's process group when pytest is gone,
+# and itself when the job is.
+KILL_WHEN_PYTEST_DIES = """
+import os, signal, sys, time
+pytest_pid, job = map(int, sys.argv[1:])
+while True:
+    time.sleep(1)
+    try:
+        os.killpg(job, 0)
+    except ProcessLookupError:
+        break
+    try:
+        os.kill(pytest_pid, 0)
+    except ProcessLookupError:
+        os.killpg(job, signal.SIGKILL)
+        break
+"""
+
+
 def launch(args, procs=1, wait=True, timeout=300):
     """`deepspeed --num_gpus N train.py ARGS` (the real launcher, CPU ranks); returns the Popen
     (wait=False) or the finished CompletedProcess-like Popen with .out holding its output."""
@@ -154,6 +174,8 @@ def launch(args, procs=1, wait=True, timeout=300):
     cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(port), "train.py", *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    subprocess.Popen([sys.executable, "-c", KILL_WHEN_PYTEST_DIES, str(os.getpid()), str(proc.pid)],
+                     start_new_session=True)
     if wait:
         proc.out, _ = proc.communicate(timeout=timeout)
         remove_shared_buffers(port)
