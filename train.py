@@ -974,23 +974,22 @@ def load_checkpoint(engine, cfg, tag, rank, world_size, universal):
     if "samples_done" not in state:  # written before positions were counted in samples
         raise UserError(f"checkpoint {root}/{tag} was written by an older small-vlm (no data position in "
                         "samples); start the run again with overwrite=True")
-    if saved_world_size(cfg, tag) == world_size:
+    if ranks_that_wrote(os.path.join(root, tag)) == world_size:
         set_rng_state(torch.load(os.path.join(root, tag, f"rng_rank{rank}.pt"), weights_only=True))
     else:  # rank r of a new layout has no rank-r state to continue: the generators restart, as at a start
         seed_everything(cfg.seed + state["step"])
     return state
 
 
-def saved_world_size(cfg, tag):
-    """How many ranks wrote checkpoint TAG (each wrote its RNG state)."""
-    folder = os.path.join(cfg.out_dir, "checkpoints", tag)
+def ranks_that_wrote(folder):
+    """How many ranks wrote the checkpoint in FOLDER (each wrote its RNG state)."""
     return len([f for f in os.listdir(folder) if re.fullmatch(r"rng_rank\d+\.pt", f)])
 
 
 def needs_universal_checkpoint(cfg, tag, world_size):
     """ZeRO (stages 1-3) saves each rank's slice of the optimizer state, cut for the number of ranks
     that wrote it; DeepSpeed reads it on another number of ranks only in its universal form."""
-    return cfg.zero_stage > 0 and saved_world_size(cfg, tag) != world_size
+    return cfg.zero_stage > 0 and ranks_that_wrote(os.path.join(cfg.out_dir, "checkpoints", tag)) != world_size
 
 
 def write_universal_checkpoint(folder):
@@ -1007,8 +1006,10 @@ def write_universal_checkpoint(folder):
     if done.returncode != 0:
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
         raise UserError(f"cannot convert {folder} for another number of processes ({last}); resume on the "
-                        f"{len([f for f in os.listdir(folder) if f.startswith('rng_rank')])} processes that wrote it")
+                        f"{ranks_that_wrote(folder)} processes that wrote it")
     os.replace(partial_dir, target)
+    with contextlib.suppress(FileNotFoundError):  # the converter's pointer to its output: unused here
+        os.remove(os.path.join(folder, "latest_universal"))
 
 
 def checkpoint_problem(folder):
@@ -1017,7 +1018,7 @@ def checkpoint_problem(folder):
     if not os.path.isdir(folder):
         return f"{folder} does not exist"
     files = os.listdir(folder)
-    ranks = len([f for f in files if re.fullmatch(r"rng_rank\d+\.pt", f)])
+    ranks = ranks_that_wrote(folder)
     models = len([f for f in files if f.endswith("model_states.pt")])
     optimizers = len([f for f in files if f.endswith("optim_states.pt")])
     if not ranks or not models:
