@@ -1,18 +1,20 @@
 """The small-vlm data pipeline: from LLaVA JSON records to padded training batches.
 
 Read top to bottom, this is the path of one record to a batch:
-  0. UserError            - how every command (train, eval, push, this file's CLI) reports a user's mistake.
-  1. load_records          - JSON / JSONL / Hub records -> a memory-mapped Arrow `datasets.Dataset`.
-  2. render_pieces         - a conversation -> prompt text as (text, supervised) pieces, per template.
-  3. tokenize_conversation - the pieces -> input_ids and labels, built together from one tokenization.
-  4. chat_template_for     - the same prompt format as a Jinja chat template, for inference.
-  5. VLMDataset            - record -> {input_ids, labels, pixel_values}; bad records raise or skip.
-  6. collate               - samples -> a right-padded (or packed) batch with all images stacked.
-  7. LengthGroupedSampler  - LLaVA's modality-aware length grouping, sharded across ranks.
-  8. the demo data         - a synthetic coloured-shapes task drawn with PIL (`python data.py --make-demo DIR`).
-  9. tiny backbones        - small random CLIP/SigLIP + Llama/Qwen2 and a byte-level BPE tokenizer, saved to
+  1. render_pieces         - a conversation -> prompt text as (text, supervised) pieces, per template.
+  2. tokenize_conversation - the pieces -> input_ids and labels, built together from one tokenization.
+  3. chat_template_for     - the same prompt format as a Jinja chat template, for inference.
+  4. VLMDataset            - record -> {input_ids, labels, pixel_values}; bad records raise or skip.
+  5. collate               - samples -> a right-padded (or packed) batch with all images stacked.
+  6. LengthGroupedSampler  - LLaVA's modality-aware length grouping, sharded across ranks.
+Below one banner, the code that keeps a run safe, then the demo and the tools (the path above calls it by name):
+  7. UserError             - how every command (train, eval, push, this file's CLI) reports a user's mistake.
+  8. load_records          - JSON / JSONL / Hub records -> a memory-mapped Arrow `datasets.Dataset`, every
+                             record normalised; load_image - an image file, checked before and while decoding.
+  9. the demo data         - a synthetic coloured-shapes task drawn with PIL (`python data.py --make-demo DIR`).
+ 10. tiny backbones        - small random CLIP/SigLIP + Llama/Qwen2 and a byte-level BPE tokenizer, saved to
                              folders, for the demo and the tests (model.py, the remote code, holds only the model).
- 10. show_samples          - `python data.py --show CONFIG`: samples as the model gets them, labels audited.
+ 11. show_samples          - `python data.py --show CONFIG`: samples as the model gets them, labels audited.
 """
 import argparse
 import hashlib
@@ -44,7 +46,537 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 # ----------------------------------------------------------------------------------------------
-# 0. User errors: one line, exit code 2
+# 1. Rendering a conversation as prompt text
+
+
+NO_CHAT_TEMPLATE = "template='chat' needs a tokenizer with a chat template; use vicuna_v1 or plain"
+
+
+def unknown_template(template):
+    return ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+
+
+def render_pieces(conversations, template, tokenizer):
+    """The prompt as [(text, supervised), ...]; "".join(texts) is the full prompt text. Supervised
+    pieces are what the model must generate: the assistant answers with their end-of-turn marker."""
+    turns = check_turns(conversations)
+    if template == "plain":
+        pieces = plain_pieces(turns)
+    elif template == "vicuna_v1":
+        pieces = vicuna_pieces(turns, tokenizer.eos_token)
+    elif template == "chat":
+        pieces = chat_pieces(turns, tokenizer)
+    else:
+        raise unknown_template(template)
+    return separate_images(pieces, image_text_separator(tokenizer))
+
+
+def check_turns(conversations):
+    """[(role, text)] with role user/assistant, alternating from a user turn to an assistant turn."""
+    if not conversations:
+        raise ValueError("the record has no conversations")
+    turns = []
+    for i, turn in enumerate(conversations):
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"turn {i} has unknown role from={turn['from']!r}; valid: {', '.join(ROLES)}")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"turn {i} is from {turn['from']!r} but a {expected} turn was expected "
+                             "(turns alternate human, gpt, human, gpt, ...)")
+        if role == "assistant" and not turn["value"].strip():
+            raise ValueError(f"turn {i} is an empty assistant turn")
+        if role == "assistant" and IMAGE_TOKEN in turn["value"]:
+            raise ValueError(f"turn {i} is an answer holding {IMAGE_TOKEN}; images belong in human turns")
+        turns.append((role, move_images_to_front(turn["value"]) if role == "user" else turn["value"]))
+    if turns[-1][0] != "assistant":
+        raise ValueError("the conversation ends with a human turn; it must end with a gpt answer")
+    return turns
+
+
+def move_images_to_front(text):
+    """LLaVA puts every <image> at the start of its turn: "<image>\\n" + the rest of the text, and
+    a turn that is only an image becomes "<image>" (the whole turn is stripped)."""
+    n = text.count(IMAGE_TOKEN)
+    return ((IMAGE_TOKEN + "\n") * n + text.replace(IMAGE_TOKEN, "").strip()).strip() if n else text
+
+
+def plain_pieces(turns):
+    """Stage 1: the human turn is replaced by its image(s); the caption and "\\n" are supervised."""
+    if len(turns) != 2:
+        raise ValueError(f"the plain template takes one human and one gpt turn, got {len(turns)} turns")
+    pieces = [(IMAGE_TOKEN * turns[0][1].count(IMAGE_TOKEN), False), (turns[1][1] + "\n", True)]
+    return [piece for piece in pieces if piece[0]]
+
+
+def vicuna_pieces(turns, eos):
+    """LLaVA-1.5: "{system} USER: {q} ASSISTANT: {a}</s>USER: ...". The space before each answer
+    belongs to the answer: the inference prompt ends at "ASSISTANT:" and the model writes " {a}</s>"."""
+    pieces = [(VICUNA_SYSTEM + " ", False)]
+    for (_, question), (_, answer) in zip(turns[0::2], turns[1::2]):
+        pieces += [(f"USER: {question} ASSISTANT:", False), (f" {answer}{eos}", True)]
+    return pieces
+
+
+def chat_pieces(turns, tokenizer):
+    """The tokenizer's chat template. The model's answer k starts where messages[:k] rendered with
+    the generation prompt ends, and runs to the end of the answer as the template writes it (some
+    templates trim answers) plus its end-of-turn token, the first special token after it: what the
+    model must generate to answer and stop. Nothing the template writes after that is supervised
+    (Llama-3's first template opens the next assistant header even without a generation prompt).
+    Finding the starts needs a template whose shorter renderings are prefixes of the full one.
+
+    Example: the ChatML template of make_tiny_tokenizer (Qwen2.5's writes the same after its default
+    system turn) and the turns [("user", "<image>\\nColour?"), ("assistant", "Red."), ("user", "Shape?"),
+    ("assistant", "A square.")]. `full`, all four rendered, is 156 characters; the pieces are
+
+        [  0,  65) "<|im_start|>user\\n<image>\\nColour?<|im_end|>\\n<|im_start|>assistant\\n"  masked
+        [ 65,  79) "Red.<|im_end|>"                                                             supervised
+        [ 79, 136) "\\n<|im_start|>user\\nShape?<|im_end|>\\n<|im_start|>assistant\\n"          masked
+        [136, 155) "A square.<|im_end|>"                                                        supervised
+        [155, 156) "\\n"                                                                        masked
+
+    Answer 1 starts at 65 = len(render(1, True)), the user turn plus the generation prompt
+    "<|im_start|>assistant\\n": all that inference gives the model before it answers. It ends at 79,
+    after "Red." and <|im_end|>, the first special token after it: generating that token is how the
+    model stops. The "\\n" the template writes after <|im_end|> is never generated (the model has
+    stopped), so it is masked, with the next user turn; answer 2 starts at 136 = len(render(3, True))."""
+    if not tokenizer.chat_template:
+        raise ValueError(NO_CHAT_TEMPLATE)
+    messages = [{"role": role, "content": text} for role, text in turns]
+
+    def render(upto, add_generation_prompt):
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    full = render(len(messages), False)
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    pieces, done = [], 0  # done: where the text so far has been cut into pieces
+    for k in range(1, len(messages), 2):  # k: each assistant message, answer k // 2 + 1
+        # start: answer k begins where its prompt ends (in the example, 65 and 136)
+        prompt, turn = render(k, True), render(k + 1, False)
+        start, answer = len(prompt), messages[k]["content"].strip()
+        stable = full.startswith(prompt) and done <= start
+        begin = full.find(answer, start) if stable else -1  # text between prompt and answer is generated too
+        answer_end = begin + len(answer)
+        if stable and begin < 0:
+            raise ValueError(f"the chat template does not write answer {k // 2 + 1} after its prompt (looked for "
+                             f"{answer[:40]!r}), so its tokens cannot be found; use template='vicuna_v1'")
+        if not stable or turn[:answer_end] != full[:answer_end]:  # Qwen3 drops earlier answers' <think>
+            raise ValueError(
+                f"the tokenizer's chat template is not prefix-stable: the first {k} messages (with the generation "
+                "prompt) or the first answer(s) render differently inside the whole conversation, so the answers "
+                "cannot be found; use template='vicuna_v1' or a prefix-stable chat template")
+        # end: after the answer and its end-of-turn marker, the first special token after it (79 and 155)
+        after = full[answer_end:]
+        marker = next((t for t in specials if after.lstrip().startswith(t)), None)
+        if marker:
+            end = answer_end + len(after) - len(after.lstrip()) + len(marker)
+        else:  # a template that ends turns with plain text: the turn as rendered, minus trailing whitespace
+            turn = turn.rstrip()
+            end = len(turn) if full.startswith(turn) and len(turn) > answer_end else answer_end
+        pieces += [(full[done:start], False), (full[start:end], True)]
+        done = end
+    pieces.append((full[done:], False))
+    return [piece for piece in pieces if piece[0]]
+
+
+# <image> followed by text (not by another <image>, not at the end)
+IMAGE_BEFORE_TEXT = re.compile(re.escape(IMAGE_TOKEN) + "(?!" + re.escape(IMAGE_TOKEN) + r"|\Z)")
+
+
+def separate_images(pieces, separator):
+    """Writes `separator` (model.image_text_separator: " " for SentencePiece tokenizers) after every
+    <image> that text follows, as LLaVA's separate tokenization of that text does, and as the
+    inference chat template (chat_template_for) writes it. A piece that ends in an image gives the
+    separator to the next piece: in `plain`, "<image>" + " caption", the caption's first word."""
+    if not separator:
+        return pieces
+    separated, after_image = [], False
+    for text, supervised in pieces:
+        if not text:
+            continue
+        if after_image and not text.startswith(IMAGE_TOKEN):
+            text = separator + text
+        after_image = text.endswith(IMAGE_TOKEN)
+        separated.append((IMAGE_BEFORE_TEXT.sub(IMAGE_TOKEN + separator, text), supervised))
+    return separated
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Tokenizing: input_ids and labels from one tokenization
+
+
+class SampleTooLong(ValueError):
+    """The record does not fit max_seq_len without cutting through image tokens (or its answers)."""
+
+
+def tokenize_conversation(conversations, template, processor, max_seq_len=None, image_token_counts=None):
+    """(input_ids, labels) as lists of ints. The full prompt is tokenized once; a token is supervised
+    when its characters lie inside a supervised piece, so ids and labels cannot disagree (LLaVA's
+    "tokenization mismatch"). The k-th <image> id then becomes image_token_counts[k] image ids
+    (label -100): processor.num_image_tokens each unless given (anyres: each image's own count)."""
+    tokenizer = processor.tokenizer
+    if not tokenizer.is_fast:
+        raise ValueError("tokenize_conversation needs a fast tokenizer (for character offsets)")
+    pieces = render_pieces(conversations, template, tokenizer)
+    text = "".join(piece for piece, _ in pieces)
+    supervised_chars = np.zeros(len(text) + 1, dtype=bool)
+    start = 0
+    for piece, supervised in pieces:
+        supervised_chars[start:start + len(piece)] = supervised
+        start += len(piece)
+    encoding = tokenizer(text, add_special_tokens=not writes_own_bos(tokenizer, text), return_offsets_mapping=True)
+
+    image_id = processor.image_token_id
+    counts = iter(image_token_counts) if image_token_counts else itertools.repeat(processor.num_image_tokens)
+    input_ids, labels = [], []
+    for token_id, (begin, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+        if token_id == image_id:
+            count = next(counts)
+            input_ids += [image_id] * count
+            labels += [IGNORE_INDEX] * count
+        else:
+            input_ids.append(token_id)  # added tokens such as BOS have an empty span: never supervised
+            labels.append(token_id if end > begin and supervised_chars[begin:end].all() else IGNORE_INDEX)
+    if all(label == IGNORE_INDEX for label in labels):  # a silent all-masked sample would train on nothing
+        raise ValueError(f"no token lies inside an answer (every answer token straddles prompt text): {text!r}")
+    return truncate(input_ids, labels, image_id, max_seq_len)
+
+
+def truncate(input_ids, labels, image_id, max_seq_len):
+    """Cuts the tail beyond max_seq_len, but never through an image (its features must all fit)."""
+    if max_seq_len is None or len(input_ids) <= max_seq_len:
+        return input_ids, labels
+    image_positions = [i for i, token in enumerate(input_ids) if token == image_id]
+    if image_positions and image_positions[-1] >= max_seq_len:
+        raise SampleTooLong(f"{len(input_ids)} tokens, and its {len(image_positions)} image tokens end at position "
+                            f"{image_positions[-1] + 1} > max_seq_len={max_seq_len}")
+    if all(label == IGNORE_INDEX for label in labels[:max_seq_len]):
+        raise SampleTooLong(f"{len(input_ids)} tokens, and no answer token within max_seq_len={max_seq_len}")
+    return input_ids[:max_seq_len], labels[:max_seq_len]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The same prompt format as a chat template, for inference
+
+# content (a string, or a list of {"type": "image"} / {"type": "text"} items) -> the turn text
+# training used: every image as "<image>\n" at the start of the turn (move_images_to_front), an
+# image-only turn as "<image>", and SEP after each image (separate_images).
+CONTENT_MACRO = r"""{%- macro vlm_content(content) -%}
+{%- if content is string -%}{%- set text = content -%}
+{%- else -%}{%- set text = '<image>' * (content | selectattr('type', 'equalto', 'image') | list | length)
+ + (content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}
+{%- endif -%}
+{%- set n = text.count('<image>') -%}
+{%- set rest = text.replace('<image>', '').strip() -%}
+{%- if n == 0 -%}{{ text }}
+{%- elif rest -%}{{ ('<image>' + SEP + '\n') * n + rest }}
+{%- else -%}{{ ('<image>' + SEP + '\n') * (n - 1) + '<image>' + SEP }}{%- endif -%}
+{%- endmacro -%}
+"""
+
+PLAIN_TEMPLATE = r"""{%- for m in messages -%}
+{%- if m['role'] == 'user' -%}{{ '<image>' * vlm_content(m['content']).count('<image>') }}
+{%- elif m['role'] == 'assistant' -%}{{ vlm_content(m['content']) + '\n' }}{%- endif -%}
+{%- endfor -%}"""
+
+VICUNA_TEMPLATE = r"""{%- set system = SYSTEM -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set system = vlm_content(messages[0]['content']) -%}
+{%- endif -%}
+{{ system + ' ' }}
+{%- for m in messages if m['role'] != 'system' -%}
+{%- if m['role'] == 'user' -%}{{ 'USER: ' + vlm_content(m['content']) + ' ' }}
+{%- else -%}{{ 'ASSISTANT: ' + vlm_content(m['content']) + EOS }}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"""
+
+# The tokenizer's own template, after rewriting each message's content to a string.
+CHAT_PREAMBLE = r"""{%- set vlm = namespace(messages=[]) -%}
+{%- for m in messages -%}
+{%- set vlm.messages = vlm.messages + [{'role': m['role'], 'content': vlm_content(m['content'])}] -%}
+{%- endfor -%}
+{%- set messages = vlm.messages -%}
+"""
+
+
+def chat_template_for(template, tokenizer):
+    """A Jinja chat template that renders, with add_generation_prompt=True, exactly the training
+    prompt of render_pieces up to the answer. Stored on the final processor for eval and the Hub."""
+    macro = f"{{%- set SEP = {json.dumps(image_text_separator(tokenizer))} -%}}" + CONTENT_MACRO  # Jinja literal
+    if template == "plain":
+        return macro + PLAIN_TEMPLATE
+    if template == "vicuna_v1":
+        system, eos = json.dumps(VICUNA_SYSTEM), json.dumps(tokenizer.eos_token)
+        return macro + f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}" + VICUNA_TEMPLATE
+    if template == "chat":
+        if not tokenizer.chat_template:
+            raise ValueError(NO_CHAT_TEMPLATE)
+        return macro + CHAT_PREAMBLE + tokenizer.chat_template
+    raise unknown_template(template)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The dataset
+
+
+class VLMDataset(torch.utils.data.Dataset):
+    """Records -> training samples. Records stay in Arrow; images are decoded in __getitem__."""
+
+    def __init__(self, data_path, image_folder, processor, template, max_seq_len=2048, skip_bad_samples=False,
+                 image_paths_outside=False):
+        if template not in TEMPLATES:
+            raise unknown_template(template)
+        self.records = load_records(data_path)
+        self.image_folder, self.processor, self.template = image_folder, processor, template
+        self.max_seq_len, self.skip_bad_samples = max_seq_len, skip_bad_samples
+        self.image_paths_outside = image_paths_outside
+        # LLaVA's modality_lengths: words + image tokens, no tokenizing or image decoding (cached by
+        # datasets). With anyres an image's token count depends on its size: read from the file's header.
+        # Plain values, not the processor, go to map(): datasets hashes them into its cache key.
+        image_processor = processor.image_processor
+        anyres = None if image_processor.aspect != "anyres" else {
+            "image_folder": image_folder, "paths_outside": image_paths_outside,
+            "pinpoints": image_processor.image_grid_pinpoints,
+            "tile": image_processor.size, "patch": processor.patch_size}
+        estimates = self.records.map(estimate_lengths, batched=True, remove_columns=self.records.column_names,
+                                     fn_kwargs={"num_image_tokens": processor.num_image_tokens, "anyres": anyres})
+        estimates = estimates.with_format("numpy")[:]  # {"length": (N,), "n_images": (N,)} arrays
+        self.lengths = estimates["length"].tolist()
+        self.has_image = (estimates["n_images"] > 0).tolist()
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        """A sample, or for a bad record {"id", "skipped": reason} with skip_bad_samples (collate
+        drops it and lists it) and a UserError naming the record without."""
+        record = self.records[i]
+        try:
+            return self.build_sample(record)
+        except ValueError as e:
+            if self.skip_bad_samples:
+                return {"id": record["id"], "skipped": str(e)}
+            raise bad_record(record["id"], e) from None
+
+    def build_sample(self, record):
+        if record["problem"]:
+            raise ValueError(record["problem"])
+        n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in record["conversations"])
+        if n_markers != len(record["image"]):
+            raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers in the conversation but "
+                             f"{len(record['image'])} images {record['image']}")
+        images = [self.load_image(path) for path in record["image"]]
+        counts = [self.processor.image_token_count(image.height, image.width) for image in images]
+        input_ids, labels = tokenize_conversation(record["conversations"], self.template, self.processor,
+                                                  self.max_seq_len, counts)
+        size = self.processor.image_processor.size
+        tiles = [self.processor.image_processor.transform(image) for image in images]  # (tiles, 3, S, S) each
+        return {
+            "id": record["id"],
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),  # (T,)
+            "labels": torch.tensor(labels, dtype=torch.long),  # (T,)
+            "pixel_values": torch.cat(tiles) if tiles else torch.zeros(0, 3, size, size),  # (tiles, 3, S, S)
+            "image_sizes": torch.tensor([[image.height, image.width] for image in images],
+                                        dtype=torch.long).view(-1, 2),  # (n, 2)
+        }
+
+    def load_image(self, path):
+        return load_image(image_file(self.image_folder, path, self.image_paths_outside))
+
+
+def estimate_lengths(batch, num_image_tokens, anyres=None):
+    """{"length": words + image tokens, "n_images"} per record. anyres: {image_folder, paths_outside,
+    pinpoints, tile, patch}; each image's tokens are counted from its size, read from the file
+    header (PIL opens lazily: no pixel is decoded). An unreadable file counts num_image_tokens
+    here; loading the sample reports it. datasets caches these lengths per data file: an image
+    replaced by one of another size keeps its old estimate (only the length grouping uses it)."""
+    n_images = [len(images) for images in batch["image"]]
+    words = [sum(len(turn["value"].split()) for turn in turns) for turns in batch["conversations"]]
+    if anyres is None:
+        return {"length": [w + n * num_image_tokens for w, n in zip(words, n_images)], "n_images": n_images}
+    lengths = []
+    for w, paths in zip(words, batch["image"]):
+        for path in paths:
+            try:
+                with Image.open(image_file(anyres["image_folder"], path, anyres["paths_outside"])) as image:
+                    width, height = image.size
+                w += count_anyres_tokens(height, width, anyres["pinpoints"], anyres["tile"], anyres["patch"])
+            except (OSError, ValueError, Image.DecompressionBombError):
+                w += num_image_tokens
+        lengths.append(w)
+    return {"length": lengths, "n_images": n_images}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Batching
+
+
+def collate(samples, pad_token_id, pack_length=0, one_row=False):
+    """A micro-batch as tensors. Skipped samples are dropped and listed in "skipped" (a batch where
+    every sample was skipped has no rows); "num_tokens" counts the real (non-pad) tokens.
+
+    pack_length=0: one sample per row, right-padded: input_ids / labels / attention_mask /
+    position_ids (B, T).
+    pack_length=L: the samples packed into rows of at most L tokens (pack_rows), (R, T) with R <= B
+    and less padding. attention_mask is None and position_ids restart at 0 for every sample: from
+    that, transformers builds a block-diagonal causal mask, so a token sees only its own sample, and
+    the loss equals the unpacked batch's.
+    one_row=True (with pack_length): every sample in one row, (1, sum of lengths), no padding at
+    all: flash_attention_2 keeps attention per sample only in a batch of one row (train.make_collate).
+    Images (tiles, 3, H, W) and their sizes (N, 2) come in the order their <image> tokens appear in
+    the rows (row-major), as the model's splice expects; None when the batch has none."""
+    kept = [s for s in samples if "skipped" not in s]
+    lengths = [len(s["input_ids"]) for s in kept]
+    if pack_length and one_row:
+        rows = [list(range(len(kept)))] if kept else []  # sample indices
+    elif pack_length:
+        rows = pack_rows(lengths, pack_length)
+    else:
+        rows = [[i] for i in range(len(kept))]
+    width = max((sum(lengths[i] for i in row) for row in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        begin = 0
+        for i in row:
+            n = lengths[i]
+            input_ids[r, begin:begin + n], labels[r, begin:begin + n] = kept[i]["input_ids"], kept[i]["labels"]
+            # A sample's first token is never a target (nothing of its own comes before it); in a
+            # packed row the previous sample's last token would otherwise be trained to predict it.
+            labels[r, begin] = IGNORE_INDEX
+            attention_mask[r, begin:begin + n] = 1
+            position_ids[r, begin:begin + n] = torch.arange(n)
+            begin += n
+        position_ids[r, begin:] = torch.arange(width - begin)  # the padding: a segment of its own
+    images = [kept[i]["pixel_values"] for row in rows for i in row if len(kept[i]["pixel_values"])]
+    image_sizes = [kept[i]["image_sizes"] for row in rows for i in row if len(kept[i]["image_sizes"])]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": None if pack_length else attention_mask,
+        "position_ids": position_ids,
+        "pixel_values": torch.cat(images) if images else None,
+        "image_sizes": torch.cat(image_sizes) if image_sizes else None,
+        "num_tokens": sum(lengths),
+        "ids": [kept[i]["id"] for row in rows for i in row],
+        "skipped": [(s["id"], s["skipped"]) for s in samples if "skipped" in s],
+    }
+
+
+def pack_rows(lengths, capacity):
+    """[[sample index, ...] per row] for the rows x width (computed positions, padding included)
+    that is smallest, every row holding at most `capacity` tokens. For each row count R from the
+    fewest possible up to one sample per row, samples go longest first into the emptiest row (the
+    rows come out evenly filled); the best R wins. One sample per row is the unpacked batch, so
+    packing never computes more positions than padding does."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best, best_cost = [[i] for i in order], len(lengths) * max(lengths, default=0)
+    for n_rows in range(max(1, math.ceil(sum(lengths) / capacity)), len(lengths)):
+        rows, fill = [[] for _ in range(n_rows)], [0] * n_rows
+        for i in order:
+            emptiest = fill.index(min(fill))
+            rows[emptiest].append(i)
+            fill[emptiest] += lengths[i]
+        if max(fill) <= capacity and n_rows * max(fill) < best_cost:
+            best, best_cost = rows, n_rows * max(fill)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Length-grouped sampling
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """LLaVA's "group by modality length": image and text-only records form separate batches,
+    records of similar length share a batch (less padding), and the order of batches is shuffled
+    (group_by_length=False: a plain shuffle). The exception is the end of an epoch, as in LLaVA: what
+    is left of both groups after their full batches goes into the last batch(es), which can then
+    hold both kinds (and repeats of the epoch's first samples, to fill the step). One global batch =
+    `batch_size` samples = one optimizer step; it is cut into micro-batches of micro_batch_size
+    (neighbours in length), and micro-batch j of a step goes to rank j % world_size.
+
+    The order of an epoch's global batches depends only on (seed, epoch, batch_size), not on the
+    micro-batch size or the number of processes, so a run resumed with other ones continues with
+    the very next samples (skip); only which rank and micro-batch a sample of a step lands in changes."""
+
+    def __init__(self, lengths, has_image, batch_size, micro_batch_size, world_size=1, rank=0, seed=0,
+                 group_by_length=True):
+        if len(lengths) != len(has_image) or not len(lengths):
+            raise ValueError(f"lengths ({len(lengths)}) and has_image ({len(has_image)}) must be equal and non-empty")
+        if batch_size % (micro_batch_size * world_size):
+            raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch_size x world_size")
+        self.lengths, self.has_image = np.asarray(lengths), np.asarray(has_image, dtype=bool)
+        self.batch_size, self.micro_batch_size, self.world_size, self.rank = batch_size, micro_batch_size, world_size, rank
+        self.seed, self.group_by_length = seed, group_by_length
+        self.epoch, self.to_skip = 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def skip(self, n):
+        """The next pass starts after the epoch's first n samples (whole steps: resuming mid-epoch)."""
+        if n % self.batch_size:
+            raise ValueError(f"can only skip whole steps of {self.batch_size} samples, got {n}")
+        self.to_skip = n
+
+    def global_batches(self):
+        """[global batch of indices, ...] for this epoch, the same on every rank."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        size = self.batch_size
+        everything = np.arange(len(self.lengths))
+        groups = [everything[self.has_image], everything[~self.has_image]] if self.group_by_length else [everything]
+        batches, leftovers = [], []
+        for group in groups:
+            group = rng.permutation(group)
+            # A mega-batch of up to 50 global batches is sorted by length and cut into batches:
+            # neighbours in length share a batch, while the mega-batches keep the order random.
+            mega = size * max(1, min(50, len(group) // (4 * size)))
+            for begin in range(0, len(group), mega):
+                chunk = group[begin:begin + mega]
+                if self.group_by_length:
+                    chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                full = len(chunk) // size * size
+                batches += [chunk[b:b + size] for b in range(0, full, size)]
+                leftovers += list(chunk[full:])
+        batches = [batches[b] for b in rng.permutation(len(batches))]
+        # The incomplete remainders of the groups go last, sorted by length (LLaVA does the same).
+        # They are padded by repeating indices from the start of the epoch, so that every step is
+        # whole (as DistributedSampler does; a few samples are seen twice per epoch).
+        if leftovers:
+            tail = np.array(leftovers)
+            if self.group_by_length:
+                tail = tail[np.argsort(-self.lengths[tail], kind="stable")]
+            repeat = np.resize(np.concatenate(batches) if batches else tail, -len(tail) % size)
+            tail = np.concatenate([tail, repeat])
+            batches += [tail[b:b + size] for b in range(0, len(tail), size)]
+        return batches
+
+    def __iter__(self):
+        skip, self.to_skip = self.to_skip, 0
+        for batch in self.global_batches()[skip // self.batch_size:]:
+            micro = self.micro_batch_size
+            for j in range(self.rank, self.batch_size // micro, self.world_size):  # this rank's micro-batches
+                yield from (int(i) for i in batch[j * micro:(j + 1) * micro])
+
+    def __len__(self):
+        """Samples the next pass yields on this rank: its share of every step left in the epoch."""
+        steps = math.ceil(len(self.lengths) / self.batch_size) - self.to_skip // self.batch_size
+        return steps * self.batch_size // self.world_size
+
+
+# ==============================================================================================
+# Below: reading LLaVA files safely, and the demo. What keeps a run safe, by concern: user errors
+# (7) and reading LLaVA files and images (8); then the demo data (9), the tiny backbones (10) and
+# `--show` (11). The path above calls these by name (load_records, load_image, bad_record).
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. User errors: one line, exit code 2
 
 
 class UserError(Exception):
@@ -75,7 +607,7 @@ def bad_record(record_id, reason):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Loading records
+# 8. Reading LLaVA files safely: records (JSON, JSONL, a Hub data set) and images
 
 # Every record is normalised to these columns, so files that mix records with no "image", one
 # image (a string) and several images (a list) load into one schema without inference guesses.
@@ -230,329 +762,6 @@ def normalise_batch(batch, rows, source):
     return {key: [row[key] for row in rows] for key in RECORD_FEATURES}
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Rendering a conversation as prompt text
-
-
-NO_CHAT_TEMPLATE = "template='chat' needs a tokenizer with a chat template; use vicuna_v1 or plain"
-
-
-def unknown_template(template):
-    return ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
-
-
-def render_pieces(conversations, template, tokenizer):
-    """The prompt as [(text, supervised), ...]; "".join(texts) is the full prompt text. Supervised
-    pieces are what the model must generate: the assistant answers with their end-of-turn marker."""
-    turns = check_turns(conversations)
-    if template == "plain":
-        pieces = plain_pieces(turns)
-    elif template == "vicuna_v1":
-        pieces = vicuna_pieces(turns, tokenizer.eos_token)
-    elif template == "chat":
-        pieces = chat_pieces(turns, tokenizer)
-    else:
-        raise unknown_template(template)
-    return separate_images(pieces, image_text_separator(tokenizer))
-
-
-def check_turns(conversations):
-    """[(role, text)] with role user/assistant, alternating from a user turn to an assistant turn."""
-    if not conversations:
-        raise ValueError("the record has no conversations")
-    turns = []
-    for i, turn in enumerate(conversations):
-        role = ROLES.get(turn["from"])
-        if role is None:
-            raise ValueError(f"turn {i} has unknown role from={turn['from']!r}; valid: {', '.join(ROLES)}")
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
-            raise ValueError(f"turn {i} is from {turn['from']!r} but a {expected} turn was expected "
-                             "(turns alternate human, gpt, human, gpt, ...)")
-        if role == "assistant" and not turn["value"].strip():
-            raise ValueError(f"turn {i} is an empty assistant turn")
-        if role == "assistant" and IMAGE_TOKEN in turn["value"]:
-            raise ValueError(f"turn {i} is an answer holding {IMAGE_TOKEN}; images belong in human turns")
-        turns.append((role, move_images_to_front(turn["value"]) if role == "user" else turn["value"]))
-    if turns[-1][0] != "assistant":
-        raise ValueError("the conversation ends with a human turn; it must end with a gpt answer")
-    return turns
-
-
-def move_images_to_front(text):
-    """LLaVA puts every <image> at the start of its turn: "<image>\\n" + the rest of the text, and
-    a turn that is only an image becomes "<image>" (the whole turn is stripped)."""
-    n = text.count(IMAGE_TOKEN)
-    return ((IMAGE_TOKEN + "\n") * n + text.replace(IMAGE_TOKEN, "").strip()).strip() if n else text
-
-
-def plain_pieces(turns):
-    """Stage 1: the human turn is replaced by its image(s); the caption and "\\n" are supervised."""
-    if len(turns) != 2:
-        raise ValueError(f"the plain template takes one human and one gpt turn, got {len(turns)} turns")
-    pieces = [(IMAGE_TOKEN * turns[0][1].count(IMAGE_TOKEN), False), (turns[1][1] + "\n", True)]
-    return [piece for piece in pieces if piece[0]]
-
-
-def vicuna_pieces(turns, eos):
-    """LLaVA-1.5: "{system} USER: {q} ASSISTANT: {a}</s>USER: ...". The space before each answer
-    belongs to the answer: the inference prompt ends at "ASSISTANT:" and the model writes " {a}</s>"."""
-    pieces = [(VICUNA_SYSTEM + " ", False)]
-    for (_, question), (_, answer) in zip(turns[0::2], turns[1::2]):
-        pieces += [(f"USER: {question} ASSISTANT:", False), (f" {answer}{eos}", True)]
-    return pieces
-
-
-def chat_pieces(turns, tokenizer):
-    """The tokenizer's chat template. The model's answer k starts where messages[:k] rendered with
-    the generation prompt ends, and runs to the end of the answer as the template writes it (some
-    templates trim answers) plus its end-of-turn token, the first special token after it: what the
-    model must generate to answer and stop. Nothing the template writes after that is supervised
-    (Llama-3's first template opens the next assistant header even without a generation prompt).
-    Finding the starts needs a template whose shorter renderings are prefixes of the full one."""
-    if not tokenizer.chat_template:
-        raise ValueError(NO_CHAT_TEMPLATE)
-    messages = [{"role": role, "content": text} for role, text in turns]
-
-    def render(upto, add_generation_prompt):
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-
-    full = render(len(messages), False)
-    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
-    pieces, done = [], 0
-    for k in range(1, len(messages), 2):
-        prompt, turn = render(k, True), render(k + 1, False)
-        start, answer = len(prompt), messages[k]["content"].strip()
-        stable = full.startswith(prompt) and done <= start
-        begin = full.find(answer, start) if stable else -1  # text between prompt and answer is generated too
-        answer_end = begin + len(answer)
-        if stable and begin < 0:
-            raise ValueError(f"the chat template does not write answer {k // 2 + 1} after its prompt (looked for "
-                             f"{answer[:40]!r}), so its tokens cannot be found; use template='vicuna_v1'")
-        if not stable or turn[:answer_end] != full[:answer_end]:  # Qwen3 drops earlier answers' <think>
-            raise ValueError(
-                f"the tokenizer's chat template is not prefix-stable: the first {k} messages (with the generation "
-                "prompt) or the first answer(s) render differently inside the whole conversation, so the answers "
-                "cannot be found; use template='vicuna_v1' or a prefix-stable chat template")
-        after = full[answer_end:]
-        marker = next((t for t in specials if after.lstrip().startswith(t)), None)
-        if marker:
-            end = answer_end + len(after) - len(after.lstrip()) + len(marker)
-        else:  # a template that ends turns with plain text: the turn as rendered, minus trailing whitespace
-            turn = turn.rstrip()
-            end = len(turn) if full.startswith(turn) and len(turn) > answer_end else answer_end
-        pieces += [(full[done:start], False), (full[start:end], True)]
-        done = end
-    pieces.append((full[done:], False))
-    return [piece for piece in pieces if piece[0]]
-
-
-# <image> followed by text (not by another <image>, not at the end)
-IMAGE_BEFORE_TEXT = re.compile(re.escape(IMAGE_TOKEN) + "(?!" + re.escape(IMAGE_TOKEN) + r"|\Z)")
-
-
-def separate_images(pieces, separator):
-    """Writes `separator` (model.image_text_separator: " " for SentencePiece tokenizers) after every
-    <image> that text follows, as LLaVA's separate tokenization of that text does, and as the
-    inference chat template (chat_template_for) writes it. A piece that ends in an image gives the
-    separator to the next piece: in `plain`, "<image>" + " caption", the caption's first word."""
-    if not separator:
-        return pieces
-    separated, after_image = [], False
-    for text, supervised in pieces:
-        if not text:
-            continue
-        if after_image and not text.startswith(IMAGE_TOKEN):
-            text = separator + text
-        after_image = text.endswith(IMAGE_TOKEN)
-        separated.append((IMAGE_BEFORE_TEXT.sub(IMAGE_TOKEN + separator, text), supervised))
-    return separated
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Tokenizing: input_ids and labels from one tokenization
-
-
-class SampleTooLong(ValueError):
-    """The record does not fit max_seq_len without cutting through image tokens (or its answers)."""
-
-
-def tokenize_conversation(conversations, template, processor, max_seq_len=None, image_token_counts=None):
-    """(input_ids, labels) as lists of ints. The full prompt is tokenized once; a token is supervised
-    when its characters lie inside a supervised piece, so ids and labels cannot disagree (LLaVA's
-    "tokenization mismatch"). The k-th <image> id then becomes image_token_counts[k] image ids
-    (label -100): processor.num_image_tokens each unless given (anyres: each image's own count)."""
-    tokenizer = processor.tokenizer
-    if not tokenizer.is_fast:
-        raise ValueError("tokenize_conversation needs a fast tokenizer (for character offsets)")
-    pieces = render_pieces(conversations, template, tokenizer)
-    text = "".join(piece for piece, _ in pieces)
-    supervised_chars = np.zeros(len(text) + 1, dtype=bool)
-    start = 0
-    for piece, supervised in pieces:
-        supervised_chars[start:start + len(piece)] = supervised
-        start += len(piece)
-    encoding = tokenizer(text, add_special_tokens=not writes_own_bos(tokenizer, text), return_offsets_mapping=True)
-
-    image_id = processor.image_token_id
-    counts = iter(image_token_counts) if image_token_counts else itertools.repeat(processor.num_image_tokens)
-    input_ids, labels = [], []
-    for token_id, (begin, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
-        if token_id == image_id:
-            count = next(counts)
-            input_ids += [image_id] * count
-            labels += [IGNORE_INDEX] * count
-        else:
-            input_ids.append(token_id)  # added tokens such as BOS have an empty span: never supervised
-            labels.append(token_id if end > begin and supervised_chars[begin:end].all() else IGNORE_INDEX)
-    if all(label == IGNORE_INDEX for label in labels):  # a silent all-masked sample would train on nothing
-        raise ValueError(f"no token lies inside an answer (every answer token straddles prompt text): {text!r}")
-    return truncate(input_ids, labels, image_id, max_seq_len)
-
-
-def truncate(input_ids, labels, image_id, max_seq_len):
-    """Cuts the tail beyond max_seq_len, but never through an image (its features must all fit)."""
-    if max_seq_len is None or len(input_ids) <= max_seq_len:
-        return input_ids, labels
-    image_positions = [i for i, token in enumerate(input_ids) if token == image_id]
-    if image_positions and image_positions[-1] >= max_seq_len:
-        raise SampleTooLong(f"{len(input_ids)} tokens, and its {len(image_positions)} image tokens end at position "
-                            f"{image_positions[-1] + 1} > max_seq_len={max_seq_len}")
-    if all(label == IGNORE_INDEX for label in labels[:max_seq_len]):
-        raise SampleTooLong(f"{len(input_ids)} tokens, and no answer token within max_seq_len={max_seq_len}")
-    return input_ids[:max_seq_len], labels[:max_seq_len]
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. The same prompt format as a chat template, for inference
-
-# content (a string, or a list of {"type": "image"} / {"type": "text"} items) -> the turn text
-# training used: every image as "<image>\n" at the start of the turn (move_images_to_front), an
-# image-only turn as "<image>", and SEP after each image (separate_images).
-CONTENT_MACRO = r"""{%- macro vlm_content(content) -%}
-{%- if content is string -%}{%- set text = content -%}
-{%- else -%}{%- set text = '<image>' * (content | selectattr('type', 'equalto', 'image') | list | length)
- + (content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}
-{%- endif -%}
-{%- set n = text.count('<image>') -%}
-{%- set rest = text.replace('<image>', '').strip() -%}
-{%- if n == 0 -%}{{ text }}
-{%- elif rest -%}{{ ('<image>' + SEP + '\n') * n + rest }}
-{%- else -%}{{ ('<image>' + SEP + '\n') * (n - 1) + '<image>' + SEP }}{%- endif -%}
-{%- endmacro -%}
-"""
-
-PLAIN_TEMPLATE = r"""{%- for m in messages -%}
-{%- if m['role'] == 'user' -%}{{ '<image>' * vlm_content(m['content']).count('<image>') }}
-{%- elif m['role'] == 'assistant' -%}{{ vlm_content(m['content']) + '\n' }}{%- endif -%}
-{%- endfor -%}"""
-
-VICUNA_TEMPLATE = r"""{%- set system = SYSTEM -%}
-{%- if messages and messages[0]['role'] == 'system' -%}
-{%- set system = vlm_content(messages[0]['content']) -%}
-{%- endif -%}
-{{ system + ' ' }}
-{%- for m in messages if m['role'] != 'system' -%}
-{%- if m['role'] == 'user' -%}{{ 'USER: ' + vlm_content(m['content']) + ' ' }}
-{%- else -%}{{ 'ASSISTANT: ' + vlm_content(m['content']) + EOS }}{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"""
-
-# The tokenizer's own template, after rewriting each message's content to a string.
-CHAT_PREAMBLE = r"""{%- set vlm = namespace(messages=[]) -%}
-{%- for m in messages -%}
-{%- set vlm.messages = vlm.messages + [{'role': m['role'], 'content': vlm_content(m['content'])}] -%}
-{%- endfor -%}
-{%- set messages = vlm.messages -%}
-"""
-
-
-def chat_template_for(template, tokenizer):
-    """A Jinja chat template that renders, with add_generation_prompt=True, exactly the training
-    prompt of render_pieces up to the answer. Stored on the final processor for eval and the Hub."""
-    macro = f"{{%- set SEP = {json.dumps(image_text_separator(tokenizer))} -%}}" + CONTENT_MACRO  # Jinja literal
-    if template == "plain":
-        return macro + PLAIN_TEMPLATE
-    if template == "vicuna_v1":
-        system, eos = json.dumps(VICUNA_SYSTEM), json.dumps(tokenizer.eos_token)
-        return macro + f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}" + VICUNA_TEMPLATE
-    if template == "chat":
-        if not tokenizer.chat_template:
-            raise ValueError(NO_CHAT_TEMPLATE)
-        return macro + CHAT_PREAMBLE + tokenizer.chat_template
-    raise unknown_template(template)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. The dataset
-
-
-class VLMDataset(torch.utils.data.Dataset):
-    """Records -> training samples. Records stay in Arrow; images are decoded in __getitem__."""
-
-    def __init__(self, data_path, image_folder, processor, template, max_seq_len=2048, skip_bad_samples=False,
-                 image_paths_outside=False):
-        if template not in TEMPLATES:
-            raise unknown_template(template)
-        self.records = load_records(data_path)
-        self.image_folder, self.processor, self.template = image_folder, processor, template
-        self.max_seq_len, self.skip_bad_samples = max_seq_len, skip_bad_samples
-        self.image_paths_outside = image_paths_outside
-        # LLaVA's modality_lengths: words + image tokens, no tokenizing or image decoding (cached by
-        # datasets). With anyres an image's token count depends on its size: read from the file's header.
-        # Plain values, not the processor, go to map(): datasets hashes them into its cache key.
-        image_processor = processor.image_processor
-        anyres = None if image_processor.aspect != "anyres" else {
-            "image_folder": image_folder, "paths_outside": image_paths_outside,
-            "pinpoints": image_processor.image_grid_pinpoints,
-            "tile": image_processor.size, "patch": processor.patch_size}
-        estimates = self.records.map(estimate_lengths, batched=True, remove_columns=self.records.column_names,
-                                     fn_kwargs={"num_image_tokens": processor.num_image_tokens, "anyres": anyres})
-        estimates = estimates.with_format("numpy")[:]  # {"length": (N,), "n_images": (N,)} arrays
-        self.lengths = estimates["length"].tolist()
-        self.has_image = (estimates["n_images"] > 0).tolist()
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        """A sample, or for a bad record {"id", "skipped": reason} with skip_bad_samples (collate
-        drops it and lists it) and a UserError naming the record without."""
-        record = self.records[i]
-        try:
-            return self.build_sample(record)
-        except ValueError as e:
-            if self.skip_bad_samples:
-                return {"id": record["id"], "skipped": str(e)}
-            raise bad_record(record["id"], e) from None
-
-    def build_sample(self, record):
-        if record["problem"]:
-            raise ValueError(record["problem"])
-        n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in record["conversations"])
-        if n_markers != len(record["image"]):
-            raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers in the conversation but "
-                             f"{len(record['image'])} images {record['image']}")
-        images = [self.load_image(path) for path in record["image"]]
-        counts = [self.processor.image_token_count(image.height, image.width) for image in images]
-        input_ids, labels = tokenize_conversation(record["conversations"], self.template, self.processor,
-                                                  self.max_seq_len, counts)
-        size = self.processor.image_processor.size
-        tiles = [self.processor.image_processor.transform(image) for image in images]  # (tiles, 3, S, S) each
-        return {
-            "id": record["id"],
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),  # (T,)
-            "labels": torch.tensor(labels, dtype=torch.long),  # (T,)
-            "pixel_values": torch.cat(tiles) if tiles else torch.zeros(0, 3, size, size),  # (tiles, 3, S, S)
-            "image_sizes": torch.tensor([[image.height, image.width] for image in images],
-                                        dtype=torch.long).view(-1, 2),  # (n, 2)
-        }
-
-    def load_image(self, path):
-        return load_image(image_file(self.image_folder, path, self.image_paths_outside))
-
-
 def image_file(image_folder, path, paths_outside=False):
     """The file a record's image path names, inside image_folder unless paths_outside."""
     full_path = os.path.normpath(os.path.join(image_folder, path))
@@ -587,190 +796,8 @@ def load_image(path):
         raise ValueError(str(e) if str(path) in str(e) else f"image {path}: {e}") from None
 
 
-def estimate_lengths(batch, num_image_tokens, anyres=None):
-    """{"length": words + image tokens, "n_images"} per record. anyres: {image_folder, paths_outside,
-    pinpoints, tile, patch}; each image's tokens are counted from its size, read from the file
-    header (PIL opens lazily: no pixel is decoded). An unreadable file counts num_image_tokens
-    here; loading the sample reports it. datasets caches these lengths per data file: an image
-    replaced by one of another size keeps its old estimate (only the length grouping uses it)."""
-    n_images = [len(images) for images in batch["image"]]
-    words = [sum(len(turn["value"].split()) for turn in turns) for turns in batch["conversations"]]
-    if anyres is None:
-        return {"length": [w + n * num_image_tokens for w, n in zip(words, n_images)], "n_images": n_images}
-    lengths = []
-    for w, paths in zip(words, batch["image"]):
-        for path in paths:
-            try:
-                with Image.open(image_file(anyres["image_folder"], path, anyres["paths_outside"])) as image:
-                    width, height = image.size
-                w += count_anyres_tokens(height, width, anyres["pinpoints"], anyres["tile"], anyres["patch"])
-            except (OSError, ValueError, Image.DecompressionBombError):
-                w += num_image_tokens
-        lengths.append(w)
-    return {"length": lengths, "n_images": n_images}
-
-
 # ----------------------------------------------------------------------------------------------
-# 6. Batching
-
-
-def collate(samples, pad_token_id, pack_length=0, one_row=False):
-    """A micro-batch as tensors. Skipped samples are dropped and listed in "skipped" (a batch where
-    every sample was skipped has no rows); "num_tokens" counts the real (non-pad) tokens.
-
-    pack_length=0: one sample per row, right-padded: input_ids / labels / attention_mask /
-    position_ids (B, T).
-    pack_length=L: the samples packed into rows of at most L tokens (pack_rows), (R, T) with R <= B
-    and less padding. attention_mask is None and position_ids restart at 0 for every sample: from
-    that, transformers builds a block-diagonal causal mask, so a token sees only its own sample, and
-    the loss equals the unpacked batch's.
-    one_row=True (with pack_length): every sample in one row, (1, sum of lengths), no padding at
-    all: flash_attention_2 keeps attention per sample only in a batch of one row (train.make_collate).
-    Images (tiles, 3, H, W) and their sizes (N, 2) come in the order their <image> tokens appear in
-    the rows (row-major), as the model's splice expects; None when the batch has none."""
-    kept = [s for s in samples if "skipped" not in s]
-    lengths = [len(s["input_ids"]) for s in kept]
-    if pack_length and one_row:
-        rows = [list(range(len(kept)))] if kept else []  # sample indices
-    elif pack_length:
-        rows = pack_rows(lengths, pack_length)
-    else:
-        rows = [[i] for i in range(len(kept))]
-    width = max((sum(lengths[i] for i in row) for row in rows), default=0)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        begin = 0
-        for i in row:
-            n = lengths[i]
-            input_ids[r, begin:begin + n], labels[r, begin:begin + n] = kept[i]["input_ids"], kept[i]["labels"]
-            # A sample's first token is never a target (nothing of its own comes before it); in a
-            # packed row the previous sample's last token would otherwise be trained to predict it.
-            labels[r, begin] = IGNORE_INDEX
-            attention_mask[r, begin:begin + n] = 1
-            position_ids[r, begin:begin + n] = torch.arange(n)
-            begin += n
-        position_ids[r, begin:] = torch.arange(width - begin)  # the padding: a segment of its own
-    images = [kept[i]["pixel_values"] for row in rows for i in row if len(kept[i]["pixel_values"])]
-    image_sizes = [kept[i]["image_sizes"] for row in rows for i in row if len(kept[i]["image_sizes"])]
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": None if pack_length else attention_mask,
-        "position_ids": position_ids,
-        "pixel_values": torch.cat(images) if images else None,
-        "image_sizes": torch.cat(image_sizes) if image_sizes else None,
-        "num_tokens": sum(lengths),
-        "ids": [kept[i]["id"] for row in rows for i in row],
-        "skipped": [(s["id"], s["skipped"]) for s in samples if "skipped" in s],
-    }
-
-
-def pack_rows(lengths, capacity):
-    """[[sample index, ...] per row] for the rows x width (computed positions, padding included)
-    that is smallest, every row holding at most `capacity` tokens. For each row count R from the
-    fewest possible up to one sample per row, samples go longest first into the emptiest row (the
-    rows come out evenly filled); the best R wins. One sample per row is the unpacked batch, so
-    packing never computes more positions than padding does."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    best, best_cost = [[i] for i in order], len(lengths) * max(lengths, default=0)
-    for n_rows in range(max(1, math.ceil(sum(lengths) / capacity)), len(lengths)):
-        rows, fill = [[] for _ in range(n_rows)], [0] * n_rows
-        for i in order:
-            emptiest = fill.index(min(fill))
-            rows[emptiest].append(i)
-            fill[emptiest] += lengths[i]
-        if max(fill) <= capacity and n_rows * max(fill) < best_cost:
-            best, best_cost = rows, n_rows * max(fill)
-    return best
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. Length-grouped sampling
-
-
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """LLaVA's "group by modality length": image and text-only records form separate batches,
-    records of similar length share a batch (less padding), and the order of batches is shuffled
-    (group_by_length=False: a plain shuffle). The exception is the end of an epoch, as in LLaVA: what
-    is left of both groups after their full batches goes into the last batch(es), which can then
-    hold both kinds (and repeats of the epoch's first samples, to fill the step). One global batch =
-    `batch_size` samples = one optimizer step; it is cut into micro-batches of micro_batch_size
-    (neighbours in length), and micro-batch j of a step goes to rank j % world_size.
-
-    The order of an epoch's global batches depends only on (seed, epoch, batch_size), not on the
-    micro-batch size or the number of processes, so a run resumed with other ones continues with
-    the very next samples (skip); only which rank and micro-batch a sample of a step lands in changes."""
-
-    def __init__(self, lengths, has_image, batch_size, micro_batch_size, world_size=1, rank=0, seed=0,
-                 group_by_length=True):
-        if len(lengths) != len(has_image) or not len(lengths):
-            raise ValueError(f"lengths ({len(lengths)}) and has_image ({len(has_image)}) must be equal and non-empty")
-        if batch_size % (micro_batch_size * world_size):
-            raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch_size x world_size")
-        self.lengths, self.has_image = np.asarray(lengths), np.asarray(has_image, dtype=bool)
-        self.batch_size, self.micro_batch_size, self.world_size, self.rank = batch_size, micro_batch_size, world_size, rank
-        self.seed, self.group_by_length = seed, group_by_length
-        self.epoch, self.to_skip = 0, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def skip(self, n):
-        """The next pass starts after the epoch's first n samples (whole steps: resuming mid-epoch)."""
-        if n % self.batch_size:
-            raise ValueError(f"can only skip whole steps of {self.batch_size} samples, got {n}")
-        self.to_skip = n
-
-    def global_batches(self):
-        """[global batch of indices, ...] for this epoch, the same on every rank."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        size = self.batch_size
-        everything = np.arange(len(self.lengths))
-        groups = [everything[self.has_image], everything[~self.has_image]] if self.group_by_length else [everything]
-        batches, leftovers = [], []
-        for group in groups:
-            group = rng.permutation(group)
-            # A mega-batch of up to 50 global batches is sorted by length and cut into batches:
-            # neighbours in length share a batch, while the mega-batches keep the order random.
-            mega = size * max(1, min(50, len(group) // (4 * size)))
-            for begin in range(0, len(group), mega):
-                chunk = group[begin:begin + mega]
-                if self.group_by_length:
-                    chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                full = len(chunk) // size * size
-                batches += [chunk[b:b + size] for b in range(0, full, size)]
-                leftovers += list(chunk[full:])
-        batches = [batches[b] for b in rng.permutation(len(batches))]
-        # The incomplete remainders of the groups go last, sorted by length (LLaVA does the same).
-        # They are padded by repeating indices from the start of the epoch, so that every step is
-        # whole (as DistributedSampler does; a few samples are seen twice per epoch).
-        if leftovers:
-            tail = np.array(leftovers)
-            if self.group_by_length:
-                tail = tail[np.argsort(-self.lengths[tail], kind="stable")]
-            repeat = np.resize(np.concatenate(batches) if batches else tail, -len(tail) % size)
-            tail = np.concatenate([tail, repeat])
-            batches += [tail[b:b + size] for b in range(0, len(tail), size)]
-        return batches
-
-    def __iter__(self):
-        skip, self.to_skip = self.to_skip, 0
-        for batch in self.global_batches()[skip // self.batch_size:]:
-            micro = self.micro_batch_size
-            for j in range(self.rank, self.batch_size // micro, self.world_size):  # this rank's micro-batches
-                yield from (int(i) for i in batch[j * micro:(j + 1) * micro])
-
-    def __len__(self):
-        """Samples the next pass yields on this rank: its share of every step left in the epoch."""
-        steps = math.ceil(len(self.lengths) / self.batch_size) - self.to_skip // self.batch_size
-        return steps * self.batch_size // self.world_size
-
-
-# ----------------------------------------------------------------------------------------------
-# 8. Demo data: one coloured shape on a grey background, at one of four positions
+# 9. Demo data: one coloured shape on a grey background, at one of four positions
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
@@ -884,7 +911,7 @@ def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Tiny random backbones, saved to folders, so tests and the demo run the real loading path
+# 10. Tiny random backbones, saved to folders, so tests and the demo run the real loading path
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -959,7 +986,7 @@ def make_tiny_backbones(out_dir, vision="clip", llm="llama", image_size=32, patc
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. See what the model sees: `python data.py --show CONFIG [key=value ...] [--n N | --id ID]`
+# 11. See what the model sees: `python data.py --show CONFIG [key=value ...] [--n N | --id ID]`
 #
 # A template or tokenizer change that shifts the labels fails silently (LLaVA's "tokenization
 # mismatch ... (ignored)"): the run trains on nothing, or on the wrong text. --show prints a

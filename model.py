@@ -10,6 +10,8 @@ Read top to bottom, this is the path of an image and a prompt through the model:
   6. generation       - transformers' GenerationMixin; images are encoded once, at prefill.
   7. VLMProcessor     - tokenizer + image transform; expands each <image> to its image tokens.
   8. build_vlm        - assembles a new model from a pretrained encoder and LLM.
+  9. quirks           - what real files need: to_rgb (16-bit and float images), the pad canvas
+                        bound (MAX_PAD_SIDE), load_tokenizer's SentencePiece repair.
 AnyRes (LLaVA-NeXT's high-resolution option) adds one idea at three places: the image processor cuts
 an image into tower-sized tiles (section 7, `anyres_tiles`), the model lays the tiles' features back
 on their grid (section 4, `lay_out_anyres`), and both take the geometry from one function
@@ -404,26 +406,6 @@ def resize(pixels, height, width):
     return F.interpolate(pixels.permute(2, 0, 1)[None], size=(height, width), mode="bicubic", antialias=True)[0]
 
 
-# The `pad` canvas is a square of the image's long side: a 1080x20000 image would make a 20000x20000
-# canvas (1.2 GB). Longer sides are shrunk to this first (50 MB canvas at most); no LLaVA image is that big.
-MAX_PAD_SIDE = 4096
-
-
-def to_rgb(image):
-    """An 8-bit RGB image. 16-bit greyscale (medical, scientific PNGs) keeps its top 8 bits; PIL's
-    own convert("RGB") would clip it to white. Floating-point pixels have no known range: refused."""
-    if image.mode == "RGB":
-        return image  # convert() would copy it
-    if image.mode.startswith("I"):  # "I;16", "I;16B", "I" (32-bit integers, as PIL opens some 16-bit files)
-        pixels = np.asarray(image).astype(np.int64)
-        if pixels.min() < 0 or pixels.max() > 65535:
-            raise ValueError(f"{image.mode} image with values outside 0..65535; save it as an 8- or 16-bit image")
-        return Image.fromarray((pixels >> 8).astype(np.uint8), "L").convert("RGB")
-    if image.mode == "F":
-        raise ValueError("floating-point image (mode F): its value range is unknown; save it as an 8- or 16-bit image")
-    return image.convert("RGB")
-
-
 class VLMImageProcessor(ImageProcessingMixin):
     """PIL image -> (tiles, 3, size, size) normalized tensor, one tile unless aspect is anyres.
     aspect `pad`: paste centred on a square canvas of the mean colour (LLaVA's expand2square), then
@@ -451,10 +433,7 @@ class VLMImageProcessor(ImageProcessingMixin):
         """One image -> (tiles, 3, S, S) normalized: 1 tile for pad and resize, 1 + rows * cols for anyres."""
         image = to_rgb(image)
         if self.aspect == "pad":
-            if max(image.size) > MAX_PAD_SIDE:  # bound the canvas: shrink first (then a little off LLaVA's pixels)
-                scale = MAX_PAD_SIDE / max(image.size)
-                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                     Image.Resampling.BICUBIC)
+            image = bound_pad_canvas(image)  # a very long image is shrunk first (section 9)
             side = max(image.size)
             canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in self.image_mean))
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
@@ -587,29 +566,6 @@ def add_image_token(tokenizer, image_token=IMAGE_TOKEN):
     return tokenizer.convert_tokens_to_ids(image_token)
 
 
-def load_tokenizer(name_or_path):
-    """AutoTokenizer, with one repair. A tokenizer shipped only as a SentencePiece BPE model
-    (Llama-2 / Vicuna: tokenizer.model and no tokenizer.json) is converted by transformers with its
-    merges ranked by piece id instead of piece score. SentencePiece scores whitespace-only pieces
-    ("▁▁", "▁▁▁▁", ...) lowest, so it merges them last: "Hello  world" -> `▁Hello ▁ ▁world`; the
-    id ranking merges (▁, ▁) first -> `▁Hello ▁▁ world`, ids LLaVA never trained on (code
-    indentation in ShareGPT answers, say). Re-ranked by score, the fast tokenizer gives
-    SentencePiece's pieces; final/ saves the repaired tokenizer.json, so eval and the Hub get it."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    sp_file = tokenizer.init_kwargs.get("vocab_file")
-    shipped_json = cached_file(name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False)
-    if tokenizer.is_fast and sp_file and str(sp_file).endswith(".model") and not shipped_json:
-        import sentencepiece  # only tokenizers converted from SentencePiece need it
-
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
-        state = json.loads(tokenizer.backend_tokenizer.to_str())
-        if state["model"]["type"] == "BPE":
-            scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
-            state["model"]["merges"] = [list(m) for m in generate_merges(state["model"]["vocab"], scores)]
-            tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
-    return tokenizer
-
-
 def image_text_separator(tokenizer):
     """What the prompt writes between an <image> and the text after it: " " or "".
     LLaVA tokenizes the text between images on its own (tokenizer_image_token). A SentencePiece
@@ -691,3 +647,60 @@ def build_processor(vision_model, tokenizer, config, image_aspect):
     return VLMProcessor(image_processor, tokenizer, num_image_tokens=config.num_image_tokens,
                         image_token=config.image_token, patch_size=config.vision_config.patch_size,
                         chat_template=tokenizer.chat_template)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Real-world quirks: odd image files (16-bit, float, very long), SentencePiece-only tokenizers
+
+
+def to_rgb(image):
+    """An 8-bit RGB image. 16-bit greyscale (medical, scientific PNGs) keeps its top 8 bits; PIL's
+    own convert("RGB") would clip it to white. Floating-point pixels have no known range: refused."""
+    if image.mode == "RGB":
+        return image  # convert() would copy it
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I" (32-bit integers, as PIL opens some 16-bit files)
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"{image.mode} image with values outside 0..65535; save it as an 8- or 16-bit image")
+        return Image.fromarray((pixels >> 8).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("floating-point image (mode F): its value range is unknown; save it as an 8- or 16-bit image")
+    return image.convert("RGB")
+
+
+# The `pad` canvas is a square of the image's long side: a 1080x20000 image would make a 20000x20000
+# canvas (1.2 GB). Longer sides are shrunk to this first (50 MB canvas at most); no LLaVA image is that big.
+MAX_PAD_SIDE = 4096
+
+
+def bound_pad_canvas(image):
+    """The image, shrunk with its aspect kept when its long side is over MAX_PAD_SIDE, so that its
+    `pad` canvas stays bounded; any other image as it is."""
+    if max(image.size) > MAX_PAD_SIDE:  # bound the canvas: shrink first (then a little off LLaVA's pixels)
+        scale = MAX_PAD_SIDE / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BICUBIC)
+    return image
+
+
+def load_tokenizer(name_or_path):
+    """AutoTokenizer, with one repair. A tokenizer shipped only as a SentencePiece BPE model
+    (Llama-2 / Vicuna: tokenizer.model and no tokenizer.json) is converted by transformers with its
+    merges ranked by piece id instead of piece score. SentencePiece scores whitespace-only pieces
+    ("▁▁", "▁▁▁▁", ...) lowest, so it merges them last: "Hello  world" -> `▁Hello ▁ ▁world`; the
+    id ranking merges (▁, ▁) first -> `▁Hello ▁▁ world`, ids LLaVA never trained on (code
+    indentation in ShareGPT answers, say). Re-ranked by score, the fast tokenizer gives
+    SentencePiece's pieces; final/ saves the repaired tokenizer.json, so eval and the Hub get it."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    sp_file = tokenizer.init_kwargs.get("vocab_file")
+    shipped_json = cached_file(name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False)
+    if tokenizer.is_fast and sp_file and str(sp_file).endswith(".model") and not shipped_json:
+        import sentencepiece  # only tokenizers converted from SentencePiece need it
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        if state["model"]["type"] == "BPE":
+            scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
+            state["model"]["merges"] = [list(m) for m in generate_merges(state["model"]["vocab"], scores)]
+            tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+    return tokenizer
