@@ -4,11 +4,9 @@
     deepspeed --num_gpus 8 train.py configs/llava_pretrain.py lr_connector=2e-3
     python train.py configs/llava_finetune.py --dry-run      # print the resolved config
 
-Read top to bottom: the settings, building the model and choosing what trains, the param groups,
-the optimizer and DeepSpeed, the learning-rate schedule, `main` and its loop, saving. Below the
-banner "What keeps a run safe" come the parts the loop calls to guard it, by concern: config
-parsing and checks, the output folder, processes and data loading, ranks agreeing (bad records,
-diverged losses, signals), resume and random state, logging and FLOPs.
+Read top to bottom: settings, the model and what trains, param groups, optimizer and DeepSpeed,
+the schedule, `main` and its loop, saving. Below the banner "What keeps a run safe": the guards
+the loop calls, by concern (config checks, out_dir, processes and data, ranks agreeing, resume, logs).
 """
 import argparse
 import contextlib
@@ -121,10 +119,13 @@ def build_training_model(cfg, device):
         raise UserError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
                         f"{str(e).splitlines()[0]}") from None
     check_model_fits(cfg, model, processor)
+    rank = int(os.environ.get("RANK", 0))
     if cfg.init_from:
-        log_rank0(int(os.environ.get("RANK", 0)), load_connector_weights(model, cfg.init_from))
+        log_rank0(rank, load_connector_weights(model, cfg.init_from))
     processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
     prepare_for_training(model, cfg)
+    if cfg.compile:
+        log_rank0(rank, f"compiling {len(repeated_blocks(model))} blocks (the first steps are slow)")
     return model, processor
 
 
