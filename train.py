@@ -842,7 +842,7 @@ def nothing_to_train(pad_token_id):
     that), so ZeRO's collectives stay in step with the ranks that have samples."""
     return {"input_ids": torch.tensor([[pad_token_id]]), "labels": torch.tensor([[IGNORE_INDEX]]),
             "attention_mask": None, "position_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": None,
-            "image_sizes": None, "num_tokens": 0, "ids": [], "skipped": []}
+            "image_sizes": None, "num_tokens": 0, "ids": []}
 
 
 def on_device(batch, device):
