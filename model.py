@@ -10,7 +10,9 @@ Read top to bottom, this is the path of an image and a prompt through the model:
   6. generation       - transformers' GenerationMixin; images are encoded once, at prefill.
   7. VLMProcessor     - tokenizer + image transform; expands each <image> to its image tokens.
   8. build_vlm        - assembles a new model from a pretrained encoder and LLM.
-  9. quirks           - what real files need: to_rgb (16-bit and float images), the pad canvas
+  9. LoRA             - LoRALinear (a frozen layer + a trainable low-rank update), add_lora,
+                        merge_lora (the update folded back into the layer).
+ 10. quirks           - what real files need: to_rgb (16-bit and float images), the pad canvas
                         bound (MAX_PAD_SIDE), load_tokenizer's SentencePiece repair.
 AnyRes (LLaVA-NeXT's high-resolution option) adds one idea at three places: the image processor cuts
 an image into tower-sized tiles (section 7, `anyres_tiles`), the model lays the tiles' features back
@@ -581,17 +583,20 @@ def image_text_separator(tokenizer):
 
 
 def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2, drop_cls=True,
-              image_aspect="pad", dtype=None, attn_implementation=None, image_grid_pinpoints=None):
+              image_aspect="pad", dtype=None, attn_implementation=None, image_grid_pinpoints=None,
+              llm_quantization=None):
     """A new VLM: pretrained encoder + pretrained LLM + fresh connector (+ image_newline with
     image_aspect='anyres'). Returns (model, processor). dtype=None loads the LLM in its saved dtype
     (Vicuna: fp16, Qwen2.5: bf16) and the rest in that dtype too: the image features must reach
     the LLM in the dtype of its embeddings. image_grid_pinpoints: anyres only; None = LLaVA-NeXT's
-    five grids (default_pinpoints)."""
+    five grids (default_pinpoints). llm_quantization: transformers' quantization settings for the
+    LLM (QLoRA's 4-bit loading, train.py's four_bit_loading)."""
     load = {"attn_implementation": attn_implementation} if attn_implementation else {}
     # Loading draws from the random generator in some set-ups (ZeRO-3's partitioned loading) and not
     # in others: on a generator of its own, the new parts below start the same way in every set-up.
     with torch.random.fork_rng(devices=[]):
-        language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto", **load)
+        language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto",
+                                                              quantization_config=llm_quantization, **load)
         vision_tower = load_vision_tower(vision_model, dtype=language_model.dtype, **load)
     tokenizer = load_tokenizer(llm)
     image_token_id = add_image_token(tokenizer)
@@ -610,7 +615,8 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
                                     vision_config.image_size)
     config = VLMConfig(
         vision_config=vision_config.to_dict(),
-        text_config=language_model.config.to_dict(),
+        # without the LLM's quantization settings: the saved model is a plain 16-bit one (QLoRA merges)
+        text_config={k: v for k, v in language_model.config.to_dict().items() if k != "quantization_config"},
         vision_model=str(vision_model),
         llm=str(llm),
         vision_feature_layer=vision_feature_layer,
@@ -650,7 +656,75 @@ def build_processor(vision_model, tokenizer, config, image_aspect):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Real-world quirks: odd image files (16-bit, float, very long), SentencePiece-only tokenizers
+# 9. LoRA: a small trainable low-rank update beside each frozen linear layer (LLaVA-1.5's LoRA recipe)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer and a trainable low-rank update beside it:
+
+        y = base(x) + (alpha / r) * B(A(dropout(x)))        A: (r, in), B: (out, r), r << in, out
+
+    B starts at zero, so the update B @ A is zero and the model starts exactly as the pretrained
+    one; A starts random, so B's first gradient, (dL/dy)^T (A x), is not zero and training moves.
+    alpha / r keeps the update's size when r changes, so one learning rate fits every rank. Only A
+    and B train: r x (in + out) numbers instead of in x out (7B's 4096 x 4096 at r=128: 1/16)."""
+
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        self.base = base
+        # the adapters in the layer's compute dtype (a 4-bit QLoRA layer stores uint8 and computes in bf16)
+        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.bfloat16
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, dtype=dtype, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, dtype=dtype, device=base.weight.device)
+        self.lora_dropout = nn.Dropout(dropout)
+        self.scaling = alpha / r
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own start
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+def lora_target_names(module, targets):
+    """The names of MODULE's linear layers that get adapters. targets: "all-linear" (every linear
+    layer but the LM head, as LLaVA) or module names, each matching a layer name's end ("q_proj",
+    "self_attn.o_proj")."""
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    names = []
+    for name, layer in module.named_modules():
+        if not isinstance(layer, nn.Linear) or layer is head:
+            continue
+        if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets.split(",")):
+            names.append(name)
+    return names
+
+
+def add_lora(module, names, r, alpha, dropout):
+    """Wraps each named linear layer of MODULE in LoRALinear, in place."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = module.get_submodule(parent)
+        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout))
+
+
+def merge_lora(state, model):
+    """STATE (a whole state dict of MODEL) with each adapter folded into its layer, the model a plain
+    one again: `x.base.weight` + (alpha / r) * B @ A -> `x.weight` (in fp32, stored in the layer's
+    dtype), `x.base.bias` -> `x.bias`, the adapters dropped. The merged model computes what the
+    adapted one did, with no extra work per token, and loads without any LoRA code."""
+    state = dict(state)
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            base = state.pop(f"{name}.base.weight")
+            A, B = state.pop(f"{name}.lora_A.weight"), state.pop(f"{name}.lora_B.weight")
+            state[f"{name}.weight"] = (base.float() + layer.scaling * (B.float() @ A.float())).to(base.dtype)
+            if f"{name}.base.bias" in state:
+                state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Real-world quirks: odd image files (16-bit, float, very long), SentencePiece-only tokenizers
 
 
 def to_rgb(image):

@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from data import (TEMPLATES, LengthGroupedSampler, UserError, VLMDataset, bad_record, chat_template_for, collate,
                   demo_corpus, make_demo_data, make_tiny_backbones, run_command, write_json)
-from model import IGNORE_INDEX, build_connector, build_vlm, inference_folder
+from model import IGNORE_INDEX, add_lora, build_connector, build_vlm, inference_folder, lora_target_names, merge_lora
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +74,13 @@ class Config:
     wd_vision: float = 0.0  # AdamW weight decay of the vision tower (never on biases and norms)
     wd_connector: float = 0.0  # weight decay of the connector
     wd_lm: float = 0.0  # weight decay of the LLM
+    # LoRA: the LLM trains through low-rank adapters (its lr_lm / wd_lm), its own weights frozen
+    lora_r: int = 0  # adapter rank; 0 = off (LLaVA-1.5's LoRA recipe: 128)
+    lora_alpha: float = 256.0  # the adapters' update is scaled by lora_alpha / lora_r (LLaVA: 256)
+    lora_dropout: float = 0.05  # dropout on the adapters' input (LLaVA: 0.05)
+    lora_targets: str = "all-linear"  # layers that get adapters: all-linear (all but the LM head) or names, e.g. q_proj,v_proj
+    lora_vision: bool = False  # adapters on the vision tower too (with train_vision=True; it trains in full without them)
+    qlora: bool = False  # the frozen LLM in 4-bit NF4 (bitsandbytes), adapters in bf16; CUDA GPUs only
     # schedule
     batch_size: int = 256  # global batch: micro_batch_size x GPUs x accumulation steps
     micro_batch_size: int = 32  # samples per GPU per forward pass
@@ -109,12 +116,13 @@ class Config:
 def build_training_model(cfg, device):
     """The model main() trains: build_vlm (pretrained encoder + LLM + a fresh connector), stage 1's
     connector when init_from is set, the training prompt format as the processor's chat template,
-    and prepare_for_training. Returns (model, processor)."""
+    LoRA adapters (lora_r > 0) and prepare_for_training. Returns (model, processor)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     try:
         model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
                                      cfg.image_aspect, dtype=dtype, attn_implementation=attention_for(cfg, device),
-                                     image_grid_pinpoints=parse_pinpoints(cfg.image_grid_pinpoints))
+                                     image_grid_pinpoints=parse_pinpoints(cfg.image_grid_pinpoints),
+                                     llm_quantization=four_bit_loading(cfg))
     except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
         raise UserError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
                         f"{str(e).splitlines()[0]}") from None
@@ -123,6 +131,7 @@ def build_training_model(cfg, device):
     if cfg.init_from:
         log_rank0(rank, load_connector_weights(model, cfg.init_from))
     processor.chat_template = chat_template_for(cfg.template, processor.tokenizer)
+    add_adapters(model, cfg)
     prepare_for_training(model, cfg)
     if cfg.compile:
         log_rank0(rank, f"compiling {len(repeated_blocks(model))} blocks (the first steps are slow)")
@@ -135,9 +144,39 @@ def component_of(name):
     return parts[name.split(".")[0]]
 
 
+def is_adapter(name):
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def add_adapters(model, cfg):
+    """LoRA (lora_r > 0): a LoRALinear adapter on each of the LLM's linear layers that lora_targets
+    names (LLaVA: all but the LM head), and on the vision tower's with lora_vision."""
+    if not cfg.lora_r:
+        return
+    parts = {"llm": model.language_model, "vision_model": model.vision_tower}
+    for key in ["llm", "vision_model"] if cfg.lora_vision else ["llm"]:
+        names = lora_targets_in(parts[key], cfg, key)
+        add_lora(parts[key], names, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+
+
+def four_bit_loading(cfg):
+    """QLoRA: transformers' bitsandbytes settings that load the LLM's linear layers as 4-bit NF4
+    (with QLoRA's double quantization), computing in bf16; None without qlora. The LM head and the
+    embeddings stay bf16; the adapters on the 4-bit layers train in bf16."""
+    if not cfg.qlora:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def freeze_components(model, cfg):
+    """train_* decides per component; in a component with LoRA adapters only the adapters train."""
+    with_adapters = {component_of(name) for name, _ in model.named_parameters() if is_adapter(name)}
     for name, p in model.named_parameters():
-        p.requires_grad_(getattr(cfg, f"train_{component_of(name)}"))
+        part = component_of(name)
+        p.requires_grad_(getattr(cfg, f"train_{part}") and (part not in with_adapters or is_adapter(name)))
 
 
 def prepare_for_training(model, cfg, ours=None):
@@ -179,14 +218,15 @@ def compile_blocks(model):
 
 
 def build_param_groups(model, cfg):
-    """Biases and norm weights (1-D tensors) get no weight decay; frozen parameters are left out."""
+    """Biases and norm weights (1-D tensors) get no weight decay; frozen parameters are left out.
+    LoRA adapters take their component's lr and wd, in a row of their own (lm_lora)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         part = component_of(name)
         decay = len(full_shape(p)) >= 2
-        key = part if decay else f"{part}_no_decay"
+        key = f"{part}_lora" if is_adapter(name) else part if decay else f"{part}_no_decay"
         group = groups.setdefault(key, {"name": key, "params": [], "lr": getattr(cfg, f"lr_{part}"),
                                         "weight_decay": getattr(cfg, f"wd_{part}") if decay else 0.0})
         group["params"].append(p)
@@ -391,18 +431,63 @@ def whole_state_dict(model, zero3, rank):
 
 
 def save_final(engine, processor, cfg, rank, summary):
-    """out_dir/final: a folder that VLMForCausalLM/VLMProcessor.from_pretrained load for inference."""
+    """out_dir/final: a folder that VLMForCausalLM/VLMProcessor.from_pretrained load for inference.
+    With LoRA: the adapters merged into the weights, and final/adapters (save_adapters)."""
     final, partial_dir = os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "final.partial")
     state = whole_state_dict(engine.module, cfg.zero_stage == 3, rank)
     if rank == 0:
         shutil.rmtree(partial_dir, ignore_errors=True)
         with disk_full_says_so(partial_dir):
+            if cfg.lora_r:  # the adapters alone (to share), then folded in: final/ is a plain model
+                state = dequantized(state, engine.module) if cfg.qlora else state
+                save_adapters(state, cfg, os.path.join(partial_dir, "adapters"))
+                state = merge_lora(state, engine.module)
             engine.module.save_pretrained(partial_dir, state_dict=state)
             processor.save_pretrained(partial_dir)
             write_json(os.path.join(partial_dir, "train_config.json"), dataclasses.asdict(cfg))
             write_json(os.path.join(partial_dir, "train_summary.json"), summary)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial_dir, final)
+
+
+def save_adapters(state, cfg, folder):
+    """FOLDER: the LoRA adapters alone, in peft's layout (what adapter repos on the Hub hold), for
+    those who share only them: adapter_config.json + adapter_model.safetensors, whose
+    `base_model.model.<layer>.lora_A/B.weight` peft's PeftModel.from_pretrained puts on the base LLM
+    (cfg.llm); vision/ the same for the tower (lora_vision); connector.safetensors, the connector
+    that trained with them (with the adapters and the two backbones it makes the VLM)."""
+    from safetensors.torch import save_file
+
+    parts = [("language_model.", folder, cfg.llm, "CAUSAL_LM")]
+    if cfg.lora_vision:
+        parts.append(("vision_tower.", os.path.join(folder, "vision"), cfg.vision_model, None))
+    for prefix, where, base, task in parts:
+        adapters = {"base_model.model." + name[len(prefix):]: t.detach().cpu().contiguous()
+                    for name, t in state.items() if name.startswith(prefix) and is_adapter(name)}
+        os.makedirs(where, exist_ok=True)
+        save_file(adapters, os.path.join(where, "adapter_model.safetensors"))
+        write_json(os.path.join(where, "adapter_config.json"), {
+            "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base, "r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "bias": "none",
+            "target_modules": sorted({name.split(".")[-3] for name in adapters}),  # x.q_proj.lora_A.weight -> q_proj
+        })
+    connector = {name: t.detach().cpu().contiguous() for name, t in state.items() if component_of(name) == "connector"}
+    save_file(connector, os.path.join(folder, "connector.safetensors"))
+
+
+def dequantized(state, model):
+    """QLoRA: STATE with each 4-bit layer's packed weight (and its quantization constants) replaced
+    by the bf16 weight it stands for, so the merged final/ is a plain bf16 model."""
+    import bitsandbytes as bnb
+
+    state = dict(state)
+    for name, layer in model.named_modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            for key in [k for k in state if k.startswith(f"{name}.weight.")]:
+                del state[key]  # absmax, quant_map, ...: the packing's constants
+            weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+            state[f"{name}.weight"] = weight.to(torch.bfloat16).cpu()
+    return state
 
 
 # ==============================================================================================
@@ -488,7 +573,8 @@ RANGES = {"lr_vision": (0, None), "lr_connector": (0, None), "lr_lm": (0, None),
           "wd_connector": (0, None), "wd_lm": (0, None), "batch_size": (1, None), "micro_batch_size": (1, None),
           "epochs": (0, None), "max_steps": (0, None), "warmup_ratio": (0, 1), "min_lr_ratio": (0, 1),
           "grad_clip": (0, None), "max_seq_len": (2, None), "num_workers": (0, None), "seed": (0, 2**32 - 1),
-          "log_every": (1, None), "save_every": (0, None), "keep_checkpoints": (1, None)}
+          "log_every": (1, None), "save_every": (0, None), "keep_checkpoints": (1, None), "lora_r": (0, None),
+          "lora_alpha": (0, None), "lora_dropout": (0, 0.99)}
 
 
 def check_config(cfg, world_size):
@@ -525,7 +611,55 @@ def check_config(cfg, world_size):
         raise UserError(f"image_grid_pinpoints is set but image_aspect={cfg.image_aspect!r}; it only applies to "
                         "image_aspect=anyres")
     parse_pinpoints(cfg.image_grid_pinpoints)
+    check_lora(cfg)
     return cfg.batch_size // per_step
+
+
+LORA_KEYS = ("lora_alpha", "lora_dropout", "lora_targets", "lora_vision", "qlora")  # mean nothing with lora_r=0
+
+
+def check_lora(cfg):
+    """LoRA settings that cannot work together, each refused in one line."""
+    if not cfg.lora_r:
+        changed = [key for key in LORA_KEYS if getattr(cfg, key) != getattr(Config, key)]
+        if changed:
+            raise UserError(f"{changed[0]}={getattr(cfg, changed[0])!r} is set but lora_r=0 (LoRA off): set lora_r "
+                            f"(LLaVA: 128) to train with adapters, or remove {changed[0]}")
+        return
+    if not cfg.train_lm:
+        raise UserError(f"lora_r={cfg.lora_r} puts adapters on the LLM but train_lm=False: set train_lm=True (its "
+                        "own weights stay frozen, only the adapters train) or lora_r=0")
+    if cfg.lora_vision and not cfg.train_vision:
+        raise UserError("lora_vision=True puts adapters on the vision tower but train_vision=False: set "
+                        "train_vision=True, or lora_vision=False")
+    if not cfg.lora_alpha:
+        raise UserError(f"lora_alpha=0 scales the adapters' update to nothing; set it (LLaVA: 2 x lora_r = "
+                        f"{2 * cfg.lora_r})")
+    if cfg.qlora:
+        check_qlora(cfg)
+
+
+def check_qlora(cfg):
+    if not torch.cuda.is_available():
+        raise UserError("qlora=True needs a CUDA GPU (bitsandbytes' 4-bit layers); on this machine train with "
+                        "LoRA alone (qlora=False): same adapters, a 16-bit LLM")
+    if cfg.zero_stage == 3 or cfg.precision != "bf16":
+        raise UserError(f"qlora=True needs zero_stage 0-2 (4-bit weights cannot be partitioned) and precision=bf16; "
+                        f"got zero_stage={cfg.zero_stage}, precision={cfg.precision!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("qlora=True needs bitsandbytes: pip install bitsandbytes==0.50.2") from None
+
+
+def lora_targets_in(module, cfg, key):
+    """The names of the layers of MODULE (cfg.KEY's model) that get adapters; none is a user error."""
+    names = lora_target_names(module, cfg.lora_targets)
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"lora_targets={cfg.lora_targets!r} matches no linear layer of {key}={getattr(cfg, key)!r}; "
+                        f"its linear layers are named {', '.join(linear)} (all-linear takes all but the LM head)")
+    return names
 
 
 def parse_pinpoints(text):
