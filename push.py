@@ -25,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 
-from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -187,13 +187,48 @@ def export_llava(src, dst):
     llava = AutoModelForImageTextToText.from_config(llava_config(model.config))
     llava.load_state_dict(rename_to_llava(model.state_dict()), strict=True)
     llava.generation_config = model.generation_config
-    llava.save_pretrained(dst)
+    llava.save_pretrained(dst, state_dict=with_vision_model_level(llava.state_dict()))
     llava_processor(processor, model.config).save_pretrained(dst)
+    copy_sentencepiece_model(model.config.llm, src, dst)
     # Pad on the left as our processor does, so batched generation continues every row at its end
     # (save_pretrained writes padding_side only when the tokenizer was created with it).
     tokenizer_config = read_json(os.path.join(dst, "tokenizer_config.json"))
     tokenizer_config["padding_side"] = "left"
     write_json(os.path.join(dst, "tokenizer_config.json"), tokenizer_config)
+
+
+def with_vision_model_level(state_dict):
+    """The state dict with the vision tower's weights one level down, under `vision_model.`, where
+    transformers 4 has them and the published llava-hf checkpoints store them. transformers 5's
+    CLIP/SigLIP towers dropped that level and its save_pretrained does not put it back; transformers 4
+    (and llama.cpp's converters, which load with it) would then start from a random tower with only a
+    warning. transformers 5 loads both names. save_pretrained's own renaming then writes
+    vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*, language_model.lm_head.*"""
+    tower = "model.vision_tower."
+    return {tower + "vision_model." + name[len(tower):]
+            if name.startswith(tower) and not name.startswith(tower + "vision_model.") else name: tensor
+            for name, tensor in state_dict.items()}
+
+
+def copy_sentencepiece_model(llm, src, dst):
+    """tokenizer.model, the LLM's SentencePiece model (Vicuna, Llama-2, Mistral), next to tokenizer.json:
+    llama.cpp's converter reads its piece scores, and without them splits prompts differently from
+    training. transformers 5 saves only tokenizer.json, so the checkpoint lacks it (unless put there by
+    hand): it comes from the LLM the model was built from. An LLM without one (Qwen, Llama-3: byte-level
+    BPE) needs none."""
+    found = os.path.join(src, "tokenizer.model")
+    if not os.path.isfile(found) and os.path.isdir(llm):
+        found = os.path.join(llm, "tokenizer.model")
+    elif not os.path.isfile(found):
+        try:
+            found = hf_hub_download(llm, "tokenizer.model")
+        except EntryNotFoundError:
+            return
+        except Exception as e:  # a moved local folder, no network, an unknown repo
+            raise UserError(f"cannot look for tokenizer.model in llm={llm!r} (config.json of {src}): {type(e).__name__}; "
+                            f"make it reachable, or copy the LLM's tokenizer.model (if it has one) into {src}") from None
+    if os.path.isfile(found):
+        shutil.copyfile(found, os.path.join(dst, "tokenizer.model"))
 
 
 def llava_config(config):
@@ -202,7 +237,9 @@ def llava_config(config):
     drop_cls=False, or SigLIP, which has no CLS)."""
     drops_cls = config.drop_cls and vision_has_cls(config.vision_config)
     common = dict(
-        vision_config=config.vision_config.to_dict(),
+        # llama.cpp's image-encoder converter reads vision_feature_layer from the vision config alone
+        # (the tower's config.json once split off); without it, it guesses the layer.
+        vision_config=dict(config.vision_config.to_dict(), vision_feature_layer=config.vision_feature_layer),
         text_config=config.text_config.to_dict(),
         image_token_id=config.image_token_id,
         projector_hidden_act=LLAVA_PROJECTOR_ACT[config.connector],

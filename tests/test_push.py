@@ -1,7 +1,9 @@
 """push.py: both export formats load outside this repository and reproduce the project model; the
 upload sends exactly the built folder; bad input stops with one `error:` line and uploads nothing."""
+import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from PIL import Image
 
 import push
 from conftest import favour_token, smooth_image
-from data import make_tiny_backbones
+from data import chat_template_for, make_tiny_backbones, render_pieces
 from model import CLIP_STD, build_vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +73,27 @@ def project_answer(model, processor, image, question, max_new_tokens=3):
     inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=image)
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# The names of the published llava-hf checkpoints (llava-hf/llava-1.5-7b-hf, llava-v1.6-*): what
+# transformers 4 loads (its CLIP and SigLIP towers keep their weights under vision_model.) and what
+# transformers 5 renames at load. Written here, not taken from push.py.
+LLAVA_HF_PREFIXES = ("vision_tower.vision_model.", "multi_modal_projector.linear_", "language_model.model.",
+                     "language_model.lm_head.", "image_newline")
+
+
+def load_cleanly(model_class, folder):
+    """The exported model, after checking that its file names every weight as llava-hf does and that
+    transformers loads it with no weight missing (left random) or unexpected (ignored)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all(name.startswith(LLAVA_HF_PREFIXES) for name in names), \
+        [name for name in names if not name.startswith(LLAVA_HF_PREFIXES)][:5]
+    model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
 
 
 class FakeHub:
@@ -154,8 +177,9 @@ def test_llava_folder_matches_project_model(run, tmp_path, capsys):
     assert push.main([run_dir, "--repo", "me/tiny", "--local-dir", str(folder)]) == 0
     assert "format: llava" in capsys.readouterr().out  # the default, announced
     assert not (folder / "model.py").exists()
-    llava = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    llava = load_cleanly(LlavaForConditionalGeneration, folder)
     llava_processor = AutoProcessor.from_pretrained(folder)
+    assert llava.config.vision_config.vision_feature_layer == model.config.vision_feature_layer  # for llama.cpp
 
     image = make_image()
     prompt = llava_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
@@ -184,7 +208,7 @@ def test_llava_export_of_siglip_and_tied_qwen2_matches(tmp_path):
     model.save_pretrained(tmp_path / "final")
     processor.save_pretrained(tmp_path / "final")
     push.export_llava(str(tmp_path / "final"), str(tmp_path / "llava"))
-    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    llava = load_cleanly(LlavaForConditionalGeneration, tmp_path / "llava")
     llava_processor = AutoProcessor.from_pretrained(tmp_path / "llava")
     assert llava.config.vision_feature_select_strategy == "full"
     assert llava.lm_head.weight.data_ptr() == llava.get_input_embeddings().weight.data_ptr()
@@ -197,7 +221,67 @@ def test_llava_export_of_siglip_and_tied_qwen2_matches(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(llava(**llava_inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=0)
 
+REAL_VICUNA = os.path.join(os.path.dirname(ROOT), "shared", "real", "tokenizers", "vicuna-7b-v1.5")
 
+
+def sentencepiece_ids(model_file, text, specials):
+    """What transformers 4's slow LlamaTokenizer (legacy=False, as Vicuna's tokenizer_config sets) makes
+    of `text` with the SentencePiece model alone, as llama.cpp does: BOS, then the text cut at the
+    special tokens ({text: id}), each part encoded by SentencePiece, with the word-start "▁" only
+    in front of the first."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    with_prefix = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.normalizer_spec.add_dummy_prefix = False
+    without_prefix = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    ids = [with_prefix.bos_id()]
+    for k, part in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", text)):
+        if part in specials:
+            ids.append(specials[part])
+        elif part:
+            ids += (with_prefix if k == 0 else without_prefix).encode(part)
+    return ids
+
+
+@pytest.mark.parametrize("source", ["vicuna-like", "real vicuna"])
+def test_llava_export_ships_the_sentencepiece_model_that_splits_training_prompts_alike(
+        source, vicuna_like_tokenizer, tiny_backbones, tmp_path):
+    """A Vicuna LLM's tokenizer is a SentencePiece model: the export carries it as tokenizer.model (llama.cpp
+    takes the piece scores from it), and the training prompts get the training ids from the exported
+    tokenizer and from a slow tokenizer on that tokenizer.model alike."""
+    if source == "real vicuna" and not os.path.isdir(REAL_VICUNA):
+        pytest.skip(f"{REAL_VICUNA} is not here")
+    vision, tiny_llm = tiny_backbones
+    llm = tmp_path / "vicuna"  # the tiny Llama with a Vicuna tokenizer (build_vlm resizes the embeddings)
+    shutil.copytree(REAL_VICUNA if source == "real vicuna" else vicuna_like_tokenizer, llm)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_llm, name), llm)
+    model, processor = build_vlm(vision, str(llm))
+    processor.chat_template = chat_template_for("vicuna_v1", processor.tokenizer)
+    model.save_pretrained(tmp_path / "final")
+    processor.save_pretrained(tmp_path / "final")
+    push.export_llava(str(tmp_path / "final"), str(tmp_path / "llava"))
+    shipped = tmp_path / "llava" / "tokenizer.model"
+    assert shipped.read_bytes() == (llm / "tokenizer.model").read_bytes()
+
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "llava")
+    specials = {token.content: token_id for token_id, token in exported.added_tokens_decoder.items()}
+    # Each with an image, as every stage-1 (plain) record has one.
+    conversations = [[{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+                     for question, answer in [("<image>\nWhat is the man holding?", "An umbrella."),
+                                              ("Hello  world?\n<image>", "def add(a, b):\n    return a + b\n\n  x"),
+                                              ("cafe 12345 東京 😀\n<image>", " Yes,  three.")]]
+    for conversation, template in itertools.product(conversations, ["vicuna_v1", "plain"]):
+        text = "".join(piece for piece, _ in render_pieces(conversation, template, processor.tokenizer))
+        training = processor.tokenizer(text)["input_ids"]
+        assert exported(text)["input_ids"] == training, (template, text)
+        assert sentencepiece_ids(str(shipped), text, specials) == training, (template, text)
 
 
 def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, monkeypatch, capsys):
@@ -213,7 +297,7 @@ def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, mon
     assert push.main([run_dir, "--repo", "me/tiny", "--local-dir", str(folder)]) == 0
     assert "format: llava" in capsys.readouterr().out
     assert not (folder / "model.py").exists()
-    llava = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    llava = load_cleanly(AutoModelForImageTextToText, folder)
     llava_processor = AutoProcessor.from_pretrained(folder)
     assert isinstance(llava, LlavaNextForConditionalGeneration)
     assert type(llava_processor).__name__ == "LlavaNextProcessor"
