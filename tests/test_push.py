@@ -21,7 +21,7 @@ from model import CLIP_STD, build_vlm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # llava-hf's message convention: content is a string or a list of {"type": "image"} / {"type": "text"}.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% for m in messages %}{{ m['role'] | upper }}: "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -282,6 +282,76 @@ def test_llava_export_ships_the_sentencepiece_model_that_splits_training_prompts
         training = processor.tokenizer(text)["input_ids"]
         assert exported(text)["input_ids"] == training, (template, text)
         assert sentencepiece_ids(str(shipped), text, specials) == training, (template, text)
+
+class NoPythonMethods:
+    """Renders a chat template with Jinja's own syntax, tests and filters and nothing of Python: calling a
+    method of a value (text.count('<image>'), .strip(), .upper()) raises, as it does in Jinja engines that
+    are not Python (llama.cpp's). jinja2's sandbox calls is_safe_callable before every call in a template;
+    macros and namespace() are Jinja's own and stay allowed. Same whitespace settings as transformers."""
+
+    def __init__(self):
+        import inspect
+
+        from jinja2.sandbox import SandboxedEnvironment
+
+        class Environment(SandboxedEnvironment):
+            def is_safe_callable(self, obj):
+                return not (inspect.ismethod(obj) or inspect.isbuiltin(obj) or inspect.ismethoddescriptor(obj))
+
+        self.environment = Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def render(self, template, messages, add_generation_prompt, tokenizer):
+        return self.environment.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+def test_restricted_renderer_refuses_python_methods():
+    from jinja2.exceptions import SecurityError
+
+    renderer = NoPythonMethods()
+    for python in ("{{ 'a<image>'.count('<image>') }}", "{{ ' a '.strip() }}", "{{ m['role'].upper() }}"):
+        with pytest.raises(SecurityError):
+            renderer.environment.from_string(python).render(m={"role": "user"})
+    assert renderer.environment.from_string("{{ ' a ' | trim | upper }}").render() == "A"
+
+
+SHIPPED_MESSAGES = [  # content as llava-hf writes it (a list of items) and as a string; images anywhere
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is  in the image?"}]},
+     {"role": "assistant", "content": "A red square."}],
+    [{"role": "user", "content": "Describe it.\n<image>"}, {"role": "assistant", "content": " Two  circles. "}],
+    [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "A dog."}],
+    [{"role": "system", "content": "Answer briefly."},
+     {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}]},
+     {"role": "assistant", "content": "The first."}, {"role": "user", "content": "And  the colours?"},
+     {"role": "assistant", "content": "Red, blue."}],
+]
+
+
+@pytest.mark.parametrize("template, tokenizer_kind", [
+    ("plain", "byte-level BPE"), ("vicuna_v1", "byte-level BPE"), ("chat", "byte-level BPE"),
+    ("plain", "SentencePiece"), ("vicuna_v1", "SentencePiece"),  # SentencePiece: a space after <image>
+])
+def test_shipped_chat_templates_render_alike_without_python_methods(template, tokenizer_kind, tiny_vlm,
+                                                                    vicuna_like_tokenizer):
+    """Every chat template that training stores (and push.py ships) gives, in a Jinja that has no Python
+    methods, the prompt that transformers' Python Jinja gives: for each conversation, its first turn with the
+    generation prompt (what inference renders) and all of it (what training wrote)."""
+    from model import add_image_token, load_tokenizer
+
+    if tokenizer_kind == "SentencePiece":
+        tokenizer = load_tokenizer(vicuna_like_tokenizer)
+        add_image_token(tokenizer)
+    else:
+        tokenizer = tiny_vlm[1].tokenizer
+    chat_template = chat_template_for(template, tokenizer)
+    renderer = NoPythonMethods()
+    for messages in SHIPPED_MESSAGES[:3] if template == "plain" else SHIPPED_MESSAGES:  # plain: one exchange
+        first_turn = messages[:2] if messages[0]["role"] == "system" else messages[:1]
+        for shown, add_generation_prompt in ((first_turn, True), (messages, False)):
+            python = tokenizer.apply_chat_template(shown, chat_template=chat_template, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt)
+            assert renderer.render(chat_template, shown, add_generation_prompt, tokenizer) == python, shown
 
 
 def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, monkeypatch, capsys):
