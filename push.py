@@ -194,6 +194,18 @@ def export_llava(src, dst):
     # (save_pretrained writes padding_side only when the tokenizer was created with it).
     tokenizer_config = read_json(os.path.join(dst, "tokenizer_config.json"))
     tokenizer_config["padding_side"] = "left"
+    # transformers 5 writes extra_special_tokens as a list; transformers 4 takes that key for a dict (name ->
+    # token) and fails to load the tokenizer. additional_special_tokens is the list that both read.
+    if isinstance(tokenizer_config.get("extra_special_tokens"), list):
+        tokenizer_config["additional_special_tokens"] = tokenizer_config.pop("extra_special_tokens")
+    if os.path.isfile(os.path.join(dst, "tokenizer.model")):
+        # The tokenizer training used writes no word-start "▁" after a special token ("<image>\nWhat");
+        # transformers 4's slow SentencePiece tokenizer does the same only with legacy=False.
+        tokenizer_config["legacy"] = False
+        # transformers 5 writes add_prefix_space null, which transformers 4's slow tokenizer takes for False:
+        # no "▁" before the prompt's first word. Left out, it is True there, as training's tokenizer does.
+        if tokenizer_config.get("add_prefix_space") is None:
+            tokenizer_config.pop("add_prefix_space", None)
     write_json(os.path.join(dst, "tokenizer_config.json"), tokenizer_config)
 
 

@@ -180,6 +180,8 @@ def test_llava_folder_matches_project_model(run, tmp_path, capsys):
     llava = load_cleanly(LlavaForConditionalGeneration, folder)
     llava_processor = AutoProcessor.from_pretrained(folder)
     assert llava.config.vision_config.vision_feature_layer == model.config.vision_feature_layer  # for llama.cpp
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)  # transformers 4 fails on a list
 
     image = make_image()
     prompt = llava_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
@@ -267,6 +269,9 @@ def test_llava_export_ships_the_sentencepiece_model_that_splits_training_prompts
     push.export_llava(str(tmp_path / "final"), str(tmp_path / "llava"))
     shipped = tmp_path / "llava" / "tokenizer.model"
     assert shipped.read_bytes() == (llm / "tokenizer.model").read_bytes()
+    # transformers 4's slow tokenizer then follows sentencepiece_ids' rules: "▁" in front, none after specials.
+    tokenizer_config = json.loads((tmp_path / "llava" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["legacy"] is False and tokenizer_config.get("add_prefix_space", True) is True
 
     from transformers import AutoTokenizer
 
