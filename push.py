@@ -310,6 +310,23 @@ def llava_processor(processor, config):
 # ----------------------------------------------------------------------------------------------
 # 3. The model card
 
+# What the model card says about llama.cpp: the route for LLaVA, and that AnyRes has none.
+LLAMA_CPP = {
+    "llava": """
+For llama.cpp (GGUF), convert the text model and the vision tower + projector separately, then run both:
+
+```bash
+hf download {repo} --local-dir {name}
+python llama.cpp/convert_hf_to_gguf.py {name} --outfile {name}.gguf
+python llama.cpp/convert_hf_to_gguf.py {name} --mmproj --outfile mmproj-{name}.gguf
+llama-mtmd-cli -m {name}.gguf --mmproj mmproj-{name}.gguf --jinja --image photo.jpg -p "What is in the image?"
+```
+
+Not checked by small-vlm; the vision tower's converter in llama.cpp varies by version.""",
+    "llava_next": """
+llama.cpp's converter does not support LLaVA-NeXT's AnyRes tiling: this model has no GGUF route yet.""",
+}
+
 USAGE = {
     "llava": """```python
 from PIL import Image
@@ -324,7 +341,10 @@ output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-It also works with `pipeline("image-text-to-text", model="{repo}")` and lmms-eval's `llava_hf` model.""",
+It also works with `pipeline("image-text-to-text", model="{repo}")` and lmms-eval's `llava_hf` model.
+The weights carry the names of the llava-hf checkpoints: transformers 5 and 4.57 load them (checked with
+5.23 and 4.57.6: no weight missing or unused, the same logits).
+{llama_cpp}""",
     "remote": """```python
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
@@ -370,7 +390,9 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
         lines += ["", "## Training configuration", "", "| setting | value |", "|---|---|"]
         lines += [f"| {key} | `{public_name(value)}` |" for key, value in scalars.items()]
     llava_class = "LlavaNextForConditionalGeneration" if config.image_grid_pinpoints else "LlavaForConditionalGeneration"
-    lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id, llava_class=llava_class), ""]
+    llama_cpp = LLAMA_CPP["llava_next" if config.image_grid_pinpoints else "llava"].format(
+        repo=repo_id, name=repo_id.split("/")[-1])
+    lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id, llava_class=llava_class, llama_cpp=llama_cpp), ""]
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(header + lines))
 

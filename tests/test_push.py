@@ -177,6 +177,8 @@ def test_llava_folder_matches_project_model(run, tmp_path, capsys):
     assert push.main([run_dir, "--repo", "me/tiny", "--local-dir", str(folder)]) == 0
     assert "format: llava" in capsys.readouterr().out  # the default, announced
     assert not (folder / "model.py").exists()
+    card = (folder / "README.md").read_text()
+    assert "4.57" in card and "--mmproj mmproj-tiny.gguf" in card  # transformers versions; llama.cpp route
     llava = load_cleanly(LlavaForConditionalGeneration, folder)
     llava_processor = AutoProcessor.from_pretrained(folder)
     assert llava.config.vision_config.vision_feature_layer == model.config.vision_feature_layer  # for llama.cpp
@@ -372,6 +374,7 @@ def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, mon
     assert push.main([run_dir, "--repo", "me/tiny", "--local-dir", str(folder)]) == 0
     assert "format: llava" in capsys.readouterr().out
     assert not (folder / "model.py").exists()
+    assert "no GGUF route" in (folder / "README.md").read_text()  # llama.cpp cannot convert AnyRes
     llava = load_cleanly(AutoModelForImageTextToText, folder)
     llava_processor = AutoProcessor.from_pretrained(folder)
     assert isinstance(llava, LlavaNextForConditionalGeneration)
