@@ -8,9 +8,10 @@ Read top to bottom, this is the path from a checkpoint to the Hub:
   1. the checkpoint  - out/<run>/final (save_pretrained of VLMForCausalLM + VLMProcessor) and the
                        optional train_config.json / train_summary.json next to it.
   2. the format      - `llava`: transformers' own LlavaForConditionalGeneration (an anyres model:
-                       LlavaNextForConditionalGeneration), loads with no remote code (pipelines,
-                       lmms-eval); `remote`: our model + model.py shipped as remote code
-                       (`trust_remote_code=True`), for what Llava cannot express.
+                       LlavaNextForConditionalGeneration) under llava-hf's weight names, loads with
+                       no remote code (transformers 5 and 4.57, pipelines, lmms-eval); `remote`: our
+                       model + model.py shipped as remote code (`trust_remote_code=True`), for what
+                       Llava cannot express.
   3. the model card  - README.md: base models, connector, training settings, final loss, usage.
   4. the load check  - a fresh Python process, outside this repository, loads the folder and runs
                        one forward pass; a folder that does not load is never uploaded.
