@@ -260,16 +260,20 @@ def truncate(input_ids, labels, image_id, max_seq_len):
 # ----------------------------------------------------------------------------------------------
 # 3. The same prompt format as a chat template, for inference
 
-# content (a string, or a list of {"type": "image"} / {"type": "text"} items) -> the turn text
-# training used: every image as "<image>\n" at the start of the turn (move_images_to_front), an
-# image-only turn as "<image>", and SEP after each image (separate_images).
-CONTENT_MACRO = r"""{%- macro vlm_content(content) -%}
+# content (a string, or a list of {"type": "image"} / {"type": "text"} items) -> the turn text training used:
+# every image as "<image>\n" at the start of the turn (move_images_to_front), an image-only turn as "<image>",
+# and SEP after each image (separate_images). Plain Jinja only (filters, operators, no Python string methods
+# such as .count or .strip), so that renderers that are not Python (llama.cpp's) give the same prompt.
+CONTENT_MACRO = r"""{%- macro image_count(text) -%}
+{{ ((text | length) - (text | replace('<image>', '') | length)) // ('<image>' | length) }}
+{%- endmacro -%}
+{%- macro vlm_content(content) -%}
 {%- if content is string -%}{%- set text = content -%}
 {%- else -%}{%- set text = '<image>' * (content | selectattr('type', 'equalto', 'image') | list | length)
  + (content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}
 {%- endif -%}
-{%- set n = text.count('<image>') -%}
-{%- set rest = text.replace('<image>', '').strip() -%}
+{%- set n = image_count(text) | int -%}
+{%- set rest = text | replace('<image>', '') | trim -%}
 {%- if n == 0 -%}{{ text }}
 {%- elif rest -%}{{ ('<image>' + SEP + '\n') * n + rest }}
 {%- else -%}{{ ('<image>' + SEP + '\n') * (n - 1) + '<image>' + SEP }}{%- endif -%}
@@ -277,7 +281,7 @@ CONTENT_MACRO = r"""{%- macro vlm_content(content) -%}
 """
 
 PLAIN_TEMPLATE = r"""{%- for m in messages -%}
-{%- if m['role'] == 'user' -%}{{ '<image>' * vlm_content(m['content']).count('<image>') }}
+{%- if m['role'] == 'user' -%}{{ '<image>' * (image_count(vlm_content(m['content'])) | int) }}
 {%- elif m['role'] == 'assistant' -%}{{ vlm_content(m['content']) + '\n' }}{%- endif -%}
 {%- endfor -%}"""
 

@@ -8,9 +8,10 @@ Read top to bottom, this is the path from a checkpoint to the Hub:
   1. the checkpoint  - out/<run>/final (save_pretrained of VLMForCausalLM + VLMProcessor) and the
                        optional train_config.json / train_summary.json next to it.
   2. the format      - `llava`: transformers' own LlavaForConditionalGeneration (an anyres model:
-                       LlavaNextForConditionalGeneration), loads with no remote code (pipelines,
-                       lmms-eval); `remote`: our model + model.py shipped as remote code
-                       (`trust_remote_code=True`), for what Llava cannot express.
+                       LlavaNextForConditionalGeneration) under llava-hf's weight names, loads with
+                       no remote code (transformers 5 and 4.57, pipelines, lmms-eval); `remote`: our
+                       model + model.py shipped as remote code (`trust_remote_code=True`), for what
+                       Llava cannot express.
   3. the model card  - README.md: base models, connector, training settings, final loss, usage.
   4. the load check  - a fresh Python process, outside this repository, loads the folder and runs
                        one forward pass; a folder that does not load is never uploaded.
@@ -25,8 +26,8 @@ import subprocess
 import sys
 import tempfile
 
-from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -187,13 +188,60 @@ def export_llava(src, dst):
     llava = AutoModelForImageTextToText.from_config(llava_config(model.config))
     llava.load_state_dict(rename_to_llava(model.state_dict()), strict=True)
     llava.generation_config = model.generation_config
-    llava.save_pretrained(dst)
+    llava.save_pretrained(dst, state_dict=with_vision_model_level(llava.state_dict()))
     llava_processor(processor, model.config).save_pretrained(dst)
+    copy_sentencepiece_model(model.config.llm, src, dst)
     # Pad on the left as our processor does, so batched generation continues every row at its end
     # (save_pretrained writes padding_side only when the tokenizer was created with it).
     tokenizer_config = read_json(os.path.join(dst, "tokenizer_config.json"))
     tokenizer_config["padding_side"] = "left"
+    # transformers 5 writes extra_special_tokens as a list; transformers 4 takes that key for a dict (name ->
+    # token) and fails to load the tokenizer. additional_special_tokens is the list that both read.
+    if isinstance(tokenizer_config.get("extra_special_tokens"), list):
+        tokenizer_config["additional_special_tokens"] = tokenizer_config.pop("extra_special_tokens")
+    if os.path.isfile(os.path.join(dst, "tokenizer.model")):
+        # The tokenizer training used writes no word-start "▁" after a special token ("<image>\nWhat");
+        # transformers 4's slow SentencePiece tokenizer does the same only with legacy=False.
+        tokenizer_config["legacy"] = False
+        # transformers 5 writes add_prefix_space null, which transformers 4's slow tokenizer takes for False:
+        # no "▁" before the prompt's first word. Left out, it is True there, as training's tokenizer does.
+        if tokenizer_config.get("add_prefix_space") is None:
+            tokenizer_config.pop("add_prefix_space", None)
     write_json(os.path.join(dst, "tokenizer_config.json"), tokenizer_config)
+
+
+def with_vision_model_level(state_dict):
+    """The state dict with the vision tower's weights one level down, under `vision_model.`, where
+    transformers 4 has them and the published llava-hf checkpoints store them. transformers 5's
+    CLIP/SigLIP towers dropped that level and its save_pretrained does not put it back; transformers 4
+    (and llama.cpp's converters, which load with it) would then start from a random tower with only a
+    warning. transformers 5 loads both names. save_pretrained's own renaming then writes
+    vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*, language_model.lm_head.*"""
+    tower = "model.vision_tower."
+    return {tower + "vision_model." + name[len(tower):]
+            if name.startswith(tower) and not name.startswith(tower + "vision_model.") else name: tensor
+            for name, tensor in state_dict.items()}
+
+
+def copy_sentencepiece_model(llm, src, dst):
+    """tokenizer.model, the LLM's SentencePiece model (Vicuna, Llama-2, Mistral), next to tokenizer.json:
+    llama.cpp's converter reads its piece scores, and without them splits prompts differently from
+    training. transformers 5 saves only tokenizer.json, so the checkpoint lacks it (unless put there by
+    hand): it comes from the LLM the model was built from. An LLM without one (Qwen, Llama-3: byte-level
+    BPE) needs none."""
+    found = os.path.join(src, "tokenizer.model")
+    if not os.path.isfile(found) and os.path.isdir(llm):
+        found = os.path.join(llm, "tokenizer.model")
+    elif not os.path.isfile(found):
+        try:
+            found = hf_hub_download(llm, "tokenizer.model")
+        except EntryNotFoundError:
+            return
+        except Exception as e:  # a moved local folder, no network, an unknown repo
+            raise UserError(f"cannot look for tokenizer.model in llm={llm!r} (config.json of {src}): {type(e).__name__}; "
+                            f"make it reachable, or copy the LLM's tokenizer.model (if it has one) into {src}") from None
+    if os.path.isfile(found):
+        shutil.copyfile(found, os.path.join(dst, "tokenizer.model"))
 
 
 def llava_config(config):
@@ -202,7 +250,9 @@ def llava_config(config):
     drop_cls=False, or SigLIP, which has no CLS)."""
     drops_cls = config.drop_cls and vision_has_cls(config.vision_config)
     common = dict(
-        vision_config=config.vision_config.to_dict(),
+        # llama.cpp's image-encoder converter reads vision_feature_layer from the vision config alone
+        # (the tower's config.json once split off); without it, it guesses the layer.
+        vision_config=dict(config.vision_config.to_dict(), vision_feature_layer=config.vision_feature_layer),
         text_config=config.text_config.to_dict(),
         image_token_id=config.image_token_id,
         projector_hidden_act=LLAVA_PROJECTOR_ACT[config.connector],
@@ -261,6 +311,23 @@ def llava_processor(processor, config):
 # ----------------------------------------------------------------------------------------------
 # 3. The model card
 
+# What the model card says about llama.cpp: the route for LLaVA, and that AnyRes has none.
+LLAMA_CPP = {
+    "llava": """
+For llama.cpp (GGUF), convert the text model and the vision tower + projector separately, then run both:
+
+```bash
+hf download {repo} --local-dir {name}
+python llama.cpp/convert_hf_to_gguf.py {name} --outfile {name}.gguf
+python llama.cpp/convert_hf_to_gguf.py {name} --mmproj --outfile mmproj-{name}.gguf
+llama-mtmd-cli -m {name}.gguf --mmproj mmproj-{name}.gguf --jinja --image photo.jpg -p "What is in the image?"
+```
+
+Not checked by small-vlm; the vision tower's converter in llama.cpp varies by version.""",
+    "llava_next": """
+llama.cpp's converter does not support LLaVA-NeXT's AnyRes tiling: this model has no GGUF route yet.""",
+}
+
 USAGE = {
     "llava": """```python
 from PIL import Image
@@ -275,7 +342,10 @@ output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-It also works with `pipeline("image-text-to-text", model="{repo}")` and lmms-eval's `llava_hf` model.""",
+It also works with `pipeline("image-text-to-text", model="{repo}")` and lmms-eval's `llava_hf` model.
+The weights carry the names of the llava-hf checkpoints: transformers 5 and 4.57 load them (checked with
+5.23 and 4.57.6: no weight missing or unused, the same logits).
+{llama_cpp}""",
     "remote": """```python
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
@@ -321,7 +391,9 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
         lines += ["", "## Training configuration", "", "| setting | value |", "|---|---|"]
         lines += [f"| {key} | `{public_name(value)}` |" for key, value in scalars.items()]
     llava_class = "LlavaNextForConditionalGeneration" if config.image_grid_pinpoints else "LlavaForConditionalGeneration"
-    lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id, llava_class=llava_class), ""]
+    llama_cpp = LLAMA_CPP["llava_next" if config.image_grid_pinpoints else "llava"].format(
+        repo=repo_id, name=repo_id.split("/")[-1])
+    lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id, llava_class=llava_class, llama_cpp=llama_cpp), ""]
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(header + lines))
 

@@ -1,7 +1,9 @@
 """push.py: both export formats load outside this repository and reproduce the project model; the
 upload sends exactly the built folder; bad input stops with one `error:` line and uploads nothing."""
+import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,13 +15,13 @@ from PIL import Image
 
 import push
 from conftest import favour_token, smooth_image
-from data import make_tiny_backbones
+from data import chat_template_for, make_tiny_backbones, render_pieces
 from model import CLIP_STD, build_vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # llava-hf's message convention: content is a string or a list of {"type": "image"} / {"type": "text"}.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% for m in messages %}{{ m['role'] | upper }}: "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -71,6 +73,27 @@ def project_answer(model, processor, image, question, max_new_tokens=3):
     inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=image)
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# The names of the published llava-hf checkpoints (llava-hf/llava-1.5-7b-hf, llava-v1.6-*): what
+# transformers 4 loads (its CLIP and SigLIP towers keep their weights under vision_model.) and what
+# transformers 5 renames at load. Written here, not taken from push.py.
+LLAVA_HF_PREFIXES = ("vision_tower.vision_model.", "multi_modal_projector.linear_", "language_model.model.",
+                     "language_model.lm_head.", "image_newline")
+
+
+def load_cleanly(model_class, folder):
+    """The exported model, after checking that its file names every weight as llava-hf does and that
+    transformers loads it with no weight missing (left random) or unexpected (ignored)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all(name.startswith(LLAVA_HF_PREFIXES) for name in names), \
+        [name for name in names if not name.startswith(LLAVA_HF_PREFIXES)][:5]
+    model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
 
 
 class FakeHub:
@@ -154,8 +177,13 @@ def test_llava_folder_matches_project_model(run, tmp_path, capsys):
     assert push.main([run_dir, "--repo", "me/tiny", "--local-dir", str(folder)]) == 0
     assert "format: llava" in capsys.readouterr().out  # the default, announced
     assert not (folder / "model.py").exists()
-    llava = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    card = (folder / "README.md").read_text()
+    assert "4.57" in card and "--mmproj mmproj-tiny.gguf" in card  # transformers versions; llama.cpp route
+    llava = load_cleanly(LlavaForConditionalGeneration, folder)
     llava_processor = AutoProcessor.from_pretrained(folder)
+    assert llava.config.vision_config.vision_feature_layer == model.config.vision_feature_layer  # for llama.cpp
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)  # transformers 4 fails on a list
 
     image = make_image()
     prompt = llava_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
@@ -184,7 +212,7 @@ def test_llava_export_of_siglip_and_tied_qwen2_matches(tmp_path):
     model.save_pretrained(tmp_path / "final")
     processor.save_pretrained(tmp_path / "final")
     push.export_llava(str(tmp_path / "final"), str(tmp_path / "llava"))
-    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    llava = load_cleanly(LlavaForConditionalGeneration, tmp_path / "llava")
     llava_processor = AutoProcessor.from_pretrained(tmp_path / "llava")
     assert llava.config.vision_feature_select_strategy == "full"
     assert llava.lm_head.weight.data_ptr() == llava.get_input_embeddings().weight.data_ptr()
@@ -197,7 +225,140 @@ def test_llava_export_of_siglip_and_tied_qwen2_matches(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(llava(**llava_inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=0)
 
+REAL_VICUNA = os.path.join(os.path.dirname(ROOT), "shared", "real", "tokenizers", "vicuna-7b-v1.5")
 
+
+def sentencepiece_ids(model_file, text, specials):
+    """What transformers 4's slow LlamaTokenizer (legacy=False, as Vicuna's tokenizer_config sets) makes
+    of `text` with the SentencePiece model alone, as llama.cpp does: BOS, then the text cut at the
+    special tokens ({text: id}), each part encoded by SentencePiece, with the word-start "▁" only
+    in front of the first."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    with_prefix = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.normalizer_spec.add_dummy_prefix = False
+    without_prefix = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    ids = [with_prefix.bos_id()]
+    for k, part in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", text)):
+        if part in specials:
+            ids.append(specials[part])
+        elif part:
+            ids += (with_prefix if k == 0 else without_prefix).encode(part)
+    return ids
+
+
+@pytest.mark.parametrize("source", ["vicuna-like", "real vicuna"])
+def test_llava_export_ships_the_sentencepiece_model_that_splits_training_prompts_alike(
+        source, vicuna_like_tokenizer, tiny_backbones, tmp_path):
+    """A Vicuna LLM's tokenizer is a SentencePiece model: the export carries it as tokenizer.model (llama.cpp
+    takes the piece scores from it), and the training prompts get the training ids from the exported
+    tokenizer and from a slow tokenizer on that tokenizer.model alike."""
+    if source == "real vicuna" and not os.path.isdir(REAL_VICUNA):
+        pytest.skip(f"{REAL_VICUNA} is not here")
+    vision, tiny_llm = tiny_backbones
+    llm = tmp_path / "vicuna"  # the tiny Llama with a Vicuna tokenizer (build_vlm resizes the embeddings)
+    shutil.copytree(REAL_VICUNA if source == "real vicuna" else vicuna_like_tokenizer, llm)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_llm, name), llm)
+    model, processor = build_vlm(vision, str(llm))
+    processor.chat_template = chat_template_for("vicuna_v1", processor.tokenizer)
+    model.save_pretrained(tmp_path / "final")
+    processor.save_pretrained(tmp_path / "final")
+    push.export_llava(str(tmp_path / "final"), str(tmp_path / "llava"))
+    shipped = tmp_path / "llava" / "tokenizer.model"
+    assert shipped.read_bytes() == (llm / "tokenizer.model").read_bytes()
+    # transformers 4's slow tokenizer then follows sentencepiece_ids' rules: "▁" in front, none after specials.
+    tokenizer_config = json.loads((tmp_path / "llava" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["legacy"] is False and tokenizer_config.get("add_prefix_space", True) is True
+
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "llava")
+    specials = {token.content: token_id for token_id, token in exported.added_tokens_decoder.items()}
+    # Each with an image, as every stage-1 (plain) record has one.
+    conversations = [[{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+                     for question, answer in [("<image>\nWhat is the man holding?", "An umbrella."),
+                                              ("Hello  world?\n<image>", "def add(a, b):\n    return a + b\n\n  x"),
+                                              ("cafe 12345 東京 😀\n<image>", " Yes,  three.")]]
+    for conversation, template in itertools.product(conversations, ["vicuna_v1", "plain"]):
+        text = "".join(piece for piece, _ in render_pieces(conversation, template, processor.tokenizer))
+        training = processor.tokenizer(text)["input_ids"]
+        assert exported(text)["input_ids"] == training, (template, text)
+        assert sentencepiece_ids(str(shipped), text, specials) == training, (template, text)
+
+class NoPythonMethods:
+    """Renders a chat template with Jinja's own syntax, tests and filters and nothing of Python: calling a
+    method of a value (text.count('<image>'), .strip(), .upper()) raises, as it does in Jinja engines that
+    are not Python (llama.cpp's). jinja2's sandbox calls is_safe_callable before every call in a template;
+    macros and namespace() are Jinja's own and stay allowed. Same whitespace settings as transformers."""
+
+    def __init__(self):
+        import inspect
+
+        from jinja2.sandbox import SandboxedEnvironment
+
+        class Environment(SandboxedEnvironment):
+            def is_safe_callable(self, obj):
+                return not (inspect.ismethod(obj) or inspect.isbuiltin(obj) or inspect.ismethoddescriptor(obj))
+
+        self.environment = Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def render(self, template, messages, add_generation_prompt, tokenizer):
+        return self.environment.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+def test_restricted_renderer_refuses_python_methods():
+    from jinja2.exceptions import SecurityError
+
+    renderer = NoPythonMethods()
+    for python in ("{{ 'a<image>'.count('<image>') }}", "{{ ' a '.strip() }}", "{{ m['role'].upper() }}"):
+        with pytest.raises(SecurityError):
+            renderer.environment.from_string(python).render(m={"role": "user"})
+    assert renderer.environment.from_string("{{ ' a ' | trim | upper }}").render() == "A"
+
+
+SHIPPED_MESSAGES = [  # content as llava-hf writes it (a list of items) and as a string; images anywhere
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is  in the image?"}]},
+     {"role": "assistant", "content": "A red square."}],
+    [{"role": "user", "content": "Describe it.\n<image>"}, {"role": "assistant", "content": " Two  circles. "}],
+    [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "A dog."}],
+    [{"role": "system", "content": "Answer briefly."},
+     {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}]},
+     {"role": "assistant", "content": "The first."}, {"role": "user", "content": "And  the colours?"},
+     {"role": "assistant", "content": "Red, blue."}],
+]
+
+
+@pytest.mark.parametrize("template, tokenizer_kind", [
+    ("plain", "byte-level BPE"), ("vicuna_v1", "byte-level BPE"), ("chat", "byte-level BPE"),
+    ("plain", "SentencePiece"), ("vicuna_v1", "SentencePiece"),  # SentencePiece: a space after <image>
+])
+def test_shipped_chat_templates_render_alike_without_python_methods(template, tokenizer_kind, tiny_vlm,
+                                                                    vicuna_like_tokenizer):
+    """Every chat template that training stores (and push.py ships) gives, in a Jinja that has no Python
+    methods, the prompt that transformers' Python Jinja gives: for each conversation, its first turn with the
+    generation prompt (what inference renders) and all of it (what training wrote)."""
+    from model import add_image_token, load_tokenizer
+
+    if tokenizer_kind == "SentencePiece":
+        tokenizer = load_tokenizer(vicuna_like_tokenizer)
+        add_image_token(tokenizer)
+    else:
+        tokenizer = tiny_vlm[1].tokenizer
+    chat_template = chat_template_for(template, tokenizer)
+    renderer = NoPythonMethods()
+    for messages in SHIPPED_MESSAGES[:3] if template == "plain" else SHIPPED_MESSAGES:  # plain: one exchange
+        first_turn = messages[:2] if messages[0]["role"] == "system" else messages[:1]
+        for shown, add_generation_prompt in ((first_turn, True), (messages, False)):
+            python = tokenizer.apply_chat_template(shown, chat_template=chat_template, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt)
+            assert renderer.render(chat_template, shown, add_generation_prompt, tokenizer) == python, shown
 
 
 def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, monkeypatch, capsys):
@@ -213,7 +374,8 @@ def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, mon
     assert push.main([run_dir, "--repo", "me/tiny", "--local-dir", str(folder)]) == 0
     assert "format: llava" in capsys.readouterr().out
     assert not (folder / "model.py").exists()
-    llava = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert "no GGUF route" in (folder / "README.md").read_text()  # llama.cpp cannot convert AnyRes
+    llava = load_cleanly(AutoModelForImageTextToText, folder)
     llava_processor = AutoProcessor.from_pretrained(folder)
     assert isinstance(llava, LlavaNextForConditionalGeneration)
     assert type(llava_processor).__name__ == "LlavaNextProcessor"
