@@ -17,6 +17,7 @@ Read top to bottom, this is the path of a record from the JSONL file to its scor
   7. main              - the command line; a user mistake is one `error: ...` line and exit code 2.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -518,9 +519,12 @@ def run(args):
     with writing(out_dir):
         os.makedirs(out_dir, exist_ok=True)
         answers = open(os.path.join(out_dir, "answers.jsonl"), "w")
-    with answers:  # written as they come: none is lost
+    try:  # written as they come: none is lost
         results = evaluate(model, processor, *selected, args.metric, not args.no_suffix, args.batch_size,
                            progress=True, answers_file=answers, **generation)
+    finally:
+        with contextlib.suppress(OSError):  # evaluate flushed every batch, and reported a write that failed
+            answers.close()
     settings = dict(ckpt=args.ckpt, data=args.data, image_folder=image_folder, metric=args.metric,
                     suffix=not args.no_suffix, batch_size=args.batch_size, device=str(model.device),
                     dtype=str(model.dtype).removeprefix("torch."), **generation)
