@@ -1307,7 +1307,8 @@ def main(argv=None):
     if args.overrides:
         raise UserError(f"--make-demo takes no key=value settings, got {' '.join(args.overrides)}")
     check_demo_folder(args.make_demo)
-    for flag, count in (("--n-pretrain", args.n_pretrain), ("--n-finetune", args.n_finetune), ("--n-eval", args.n_eval)):
+    for flag, count in (("--n-pretrain", args.n_pretrain), ("--n-finetune", args.n_finetune),
+                        ("--n-eval", args.n_eval)):
         if count < 1:
             raise UserError(f"{flag} {count}: the demo needs at least 1 such record")
     try:

@@ -27,8 +27,8 @@ import sys
 import torch
 from jinja2 import TemplateError
 
-from data import (MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, UserError, check_weights_match, is_hub_repo_id, load_image,
-                  reading, run_command, writing)
+from data import (MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, UserError, check_weights_match, is_hub_repo_id,
+                  load_image, reading, run_command, writing)
 from model import IMAGE_TOKEN, VLMForCausalLM, VLMProcessor, inference_folder, to_rgb
 
 

@@ -697,8 +697,9 @@ def bound_resize_strip(image, size):
         return image
     keep = math.ceil(short * MAX_PAD_SIDE / size)
     start = (long - keep) // 2
-    box = (start, 0, start + keep, image.height) if image.width > image.height else (0, start, image.width, start + keep)
-    return image.crop(box)
+    if image.width > image.height:
+        return image.crop((start, 0, start + keep, image.height))
+    return image.crop((0, start, image.width, start + keep))
 
 
 def load_tokenizer(name_or_path):

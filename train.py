@@ -508,7 +508,8 @@ def check_config(cfg, world_size):
     for key, (low, high) in RANGES.items():
         value = getattr(cfg, key)
         if not math.isfinite(value):  # inf, or NaN: no learning rate, ratio or count works with one
-            raise UserError(f"{key}={value!r} is not a finite number (default {getattr(Config, key)!r})")
+            raise UserError(f"{key}={value!r} is out of range: it must be a finite number "
+                            f"(default {getattr(Config, key)!r})")
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"at least {low}" if high is None else f"between {low} and {high}"
             raise UserError(f"{key}={value!r} is out of range: it must be {bounds} (default {getattr(Config, key)!r})")

@@ -510,7 +510,7 @@ def test_values_that_cannot_work_are_refused_at_start(tiny_backbones):
     from model import MAX_PAD_SIDE, VLMImageProcessor, bound_resize_strip, check_pinpoints, resize
     from train import check_config
 
-    for override, message in ((dict(lr_lm=float("inf")), "lr_lm=inf is not a finite number"),
+    for override, message in ((dict(lr_lm=float("inf")), "lr_lm=inf is out of range: it must be a finite number"),
                               (dict(out_dir=""), "out_dir is empty")):
         with pytest.raises(UserError, match=message):
             check_config(Config(data_path="x.json", **override), world_size=1)
