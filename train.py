@@ -282,10 +282,10 @@ def main(argv=None):
         return
     lock_out_dir(cfg, rank)  # a second run in this out_dir is refused until this one ends
     resume_tag = check_out_dir(cfg)
-    check_template(cfg)  # a chat template that cannot render fails here, not in a DataLoader worker
 
     # --- processes, model, data, engine
     device = start_processes(cfg, rank)
+    check_template(cfg)  # a chat template that cannot render fails here, not in a DataLoader worker
     zero3_loading = partitioned_loading(cfg, accumulation)  # kept for the run: transformers looks it up
     model, processor = build_training_model(cfg, device)  # pretrained encoder + LLM + a fresh (or stage-1) connector
     dataset, sampler, loader = build_data(cfg, processor, device, world_size, rank)
