@@ -17,6 +17,7 @@ Below one banner, the code that keeps a run safe, then the demo and the tools (t
  11. show_samples          - `python data.py --show CONFIG`: samples as the model gets them, labels audited.
 """
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -29,7 +30,9 @@ import sys
 import datasets
 import numpy as np
 import torch
+from jinja2 import TemplateError
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 
 from model import IGNORE_INDEX, IMAGE_TOKEN, count_anyres_tokens, image_text_separator, to_rgb, writes_own_bos
 
@@ -146,8 +149,11 @@ def chat_pieces(turns, tokenizer):
     messages = [{"role": role, "content": text} for role, text in turns]
 
     def render(upto, add_generation_prompt):
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:  # its syntax, or its raise_exception on this conversation: a bad record
+            raise ValueError(f"the tokenizer's chat template fails on this conversation: {e}") from None
 
     full = render(len(messages), False)
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
@@ -598,6 +604,54 @@ def run_command(main, *args):
         return 2
 
 
+def first_line(error):
+    """An exception's message in one line (its type when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# What libraries raise on a file that is damaged, truncated or not what it claims: json and torch
+# raise ValueErrors, safetensors its own error, a header that claims more bytes than there are a
+# MemoryError, JSON nested thousands deep a RecursionError, a cut pickle an EOFError.
+DAMAGED_FILE_ERRORS = (OSError, ValueError, EOFError, MemoryError, RecursionError, SafetensorError)
+
+
+@contextlib.contextmanager
+def reading(path, fix):
+    """A boundary where a file from outside is read: what a library raises on it becomes one
+    UserError naming the file and `fix`, what to do. A bug elsewhere keeps its traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except DAMAGED_FILE_ERRORS as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); {fix}") from None
+
+
+@contextlib.contextmanager
+def writing(path, then=""):
+    """A boundary where files are written: a full disk, a read-only or vanished folder becomes one
+    UserError naming the path (and `then`, what else to do)."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or first_line(e)}); free some space or choose a "
+                        f"writable folder{then}") from None
+
+
+def check_weights_match(folder, loading_info):
+    """from_pretrained(..., output_loading_info=True)'s report on FOLDER: a weight the config's model
+    has and the files lack would start random (an untrained connector answers nonsense), one the
+    files hold that no module takes is lost. Either means the weights are not this config's."""
+    found = [f"{len(keys)} {what} ({', '.join(sorted(map(str, keys))[:4])}{', ...' if len(keys) > 4 else ''})"
+             for what, keys in (("missing from the weight files", loading_info["missing_keys"]),
+                                ("in the files that the model has no place for", loading_info["unexpected_keys"]),
+                                ("of another shape", loading_info["mismatched_keys"])) if keys]
+    if found:
+        raise UserError(f"the weights in {folder} do not match its config.json: {'; '.join(found)}; save or copy "
+                        "the model again (config.json and its .safetensors files together)")
+
+
 def write_json(path, obj):
     """obj as indented JSON with a final newline (run files, exported configs, demo data)."""
     with open(path, "w") as f:
@@ -700,7 +754,7 @@ def is_one_json_object(text):
     """True for a text that is one JSON object (for JSONL, json.loads stops at the second line)."""
     try:
         return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
@@ -710,7 +764,10 @@ def iter_json_list(text, path):
     pos = whitespace.match(text, text.index("[") + 1).end()
     try:
         while text[pos:pos + 1] != "]":
-            record, pos = decoder.raw_decode(text, pos)
+            try:
+                record, pos = decoder.raw_decode(text, pos)
+            except RecursionError:
+                raise json.JSONDecodeError("nested too deep", text, pos) from None
             yield record
             pos = whitespace.match(text, pos).end()
             if text[pos:pos + 1] == ",":  # another record must follow (no trailing comma in JSON)
@@ -730,9 +787,12 @@ def iter_jsonl(text, path):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {line_number}: malformed JSON ({e.msg}, column {e.colno})") from e
+        except RecursionError:
+            raise ValueError(f"{path}, line {line_number}: malformed JSON (nested too deep)") from None
+        yield record
 
 
 def normalise_record(record, default_id):
@@ -1221,6 +1281,14 @@ def show_samples(config, overrides, n=1, record_id=None):
     return 1 if failed else 0
 
 
+def check_demo_folder(folder):
+    """The demo writes its files only into a new or empty folder: its fixed names (images/,
+    finetune.json, ...) would overwrite a user's files of those names."""
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise UserError(f"--make-demo {folder}: {'it is a file' if not os.path.isdir(folder) else 'it is not empty'}; "
+                        "the demo writes its files only into a new or empty folder")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="small-vlm data tools. Examples: python data.py --make-demo "
                                                  "data/demo; python data.py --show configs/demo.py --n 3")
@@ -1242,6 +1310,11 @@ def main(argv=None):
         return show_samples(args.show, args.overrides, args.n, args.id)
     if args.overrides:
         raise UserError(f"--make-demo takes no key=value settings, got {' '.join(args.overrides)}")
+    check_demo_folder(args.make_demo)
+    for flag, count in (("--n-pretrain", args.n_pretrain), ("--n-finetune", args.n_finetune),
+                        ("--n-eval", args.n_eval)):
+        if count < 1:
+            raise UserError(f"{flag} {count}: the demo needs at least 1 such record")
     try:
         written = make_demo_data(args.make_demo, args.n_pretrain, args.n_finetune, args.n_eval, args.seed)
     except (OSError, ValueError) as e:  # an unwritable or non-empty folder, a bad count

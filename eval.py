@@ -17,6 +17,7 @@ Read top to bottom, this is the path of a record from the JSONL file to its scor
   7. main              - the command line; a user mistake is one `error: ...` line and exit code 2.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,10 @@ import string
 import sys
 
 import torch
-from data import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, UserError, is_hub_repo_id, load_image, run_command
+from jinja2 import TemplateError
+
+from data import (MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, UserError, check_weights_match, is_hub_repo_id,
+                  load_image, reading, run_command, writing)
 from model import IMAGE_TOKEN, VLMForCausalLM, VLMProcessor, inference_folder, to_rgb
 
 
@@ -43,7 +47,7 @@ def read_checkpoint_config(ckpt):
                 f"{ckpt} is not a model: found no config.json in {folder}. Pass a training output folder "
                 "(with final/), a folder written by save_pretrained or push.py, or a Hub repo id."
             )
-        with open(config_path) as f:
+        with reading(config_path, "copy or save the checkpoint again"), open(config_path) as f:
             return folder, json.load(f)
     if not is_hub_repo_id(ckpt):
         raise UserError(f"checkpoint not found: {ckpt} is not a folder (nor a Hub repo id, owner/name)")
@@ -54,7 +58,7 @@ def read_checkpoint_config(ckpt):
     except (OSError, ValueError) as e:  # not found, no network, gated repo, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{ckpt} is not a local folder, and fetching it from the Hub failed: {first_line}") from None
-    with open(config_path) as f:
+    with reading(config_path, "the Hub copy is damaged; try again, or ask its owner"), open(config_path) as f:
         return ckpt, json.load(f)
 
 
@@ -74,13 +78,17 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     source, config = read_checkpoint_config(ckpt)
-    model_type = config.get("model_type")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    damaged = reading(source, "copy or save the checkpoint again")  # a file of it is damaged or incomplete
     if model_type == "small_vlm":
-        model = VLMForCausalLM.from_pretrained(source, dtype=dtype)
-        processor = VLMProcessor.from_pretrained(source)
+        with damaged:
+            model, loading_info = VLMForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+            processor = VLMProcessor.from_pretrained(source)
     elif model_type in NATIVE_CLASSES:
-        model = getattr(transformers, NATIVE_CLASSES[model_type]).from_pretrained(source, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(source)  # LlavaProcessor / LlavaNextProcessor
+        with damaged:
+            model, loading_info = getattr(transformers, NATIVE_CLASSES[model_type]).from_pretrained(
+                source, dtype=dtype, output_loading_info=True)
+            processor = AutoProcessor.from_pretrained(source)  # LlavaProcessor / LlavaNextProcessor
     elif "auto_map" in config:
         if not trust_remote_code:
             raise UserError(f"{ckpt} is a remote-code model: loading it runs the Python files it ships "
@@ -88,14 +96,17 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
         auto_class = next((name for name in config["auto_map"] if name.startswith("AutoModel")), None)
         if auto_class is None:
             raise UserError(f"{ckpt}: config.json auto_map names no AutoModel class: {config['auto_map']}")
-        model = getattr(transformers, auto_class).from_pretrained(source, dtype=dtype, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+        with damaged:
+            model, loading_info = getattr(transformers, auto_class).from_pretrained(
+                source, dtype=dtype, trust_remote_code=True, output_loading_info=True)
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
     else:
         raise UserError(
             f"{ckpt}: model_type {model_type!r} is not a vision-language model eval.py can load; expected "
             "'small_vlm' (saved by train.py), 'llava' or 'llava_next' (push.py's native export, without / with "
             "anyres) or a remote-code folder (auto_map)"
         )
+    check_weights_match(source, loading_info)
     return model.to(device).eval(), processor
 
 
@@ -124,7 +135,11 @@ def build_prompt(processor, question, has_image=True):
         )
     content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
     messages = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:  # the checkpoint's own Jinja: a syntax error, or its raise_exception
+        raise UserError(f"the checkpoint's chat template fails to render a question ({e}); fix chat_template.jinja "
+                        "in the checkpoint, or save the processor again") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,14 +275,14 @@ def load_questions(path):
     if not os.path.isfile(path):
         raise UserError(f"data file not found: {path}")
     records = []
-    with open(path) as f:
+    with reading(path, "save it as UTF-8 JSON lines"), open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {line_number}: not valid JSON ({e.msg}); "
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
+                raise UserError(f"{path} line {line_number}: not valid JSON ({getattr(e, 'msg', 'nested too deep')}); "
                                 "write one JSON object per line") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
@@ -376,10 +391,10 @@ def evaluate(model, processor, asked, paths, missing=(), metric="auto", suffix=T
         for record, prompt, prediction in zip(asked[batch], prompts[batch], predictions):
             rows.append({"id": record["id"], "prompt": prompt, "prediction": prediction, "answer": record["answer"],
                          "correct": score(prediction, record, metric)})
-            if answers_file:
-                answers_file.write(json.dumps(rows[-1]) + "\n")
         if answers_file:
-            answers_file.flush()
+            with writing(answers_file.name, ", then evaluate again"):
+                answers_file.writelines(json.dumps(row) + "\n" for row in rows[start:])
+                answers_file.flush()
         if progress:
             print(f"\ranswered {len(rows)}/{len(prompts)}", end="", file=sys.stderr, flush=True)
     if progress:
@@ -501,14 +516,20 @@ def run(args):
         print(generate_answers(model, processor, [prompt], [args.image], **generation)[0])
         return
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "answers.jsonl"), "w") as answers:  # written as they come: none is lost
+    with writing(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        answers = open(os.path.join(out_dir, "answers.jsonl"), "w")
+    try:  # written as they come: none is lost
         results = evaluate(model, processor, *selected, args.metric, not args.no_suffix, args.batch_size,
                            progress=True, answers_file=answers, **generation)
+    finally:
+        with contextlib.suppress(OSError):  # evaluate flushed every batch, and reported a write that failed
+            answers.close()
     settings = dict(ckpt=args.ckpt, data=args.data, image_folder=image_folder, metric=args.metric,
                     suffix=not args.no_suffix, batch_size=args.batch_size, device=str(model.device),
                     dtype=str(model.dtype).removeprefix("torch."), **generation)
-    write_results(results, settings, out_dir)
+    with writing(os.path.join(out_dir, "results.json"), ", then evaluate again"):
+        write_results(results, settings, out_dir)
     print(format_table(results))
     print(f"wrote {os.path.join(out_dir, 'answers.jsonl')} and results.json")
 

@@ -163,6 +163,9 @@ def check_pinpoints(pinpoints, tile):
         if pin_h <= 0 or pin_w <= 0 or pin_h % tile or pin_w % tile:
             raise ValueError(f"image_grid_pinpoints entry [{pin_h}, {pin_w}] is not a whole number of the vision "
                              f"tower's {tile}x{tile} tiles; use multiples of {tile} (e.g. {default_pinpoints(tile)})")
+        if pin_h * pin_w > MAX_PAD_SIDE ** 2:  # every image is resized to a pinpoint: bound it as pad's canvas
+            raise ValueError(f"image_grid_pinpoints entry [{pin_h}, {pin_w}] has more pixels than "
+                             f"{MAX_PAD_SIDE}x{MAX_PAD_SIDE} (model.MAX_PAD_SIDE); LLaVA-NeXT's largest is 672x672")
     return [[int(pin_h), int(pin_w)] for pin_h, pin_w in pinpoints]
 
 
@@ -441,6 +444,7 @@ class VLMImageProcessor(ImageProcessingMixin):
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             pixels = resize(torch.from_numpy(np.array(canvas)), self.size, self.size)[None]  # (1, 3, S, S)
         elif self.aspect == "resize":
+            image = bound_resize_strip(image, self.size)  # a very long strip is cut first (section 9)
             # the long side = int(size * long / short), as CLIPImageProcessor computes it
             short = min(image.size)
             w, h = int(self.size * image.width / short), int(self.size * image.height / short)
@@ -755,6 +759,21 @@ def bound_pad_canvas(image):
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.Resampling.BICUBIC)
     return image
+
+
+def bound_resize_strip(image, size):
+    """`resize` scales the short side to `size` before it keeps the centre square: a 5 x 10,000,000
+    strip would first become 336 x 672,000,000 (gigabytes). When the scaled long side would pass
+    MAX_PAD_SIDE, the image is first cut to its centre part that scales to MAX_PAD_SIDE, which holds
+    the square with room to spare; any other image as it is."""
+    short, long = min(image.size), max(image.size)
+    if long * size <= MAX_PAD_SIDE * short:
+        return image
+    keep = math.ceil(short * MAX_PAD_SIDE / size)
+    start = (long - keep) // 2
+    if image.width > image.height:
+        return image.crop((start, 0, start + keep, image.height))
+    return image.crop((0, start, image.width, start + keep))
 
 
 def load_tokenizer(name_or_path):

@@ -39,7 +39,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from data import HUB_REPO_ID, UserError, is_hub_repo_id, run_command, write_json
+from data import HUB_REPO_ID, UserError, check_weights_match, is_hub_repo_id, reading, run_command, write_json, writing
 from model import VLMConfig, VLMForCausalLM, VLMProcessor, inference_folder, vision_has_cls
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -82,6 +82,8 @@ def weights_end(path):
     (each tensor's data_offsets), then the data."""
     with open(path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
+        if header_size > os.path.getsize(path) - 8:  # reading it would ask for that much memory
+            raise ValueError(f"a header of {header_size} bytes in a file of {os.path.getsize(path)}")
         header = json.loads(f.read(header_size))
     ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
     return 8 + header_size + max(ends, default=0)
@@ -99,7 +101,7 @@ def read_run_info(folder):
 
 
 def read_json(path):
-    with open(path) as f:
+    with reading(path, "copy or save the checkpoint again"), open(path) as f:
         return json.load(f)
 
 
@@ -152,9 +154,13 @@ def load_checkpoint(src):
     """Model in its saved dtype (bf16 stays bf16) and processor. Its generation_config, which both
     formats save, never generates <image>: build_vlm sets that, and a checkpoint saved before it
     did gets it here."""
-    model = VLMForCausalLM.from_pretrained(src, dtype="auto").eval()
+    with reading(src, "copy or save the checkpoint again"):
+        model, loading_info = VLMForCausalLM.from_pretrained(src, dtype="auto", output_loading_info=True)
+        processor = VLMProcessor.from_pretrained(src)
+    check_weights_match(src, loading_info)  # an export must not ship random weights in their place
+    model.eval()
     model.generation_config.suppress_tokens = [model.config.image_token_id]
-    return model, VLMProcessor.from_pretrained(src)
+    return model, processor
 
 
 def export_remote(src, dst):
@@ -485,13 +491,14 @@ def upload(api, folder, repo_id, private):
 
 def build_folder(src, folder, fmt, config, repo_id):
     """Everything that will be uploaded: the exported model, its card, checked to load on its own."""
-    os.makedirs(folder, exist_ok=True)
-    if fmt == "llava":
-        export_llava(src, folder)
-    else:
-        export_remote(src, folder)
-    remove_local_traces(folder)
-    write_model_card(folder, config, fmt, repo_id, *read_run_info(src))
+    with writing(folder, "; nothing was uploaded"):
+        os.makedirs(folder, exist_ok=True)
+        if fmt == "llava":
+            export_llava(src, folder)
+        else:
+            export_remote(src, folder)
+        remove_local_traces(folder)
+        write_model_card(folder, config, fmt, repo_id, *read_run_info(src))
     check_loads(folder, fmt)
 
 

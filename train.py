@@ -25,16 +25,19 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from jinja2 import TemplateError
 from safetensors import safe_open
 
-from data import (TEMPLATES, LengthGroupedSampler, UserError, VLMDataset, bad_record, chat_template_for, collate,
-                  demo_corpus, make_demo_data, make_tiny_backbones, run_command, write_json)
+from data import (ROLES, TEMPLATES, LengthGroupedSampler, UserError, VLMDataset, bad_record, chat_template_for,
+                  collate, demo_corpus, make_demo_data, make_tiny_backbones, processor_from_config, reading,
+                  run_command, tokenize_conversation, write_json, writing)
 from model import IGNORE_INDEX, add_lora, build_connector, build_vlm, inference_folder, lora_target_names, merge_lora
 
 
@@ -317,14 +320,16 @@ def main(argv=None):
     log_rank0(rank, json.dumps(dataclasses.asdict(cfg), indent=1))
     if dry_run:
         return
+    lock_out_dir(cfg, rank)  # a second run in this out_dir is refused until this one ends
     resume_tag = check_out_dir(cfg)
 
     # --- processes, model, data, engine
     device = start_processes(cfg, rank)
+    check_template(cfg)  # a chat template that cannot render fails here, not in a DataLoader worker
     zero3_loading = partitioned_loading(cfg, accumulation)  # kept for the run: transformers looks it up
     model, processor = build_training_model(cfg, device)  # pretrained encoder + LLM + a fresh (or stage-1) connector
     dataset, sampler, loader = build_data(cfg, processor, device, world_size, rank)
-    total_steps = count_steps(cfg, len(dataset), len(loader) // accumulation)
+    total_steps = count_steps(cfg, len(dataset), len(loader) // accumulation, resume_tag)
     if rank == 0:  # every check passed: only now does out_dir become this run's
         prepare_out_dir(cfg, fresh=resume_tag is None)
     dist.barrier()
@@ -537,13 +542,17 @@ def load_config(argv):
         path = opts.args.pop(0)
         if not os.path.isfile(path):
             raise UserError(f"config file {path!r} not found")
-        with open(path) as f:
-            source = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path!r} cannot be read ({e}); save it as UTF-8 text") from None
         scope = {}
         try:
             exec(compile(source, path, "exec"), scope)
-        except Exception as e:  # a config file is Python: report its error as the user's, in one line
-            raise UserError(f"config file {path!r} does not run: {type(e).__name__}: {e}") from None
+        except (Exception, SystemExit) as e:  # a config file is Python: report its error as the user's, in one line
+            raise UserError(f"config file {path!r} does not run: {type(e).__name__}: {e}; a config file only "
+                            "assigns settings") from None
         settings += [(k, v, path) for k, v in scope.items() if not k.startswith("_") and not callable(v)
                      and type(v).__name__ != "module"]
     for arg in opts.args:
@@ -584,7 +593,10 @@ def check_config(cfg, world_size):
             raise UserError(f"{key}={getattr(cfg, key)!r}: valid values are {', '.join(map(str, valid))}")
     for key, (low, high) in RANGES.items():
         value = getattr(cfg, key)
-        if (low is not None and value < low) or (high is not None and value > high) or value != value:  # NaN too
+        if not math.isfinite(value):  # inf, or NaN: no learning rate, ratio or count works with one
+            raise UserError(f"{key}={value!r} is out of range: it must be a finite number "
+                            f"(default {getattr(Config, key)!r})")
+        if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"at least {low}" if high is None else f"between {low} and {high}"
             raise UserError(f"{key}={value!r} is out of range: it must be {bounds} (default {getattr(Config, key)!r})")
     if cfg.max_steps == 0 and cfg.epochs == 0:
@@ -607,6 +619,8 @@ def check_config(cfg, world_size):
         raise UserError(f"connector: {e}") from None
     if not cfg.data_path:
         raise UserError("data_path is empty: set it in the config file or as data_path=FILE.json")
+    if not cfg.out_dir.strip():
+        raise UserError("out_dir is empty: set it to the folder this run writes to, as out_dir=out/NAME")
     if cfg.image_grid_pinpoints and cfg.image_aspect != "anyres":
         raise UserError(f"image_grid_pinpoints is set but image_aspect={cfg.image_aspect!r}; it only applies to "
                         "image_aspect=anyres")
@@ -695,11 +709,19 @@ def check_model_fits(cfg, model, processor):
                       "LLaVA-NeXT trains with 4096.")
 
 
-def count_steps(cfg, n_records, steps_per_epoch):
-    """The run's optimizer steps: max_steps, or epochs x whole steps of batch_size per epoch."""
+def count_steps(cfg, n_records, steps_per_epoch, resume_tag=None):
+    """The run's optimizer steps: max_steps, or epochs x whole steps of batch_size per epoch. A run
+    resumed from checkpoint resume_tag must have steps left: a finished run resumed would train
+    nothing and then rewrite final/ and its summary (found here, before out_dir is touched)."""
     if steps_per_epoch == 0:
         raise UserError(f"{n_records} records give no full step of batch_size={cfg.batch_size}; lower batch_size")
-    return cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    done = int(resume_tag.removeprefix("step")) if resume_tag else 0
+    if done >= total_steps:
+        raise UserError(f"nothing to train: {cfg.out_dir}/checkpoints/{resume_tag} is at step {done}, and this run "
+                        f"has {total_steps} steps (max_steps={cfg.max_steps}, epochs={cfg.epochs}); raise max_steps "
+                        "or epochs to train on from there")
+    return total_steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,6 +729,15 @@ def count_steps(cfg, n_records, steps_per_epoch):
 
 
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl")  # what a run writes beside train_config.json
+
+# What a resumed run must share with the run that wrote the checkpoint: the model, the data and its
+# order, and what decides the param groups and the checkpoint's file layout (what trains, the ZeRO
+# stage, the shapes of the connector's input). A change is otherwise found by DeepSpeed or torch
+# halfway through loading.
+KEYS_A_RESUME_MUST_KEEP = ("vision_model", "llm", "connector", "vision_layer", "drop_cls", "image_aspect",
+                           "image_grid_pinpoints", "template", "data_path", "batch_size", "seed", "train_vision",
+                           "train_connector", "train_lm", "zero_stage", "lora_r", "lora_alpha", "lora_targets",
+                           "lora_vision", "qlora")
 
 
 def check_out_dir(cfg):
@@ -724,11 +755,12 @@ def check_out_dir(cfg):
     if cfg.resume:
         if not os.path.exists(latest):
             return None  # the run died before its first checkpoint: start it again
-        with open(saved) as f:
-            old = json.load(f)
-        changed = [k for k in ("vision_model", "llm", "connector", "image_aspect", "image_grid_pinpoints", "template",
-                               "data_path", "batch_size", "seed")
-                   if old.get(k, getattr(Config, k)) != getattr(cfg, k)]
+        with reading(saved, "restore it from a copy, or start again with overwrite=True"):
+            with open(saved) as f:
+                old = json.load(f)
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        changed = [k for k in KEYS_A_RESUME_MUST_KEEP if old.get(k, getattr(Config, k)) != getattr(cfg, k)]
         if changed:
             raise UserError(f"resume=True, but {cfg.out_dir} was trained with different "
                             f"{', '.join(f'{k}={old.get(k, getattr(Config, k))!r}' for k in changed)}; use another out_dir")
@@ -748,6 +780,78 @@ def check_out_dir(cfg):
     state = "a finished" if os.path.exists(os.path.join(cfg.out_dir, "final")) else "an unfinished"
     raise UserError(f"out_dir {cfg.out_dir} already holds {state} run; pass resume=True to continue it, "
                     "overwrite=True to start again there, or choose another out_dir")
+
+
+LOCK_FILE = "run.lock"  # in out_dir while a run uses it: {"pid", "host"} of the run's rank 0
+held_locks = []  # (lock file, out_dir if this process created it): released by exit_now
+
+
+def lock_out_dir(cfg, rank):
+    """Rank 0 marks out_dir as in use before any check reads it: out_dir/run.lock, created only if
+    absent, holds its pid and host. A second run there (a second terminal, overwrite=True) is
+    refused instead of deleting the files of the run that trains. A lock left by a process that
+    is gone (killed on this host) is taken over; exit_now removes this run's lock."""
+    if rank != 0:
+        return
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise UserError(f"out_dir={cfg.out_dir!r} is a file; choose a new or empty folder")
+    created = not os.path.exists(cfg.out_dir)
+    path = os.path.join(cfg.out_dir, LOCK_FILE)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                holder = read_lock(path)
+                if holder is None or lock_holder_lives(holder):
+                    who = f"process {holder['pid']} on {holder['host']}" if holder else "a run (unreadable lock)"
+                    raise UserError(f"out_dir {cfg.out_dir} is in use by {who}; wait for that run to end or choose "
+                                    f"another out_dir (if no run uses it any more, remove {path})") from None
+                with contextlib.suppress(FileNotFoundError):  # its process is gone: the lock is stale
+                    os.remove(path)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+    except OSError as e:
+        raise UserError(f"out_dir={cfg.out_dir!r} is not writable: {e}") from None
+    held_locks.append((path, cfg.out_dir if created else None))
+
+
+def read_lock(path):
+    """{"pid", "host"} of a lock file, or None when it cannot be read."""
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return holder if isinstance(holder, dict) and {"pid", "host"} <= holder.keys() else None
+    except (OSError, ValueError):
+        return None
+
+
+def lock_holder_lives(holder):
+    """Whether the run holding a lock may still be running: a process on another host cannot be asked."""
+    if holder["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def release_out_dir():
+    """Removes this process's lock, and the out_dir it created when nothing else was written there
+    (a run refused at start-up leaves no folder behind)."""
+    while held_locks:
+        path, created = held_locks.pop()
+        if (read_lock(path) or {}).get("pid") == os.getpid():
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run's files stay
+                os.rmdir(created)
 
 
 def prepare_out_dir(cfg, fresh):
@@ -797,7 +901,7 @@ def start_processes(cfg, rank):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its own GPU
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.precision != "fp32" and device.type == "cpu":
         raise UserError(f"precision={cfg.precision} needs a GPU; use precision=fp32 on CPU")
     if device.type != "cuda" and cfg.attn_implementation != "sdpa":
@@ -807,6 +911,23 @@ def start_processes(cfg, rank):
         prepare_demo(cfg)
     dist.barrier()
     return device
+
+
+def init_process_group(backend):
+    """deepspeed.init_distributed. A one-process run is its own master, on a port probed free a
+    moment before (use_one_process_without_launcher): a run started at the same moment may have
+    taken it since. Then it starts on another free port; nothing else has to reach it."""
+    import deepspeed
+
+    try:
+        deepspeed.init_distributed(dist_backend=backend)
+    except dist.DistNetworkError:
+        if int(os.environ.get("WORLD_SIZE", 1)) != 1:
+            raise
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+        deepspeed.init_distributed(dist_backend=backend)
 
 
 def partitioned_loading(cfg, accumulation):
@@ -839,9 +960,10 @@ def load_connector_weights(model, folder):
         raise UserError(f"init_from={folder!r} holds no .safetensors weights; point it at a stage-1 run or final/")
     weights = {}
     for f in files:  # only the connector's tensors are read: a few MB of a 14 GB folder at 7B
-        with safe_open(os.path.join(folder, f), framework="pt") as shard:
-            weights.update({k: shard.get_tensor(k) for k in shard.keys()
-                            if k.startswith("connector.") or k == "image_newline"})
+        with reading(os.path.join(folder, f), "copy or save that run's final/ again"):
+            with safe_open(os.path.join(folder, f), framework="pt") as shard:
+                weights.update({k: shard.get_tensor(k) for k in shard.keys()
+                                if k.startswith("connector.") or k == "image_newline"})
     try:
         model.connector.load_state_dict({k[len("connector."):]: v for k, v in weights.items() if k != "image_newline"})
     except RuntimeError as e:
@@ -897,6 +1019,32 @@ def build_data(cfg, processor, device, world_size, rank):
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
         worker_init_fn=leave_stop_signals_to_the_rank)
     return dataset, sampler, loader
+
+
+# Two turns, an image, and text a template may treat specially (a system-like opening, a second question):
+# enough to meet a template's syntax errors, its raise_exception checks and prefix-instability.
+PROBE_CONVERSATION = [{"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": "A cat."},
+                      {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Black."}]
+
+
+def check_template(cfg):
+    """template=chat renders every sample with the tokenizer's own Jinja template, which may have a
+    syntax error, reject conversations (raise_exception) or be missing. Rendered once here on a probe
+    conversation, for training and for the inference template final/ will hold, so such a template
+    stops the run at start-up in one line, not in a DataLoader worker of every rank hours in."""
+    if cfg.template != "chat":
+        return  # plain and vicuna_v1 are this repository's own templates
+    processor = processor_from_config(cfg)
+    try:
+        tokenize_conversation(PROBE_CONVERSATION, cfg.template, processor)
+        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in PROBE_CONVERSATION[:1]]
+        processor.tokenizer.apply_chat_template(messages, chat_template=chat_template_for(cfg.template,
+                                                                                          processor.tokenizer),
+                                                tokenize=False, add_generation_prompt=True)
+    except (ValueError, TemplateError) as e:
+        raise UserError(f"template=chat: the chat template of llm={cfg.llm!r} fails on a probe conversation "
+                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); fix the "
+                        "template or use template=vicuna_v1") from None
 
 
 def check_images(dataset, cfg, sample=100):
@@ -1051,6 +1199,23 @@ def save_checkpoint_and_exit(engine, cfg, step, position, rank, stop):
     exit_now(128 + received.value)
 
 
+def run_and_exit(main):
+    """`python train.py`: main(), then the process ends through exit_now whichever way main ends:
+    0, 2 after one error line (a user's mistake, a diverged run), argparse's code, 130 on Ctrl-C
+    before the loop catches it, 1 with the traceback of a bug or of an error a DataLoader worker
+    raised. Python's own exit would join the workers, which ignore SIGTERM: the rank would hang."""
+    try:
+        code = run_command(main) or 0
+    except SystemExit as e:  # argparse: --help, or a usage error it has printed
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+
+
 def leave_stop_signals_to_the_rank(_worker_id):
     """DataLoader workers leave SIGTERM and SIGINT (Ctrl-C reaches the whole process group) to their
     rank, which checkpoints before exiting; a worker dying on them would crash the rank mid-save.
@@ -1061,7 +1226,9 @@ def leave_stop_signals_to_the_rank(_worker_id):
 
 
 def exit_now(code):
-    """Ends this process at once (its DataLoader workers see their parent gone and stop)."""
+    """Ends this process at once (its DataLoader workers see their parent gone and stop), its
+    out_dir lock released."""
+    release_out_dir()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -1100,7 +1267,7 @@ def load_checkpoint(engine, cfg, tag, rank, world_size, universal):
     try:
         path, state = engine.load_checkpoint(root, tag=f"{tag}/universal" if universal else tag,
                                              load_module_strict=False)
-    except (AssertionError, RuntimeError, OSError, KeyError) as e:  # a damaged file DeepSpeed cannot read
+    except (AssertionError, RuntimeError, OSError, KeyError, ValueError, EOFError) as e:  # damaged, or not this model's
         raise UserError(f"checkpoint {root}/{tag} cannot be loaded ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); point "
                         f"{root}/latest at an older step, or start again with overwrite=True") from None
@@ -1227,6 +1394,8 @@ def seed_everything(seed):
 # Logging and FLOPs
 
 
+LOG_FULL_DISK = "; the last checkpoint is intact: continue with resume=True"  # what a failed log write adds
+
 class RunLog:
     """What the loop measures and writes: the loss of the step being trained, a window of
     throughput counters (samples, real tokens, computed positions, FLOPs, time waiting for data,
@@ -1236,9 +1405,10 @@ class RunLog:
     def __init__(self, cfg, model, rank, world_size, device, total_steps):
         self.cfg, self.rank, self.world_size, self.device, self.total_steps = cfg, rank, world_size, device, total_steps
         self.flops_per_token, self.flops_per_image = flops_per_token_and_image(model)
-        self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
-        self.id_log = (open(os.path.join(cfg.out_dir, f"sample_ids_rank{rank}.jsonl"), "a")
-                       if cfg.log_sample_ids else None)
+        with writing(cfg.out_dir, LOG_FULL_DISK):
+            self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+            self.id_log = (open(os.path.join(cfg.out_dir, f"sample_ids_rank{rank}.jsonl"), "a")
+                           if cfg.log_sample_ids else None)
         self.wandb_run = None
         if cfg.wandb and rank == 0:
             import wandb
@@ -1273,8 +1443,9 @@ class RunLog:
 
     def step_done(self, step, epoch, optimizer, engine):
         if self.id_log:
-            self.id_log.write(json.dumps({"step": step, "epoch": epoch, "ids": self.step_ids}) + "\n")
-            self.id_log.flush()
+            with writing(self.id_log.name, LOG_FULL_DISK):
+                self.id_log.write(json.dumps({"step": step, "epoch": epoch, "ids": self.step_ids}) + "\n")
+                self.id_log.flush()
         self.step_ids = []
         if step % self.cfg.log_every == 0 or step == self.total_steps:
             trained, skipped = log_step(self.cfg, self.rank, self.world_size, self.device, step, self.total_steps,
@@ -1325,8 +1496,9 @@ def log_step(cfg, rank, world_size, device, step, total_steps, epoch, loss, opti
               "data_wait": window["wait"] / elapsed, "skipped": int(skipped), "memory_gb": memory / 2**30}
     if rank != 0:
         return samples, skipped
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
+    with writing(metrics.name, LOG_FULL_DISK):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
     eta = elapsed / cfg.log_every * (total_steps - step)
     print(f"step {step}/{total_steps} | loss {loss:.4f} | lr {max(record['lr'].values()):.2e} | "
           f"{samples / elapsed:.1f} samples/s | "
@@ -1375,5 +1547,4 @@ def log_rank0(rank, *args):
     if rank == 0:
         print(*args, flush=True)
 if __name__ == "__main__":
-    if run_command(main) == 2:  # a user's mistake or a diverged run: one error line
-        exit_now(2)
+    run_and_exit(main)

@@ -35,7 +35,7 @@ def test_reading_order_line_numbers_point_where_they_say():
     model, data, train = lines_of("model.py"), lines_of("data.py"), lines_of("train.py")
     teach, quirks, end = map(int, re.search(r"`model.py` - the model. Lines 1-(\d+):.*?Lines (\d+)-(\d+):",
                                             README, flags=re.S).groups())
-    assert quirks == teach + 1 and end == len(model) and model[quirks].startswith("# 9. Real-world quirks")
+    assert quirks == teach + 1 and end == len(model) and model[quirks].startswith("# 10. Real-world quirks")
     teach, banner, end = map(int, re.search(r"`data.py` - .*?Lines 1-(\d+),.*?Lines (\d+)-(\d+), below one banner",
                                             README, flags=re.S).groups())
     assert banner == teach + 1 and end == len(data) and data[banner - 1].startswith("# =====")

@@ -306,3 +306,304 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(demo_dir, tmp_pat
     run = launch(train_args(demo_dir, out, "max_steps=8", "save_every=2", "resume=true", "num_workers=1"), procs=2)
     assert run.returncode == 0, run.out[-3000:]
     assert_same_run(out, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# The third sweep (issue 24): one test per cause
+
+
+def saved_model(tiny_vlm, folder):
+    """The tiny model and its processor saved in FOLDER (a final/ as train.py writes it)."""
+    from data import chat_template_for
+
+    model, processor = tiny_vlm
+    processor.chat_template = chat_template_for("plain", processor.tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_damaged_or_unwritable_files_are_one_error_line(tiny_vlm, tmp_path, capsys):
+    """Cause 1: what a library raises on a damaged file, or on a full disk, names the file."""
+    import eval as evaluation
+    import push
+    import train
+    from data import iter_jsonl
+
+    config = tmp_path / "latin1.py"
+    config.write_bytes("out_dir = 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(UserError, match="latin1.py' cannot be read .*save it as UTF-8"):
+        train.load_config([str(config)])
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step00000002")
+    (run / "train_config.json").write_text('{"vision_model": "x", "ll')  # cut short by a full disk
+    with pytest.raises(UserError, match=r"cannot read .*train_config.json .*overwrite=True"):
+        check_out_dir(Config(out_dir=str(run), resume=True))
+    deep = "[" * 100_000 + "]" * 100_000  # json recurses once per level
+    with pytest.raises(ValueError, match="x.jsonl, line 1: malformed JSON"):
+        list(iter_jsonl(deep, "x.jsonl"))
+    (tmp_path / "q.jsonl").write_text(deep + "\n")
+    with pytest.raises(UserError, match="q.jsonl line 1: not valid JSON"):
+        evaluation.load_questions(str(tmp_path / "q.jsonl"))
+
+    final = saved_model(tiny_vlm, tmp_path / "final")
+    weights = (final / "model.safetensors").read_bytes()
+    (final / "model.safetensors").write_bytes((2**40).to_bytes(8, "little") + weights[8:])  # header size > file
+    with pytest.raises(UserError, match="model.safetensors is damaged"):
+        push.resolve_checkpoint(str(final))
+    with pytest.raises(UserError, match="cannot read .*final .*header too large.*save the checkpoint again"):
+        evaluation.load_model(str(final))
+    (final / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(UserError, match="cannot read .*final .*copy or save the checkpoint again"):
+        evaluation.load_model(str(final))
+
+    # a full disk while eval writes its answers: answers.jsonl is a link to /dev/full
+    saved_model(tiny_vlm, tmp_path / "good")
+    Image = pytest.importorskip("PIL.Image")
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "red.png")
+    (tmp_path / "bench.jsonl").write_text(json.dumps({"id": "1", "image": "red.png", "question": "Q?",
+                                                      "answer": "red"}) + "\n")
+    out = tmp_path / "answers"
+    out.mkdir()
+    os.symlink("/dev/full", out / "answers.jsonl")
+    code = evaluation.run_command(lambda: evaluation.run(evaluation.parse_args(
+        [str(tmp_path / "good"), "--data", str(tmp_path / "bench.jsonl"), "--out", str(out), "--max_new_tokens", "1"])))
+    assert code == 2
+    assert re.search(r"error: cannot write .*answers.jsonl \(No space left on device\)", capsys.readouterr().err)
+
+
+HANG_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import train
+
+class Failing(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        raise MemoryError("an allocation failure in a worker: no bad record")
+
+def main():
+    loader = torch.utils.data.DataLoader(Failing(), num_workers=2, worker_init_fn=train.leave_stop_signals_to_the_rank)
+    for _ in loader:
+        pass
+
+train.run_and_exit(main)
+"""
+
+
+def test_an_error_in_a_dataloader_worker_ends_the_rank(tmp_path):
+    """Cause 2: a worker's error that is no bad record (an allocation failure, a template error)
+    reaches the rank as an exception; the rank prints it and ends, instead of waiting for ever on
+    workers that ignore SIGTERM."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "MemoryError: an allocation failure" in done.stderr, done.stderr[-2000:]
+
+
+def llm_with_template(tiny_backbones, folder, template):
+    """A copy of the tiny LLM whose tokenizer has chat template TEMPLATE (None: no template)."""
+    import shutil
+
+    shutil.copytree(tiny_backbones[1], folder)
+    if template is None:
+        os.remove(folder / "chat_template.jinja")
+    else:
+        (folder / "chat_template.jinja").write_text(template)
+    return str(folder)
+
+
+def test_a_chat_template_that_cannot_render_fails_at_start_up(tiny_backbones, tmp_path):
+    """Causes 2 and 6: template=chat is rendered once on a probe conversation before anything
+    starts; a template that rejects one record makes that record a bad record (skipped or named),
+    not an exception in a DataLoader worker."""
+    from data import CHATML_TEMPLATE, VLMDataset
+    from model import build_vlm
+    from train import check_template
+
+    def cfg(llm):
+        return Config(vision_model=tiny_backbones[0], llm=llm, template="chat")
+
+    broken = llm_with_template(tiny_backbones, tmp_path / "broken", "{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(UserError, match=r"template=chat: the chat template of llm=.*broken.* fails on a probe"):
+        check_template(cfg(broken))
+    none = llm_with_template(tiny_backbones, tmp_path / "none", None)
+    with pytest.raises(UserError, match="template='chat' needs a tokenizer with a chat template"):
+        check_template(cfg(none))
+    picky = ("{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no such words') }}"
+             "{% endif %}{% endfor %}" + CHATML_TEMPLATE)
+    picky = llm_with_template(tiny_backbones, tmp_path / "picky", picky)
+    check_template(cfg(picky))  # the probe renders
+    records = [{"id": "fine", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+               {"id": "rejected", "conversations": [{"from": "human", "value": "forbidden?"},
+                                                    {"from": "gpt", "value": "No."}]}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    _, processor = build_vlm(tiny_backbones[0], picky)
+    dataset = VLMDataset(str(tmp_path / "data.json"), str(tmp_path), processor, "chat", skip_bad_samples=True)
+    assert "input_ids" in dataset[0]
+    assert dataset[1] == {"id": "rejected", "skipped": "the tokenizer's chat template fails on this conversation: "
+                                                       "no such words"}
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
+    """Cause 3: out_dir/run.lock names the live run; a second run there is refused before it reads
+    or deletes anything (overwrite=True included). A lock whose process is gone is taken over."""
+    import socket
+    import subprocess
+    import sys
+
+    import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_config.json").write_text(json.dumps({"seed": 0}))
+    (out / "metrics.jsonl").write_text("the first run's\n")
+    live = {"pid": os.getpid(), "host": socket.gethostname()}  # this test's own process: alive
+    (out / "run.lock").write_text(json.dumps(live))
+    done = subprocess.run([sys.executable, "train.py", "data_path=x.json", f"out_dir={out}", "overwrite=true"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: out_dir {out} is in use by process {os.getpid()}" in done.stderr and "Traceback" not in done.stderr
+    assert (out / "metrics.jsonl").read_text() == "the first run's\n"
+    assert json.loads((out / "run.lock").read_text()) == live  # still the first run's
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a run killed on this host: its pid no longer exists
+    (out / "run.lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    train.lock_out_dir(Config(out_dir=str(out)), rank=0)
+    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+    train.release_out_dir()
+    assert sorted(os.listdir(out)) == ["metrics.jsonl", "train_config.json"]
+    fresh = tmp_path / "fresh"
+    train.lock_out_dir(Config(out_dir=str(fresh)), rank=0)
+    train.release_out_dir()  # a run that stopped at start-up leaves no folder behind
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("key, value", [("train_lm", True), ("train_vision", True), ("train_connector", False),
+                                        ("zero_stage", 3), ("vision_layer", -1), ("drop_cls", False)])
+def test_resume_refuses_a_change_of_what_trains_or_how_it_is_saved(tmp_path, key, value):
+    """Cause 5: these decide the param groups and the checkpoint's files; compared up front."""
+    from train import KEYS_A_RESUME_MUST_KEEP
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step00000002").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step00000002")
+    (out / "train_config.json").write_text(json.dumps(Config(out_dir=str(out)).__dict__))
+    assert key in KEYS_A_RESUME_MUST_KEEP
+    with pytest.raises(UserError, match=f"trained with different {key}="):
+        check_out_dir(Config(out_dir=str(out), resume=True, **{key: value}))
+
+
+def test_values_that_cannot_work_are_refused_at_start(tiny_backbones):
+    """Cause 6: an infinite learning rate, an empty out_dir, a pinpoint of gigabytes, and a `resize`
+    image so long that scaling its short side would ask for gigabytes (cut to its centre first)."""
+    import torch
+    from PIL import Image
+
+    from model import MAX_PAD_SIDE, VLMImageProcessor, bound_resize_strip, check_pinpoints, resize
+    from train import check_config
+
+    for override, message in ((dict(lr_lm=float("inf")), "lr_lm=inf is out of range: it must be a finite number"),
+                              (dict(out_dir=""), "out_dir is empty")):
+        with pytest.raises(UserError, match=message):
+            check_config(Config(data_path="x.json", **override), world_size=1)
+    with pytest.raises(ValueError, match=r"\[33600, 33600\] has more pixels than 4096x4096"):
+        check_pinpoints([[33600, 33600]], 336)
+    strip = Image.new("RGB", (3, 200_000), (10, 200, 30))  # scaled whole: 336 x 22,400,000 pixels
+    cut = bound_resize_strip(strip, 336)
+    assert cut.size == (3, -(-3 * MAX_PAD_SIDE // 336)) and max(cut.size) * 336 / 3 <= MAX_PAD_SIDE + 336 / 3
+    assert VLMImageProcessor(size=336, aspect="resize").transform(strip).shape == (1, 3, 336, 336)
+    # an image long enough to be cut gives the centre square it gave uncut, to resampling's rounding
+    long = Image.fromarray(torch.randint(0, 256, (6000, 40, 3), dtype=torch.uint8).numpy())
+    processor = VLMImageProcessor(size=32, aspect="resize")
+    whole = resize(torch.from_numpy(__import__("numpy").array(long)), 6000 * 32 // 40, 32)[:, 2384:2416]
+    expected = processor.transform(Image.fromarray(whole.permute(1, 2, 0).numpy()))
+    assert (processor.transform(long) - expected).abs().mean() < 0.05
+
+
+def test_make_demo_writes_only_into_a_new_or_empty_folder_from_the_command_line(tmp_path):
+    """Cause 7: `python data.py --make-demo DIR` has train.py's rule, and refuses counts below 1."""
+    import data
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "finetune.json").write_text("my own data")
+    with pytest.raises(UserError, match="mine: it is not empty; the demo writes its files only into a new or empty"):
+        data.main(["--make-demo", str(mine), "--n-pretrain", "1", "--n-finetune", "1", "--n-eval", "1"])
+    assert os.listdir(mine) == ["finetune.json"] and (mine / "finetune.json").read_text() == "my own data"
+    with pytest.raises(UserError, match="--n-finetune -5: the demo needs at least 1"):
+        data.main(["--make-demo", str(tmp_path / "new"), "--n-finetune", "-5"])
+    assert not (tmp_path / "new").exists()
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(demo_dir, tmp_path):
+    """Cause 8: no step is trained, no file changes, and the run does not report success."""
+    from train import count_steps
+
+    with pytest.raises(UserError, match="nothing to train: .*step00000006 is at step 6, and this run has 6 steps"):
+        count_steps(Config(max_steps=6), 64, 8, "step00000006")
+    assert count_steps(Config(max_steps=8), 64, 8, "step00000006") == 8
+    out = tmp_path / "run"
+    run = launch(train_args(demo_dir, out, "max_steps=1"))
+    assert run.returncode == 0, run.out[-3000:]
+    before = {name: (out / name).read_bytes() for name in ("final/train_summary.json", "train_config.json",
+                                                            "metrics.jsonl")}
+    again = launch(train_args(demo_dir, out, "max_steps=1", "resume=true"))
+    assert again.returncode == 2 and "error: nothing to train:" in again.out, again.out[-3000:]
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_weights_that_do_not_match_their_config_are_refused(tiny_vlm, tmp_path, capsys):
+    """Cause 4: eval.py used to answer with a random connector, push.py to export one."""
+    from safetensors.torch import load_file, save_file
+
+    import eval as evaluation
+    import push
+
+    final = saved_model(tiny_vlm, tmp_path / "final")
+    weights = load_file(final / "model.safetensors")
+    save_file({k.replace("connector.", "projector."): v for k, v in weights.items()}, final / "model.safetensors",
+              metadata={"format": "pt"})
+    message = r"the weights in .*final do not match its config.json: 4 missing from the weight files \(connector\.0"
+    with pytest.raises(UserError, match=message + r".*4 in the files that the model has no place for \(projector"):
+        evaluation.load_model(str(final))
+    assert push.main([str(final), "--repo", "user/name", "--local-dir", str(tmp_path / "export")]) == 2
+    assert re.search("error: " + message, capsys.readouterr().err)
+    assert not os.listdir(tmp_path / "export")
+
+
+def test_two_starts_at_once_and_a_config_that_exits(tmp_path, monkeypatch):
+    """Cause 9: a one-process run whose probed port was taken meanwhile starts on another; a
+    config file that calls sys.exit() is a config file that does not run."""
+    import deepspeed
+    import torch.distributed as dist
+
+    import train
+
+    ports = []
+
+    def init_distributed(dist_backend):
+        ports.append(os.environ["MASTER_PORT"])
+        if len(ports) == 1:
+            raise dist.DistNetworkError("The server socket has failed to listen ... EADDRINUSE")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    train.init_process_group("gloo")
+    assert ports[0] == "29500" and ports[1] != "29500" and len(ports) == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")  # with other ranks, the port is the launcher's: not changed
+    ports.clear()
+    with pytest.raises(dist.DistNetworkError):
+        train.init_process_group("gloo")
+    config = tmp_path / "exits.py"
+    config.write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(UserError, match=r"exits.py' does not run: SystemExit: 0; a config file only assigns"):
+        train.load_config([str(config)])
