@@ -1,7 +1,7 @@
 """Publish a trained small-vlm checkpoint to the Hugging Face Hub.
 
     python push.py                                      # asks for checkpoint, repo, visibility
-    python push.py out/run --repo user/name [--private] [--format remote|llava] [--yes]
+    python push.py out/run --repo user/name [--private] [--format remote|llava|adapters] [--yes]
     python push.py out/run --repo user/name --local-dir exported/   # writes the folder, uploads nothing
 
 Read top to bottom, this is the path from a checkpoint to the Hub:
@@ -11,7 +11,8 @@ Read top to bottom, this is the path from a checkpoint to the Hub:
                        LlavaNextForConditionalGeneration) under llava-hf's weight names, loads with
                        no remote code (transformers 5 and 4.57, pipelines, lmms-eval); `remote`: our
                        model + model.py shipped as remote code (`trust_remote_code=True`), for what
-                       Llava cannot express.
+                       Llava cannot express; `adapters`: a LoRA run's adapters alone, in peft's layout
+                       (final/adapters: the base LLM's adapters, the connector trained with them).
   3. the model card  - README.md: base models, connector, training settings, final loss, usage.
   4. the load check  - a fresh Python process, outside this repository, loads the folder and runs
                        one forward pass; a folder that does not load is never uploaded.
@@ -138,8 +139,11 @@ def llava_blocker(config):
     return None
 
 
-def choose_format(config, requested):
+def choose_format(config, requested, src):
     """The requested format, or llava when it can express the model and remote otherwise."""
+    if requested == "adapters" and not os.path.isfile(os.path.join(src, "adapters", "adapter_config.json")):
+        raise UserError(f"{src} has no adapters/adapter_config.json: only a LoRA run (lora_r > 0) writes adapters; "
+                        "publish its model with --format llava or remote")
     blocker = llava_blocker(config)
     if requested == "llava" and blocker:
         raise UserError(f"cannot export as llava: {blocker}; use --format remote (ships model.py as remote code)")
@@ -181,6 +185,18 @@ def export_remote(src, dst):
     processor_config["auto_map"] = {"AutoProcessor": "model.VLMProcessor"}  # loads its image processor itself
     write_json(os.path.join(dst, "processor_config.json"), processor_config)
     shutil.copyfile(os.path.join(ROOT, "model.py"), os.path.join(dst, "model.py"))
+
+
+def export_adapters(src, dst):
+    """final/adapters as saved by train.py's save_adapters (peft's adapter_config.json and
+    adapter_model.safetensors, vision/ with lora_vision, connector.safetensors), the base models
+    named by their Hub ids."""
+    shutil.copytree(os.path.join(src, "adapters"), dst, dirs_exist_ok=True)
+    for config_file in (os.path.join(dst, "adapter_config.json"), os.path.join(dst, "vision", "adapter_config.json")):
+        if os.path.isfile(config_file):
+            config = read_json(config_file)
+            config["base_model_name_or_path"] = public_name(config["base_model_name_or_path"])
+            write_json(config_file, config)
 
 
 def export_llava(src, dst):
@@ -352,6 +368,19 @@ It also works with `pipeline("image-text-to-text", model="{repo}")` and lmms-eva
 The weights carry the names of the llava-hf checkpoints: transformers 5 and 4.57 load them (checked with
 5.23 and 4.57.6: no weight missing or unused, the same logits).
 {llama_cpp}""",
+    "adapters": """```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+llm = AutoModelForCausalLM.from_pretrained("{llm}")
+llm = PeftModel.from_pretrained(llm, "{repo}")  # the LoRA adapters of this repository
+llm = llm.merge_and_unload()  # optional: the adapters folded into the weights
+```
+
+These are the language model's LoRA adapters alone. The vision-language model also needs the
+vision encoder and `connector.safetensors` (the connector trained with the adapters; `vision/` holds
+the encoder's adapters when it had some). small-vlm's `train.py` writes the whole model, adapters
+merged, to `final/`: publish that with `--format llava` to use the model directly.""",
     "remote": """```python
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
@@ -369,11 +398,16 @@ The model code is `model.py` in this repository (small-vlm's, unchanged); `trust
 }
 
 
+FORMAT_NAMES = {"llava": "native transformers LLaVA format", "remote": "small-vlm remote-code format",
+                "adapters": "its LoRA adapters alone, in peft's format"}
+
+
 def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
     """README.md: what the model is made of, how it was trained, how to run it."""
     base_models = [name for name in (config.vision_model, config.llm) if is_hub_repo_id(name)]
-    header = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
-              "tags:", "- small-vlm", "- llava" if fmt == "llava" else "- custom_code"]
+    header = ["---", "library_name: peft" if fmt == "adapters" else "library_name: transformers",
+              "pipeline_tag: image-text-to-text", "tags:", "- small-vlm",
+              {"llava": "- llava", "remote": "- custom_code", "adapters": "- lora"}[fmt]]
     if base_models:
         header += ["base_model:"] + [f"- {name}" for name in base_models]
     header.append("---")
@@ -381,7 +415,7 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
         f"# {repo_id.split('/')[-1]}",
         "",
         "A LLaVA-style vision-language model trained with small-vlm "
-        f"({'native transformers LLaVA format' if fmt == 'llava' else 'small-vlm remote-code format'}).",
+        f"({FORMAT_NAMES[fmt]}).",
         "",
         f"- vision encoder: `{public_name(config.vision_model) or 'unknown'}` (layer {config.vision_feature_layer}, "
         f"{'CLS dropped' if config.drop_cls else 'CLS kept'}, {config.num_image_tokens} tokens per image"
@@ -399,7 +433,8 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
     llava_class = "LlavaNextForConditionalGeneration" if config.image_grid_pinpoints else "LlavaForConditionalGeneration"
     llama_cpp = LLAMA_CPP["llava_next" if config.image_grid_pinpoints else "llava"].format(
         repo=repo_id, name=repo_id.split("/")[-1])
-    lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id, llava_class=llava_class, llama_cpp=llama_cpp), ""]
+    lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id, llava_class=llava_class, llama_cpp=llama_cpp,
+                                                    llm=public_name(config.llm)), ""]
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(header + lines))
 
@@ -423,13 +458,31 @@ print(f"{type(model).__name__} loads; logits {tuple(logits.shape)}")
 """
 
 
+# adapters: their base LLM may not be at hand, so peft reads the config, and the weights must be its
+# A (r, in) and B (out, r) pairs
+LOAD_CHECK_ADAPTERS = """
+import sys
+from peft import PeftConfig
+from safetensors.torch import load_file
+folder = sys.argv[1]
+config = PeftConfig.from_pretrained(folder)
+weights = load_file(folder + "/adapter_model.safetensors")
+pairs = [k[:-len(".lora_A.weight")] for k in weights if k.endswith(".lora_A.weight")]
+assert pairs and len(weights) == 2 * len(pairs), "adapter_model.safetensors is not lora_A/lora_B pairs"
+assert all(weights[p + ".lora_A.weight"].shape[0] == config.r == weights[p + ".lora_B.weight"].shape[1] for p in pairs)
+load_file(folder + "/connector.safetensors")
+print(f"peft reads the {len(pairs)} adapters (r={config.r}) of {config.base_model_name_or_path}")
+"""
+
+
 def check_loads(folder, fmt):
     """Loads `folder` in a new Python (cwd elsewhere, no PYTHONPATH, offline) and runs one forward
     pass, so a folder that only works next to this repository's model.py is caught before upload."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"  # the folder must be complete on its own
+    check = LOAD_CHECK_ADAPTERS if fmt == "adapters" else LOAD_CHECK
     with tempfile.TemporaryDirectory() as cwd:
-        result = subprocess.run([sys.executable, "-c", LOAD_CHECK, os.path.abspath(folder), fmt],
+        result = subprocess.run([sys.executable, "-c", check, os.path.abspath(folder), fmt],
                                 cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stderr)
@@ -495,9 +548,12 @@ def build_folder(src, folder, fmt, config, repo_id):
         os.makedirs(folder, exist_ok=True)
         if fmt == "llava":
             export_llava(src, folder)
+        elif fmt == "adapters":
+            export_adapters(src, folder)
         else:
             export_remote(src, folder)
-        remove_local_traces(folder)
+        if fmt != "adapters":  # the adapters' configs name their base models by Hub id already
+            remove_local_traces(folder)
         write_model_card(folder, config, fmt, repo_id, *read_run_info(src))
     check_loads(folder, fmt)
 
@@ -532,7 +588,8 @@ def parse_args(argv):
     parser.add_argument("checkpoint", help="out/<run> or out/<run>/final")
     parser.add_argument("--repo", required=True, help="Hub repo id, user/name")
     parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--format", choices=["remote", "llava"], help="default: llava when possible, else remote")
+    parser.add_argument("--format", choices=["remote", "llava", "adapters"],
+                        help="default: llava when possible, else remote; adapters: a LoRA run's adapters alone")
     parser.add_argument("--yes", action="store_true", help="overwrite an existing repo without asking")
     parser.add_argument("--local-dir", help="write the folder that would be uploaded here and upload nothing")
     return parser.parse_args(argv)
@@ -559,7 +616,7 @@ def publish(argv):
     check_repo_id(args.repo)
     src = resolve_checkpoint(args.checkpoint)
     model_config = VLMConfig.from_pretrained(src)
-    fmt = choose_format(model_config, args.format)
+    fmt = choose_format(model_config, args.format, src)
     if args.local_dir and os.path.exists(args.local_dir) and not os.path.isdir(args.local_dir):
         raise UserError(f"--local-dir {args.local_dir} is a file; give a new or empty folder")
     if args.local_dir and os.path.isdir(args.local_dir) and os.listdir(args.local_dir):

@@ -1017,7 +1017,11 @@ def build_data(cfg, processor, device, world_size, rank):
         dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
         collate_fn=make_collate(cfg, processor.tokenizer.pad_token_id, attention_for(cfg, device)),
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
-        worker_init_fn=leave_stop_signals_to_the_rank)
+        worker_init_fn=leave_stop_signals_to_the_rank,
+        # Each new iterator (every epoch, and once after a resume) draws its workers' seed: from a
+        # generator of its own, not the global one that dropout (LoRA's) draws from, so a resumed run
+        # continues the very dropout masks of the uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.seed + rank))
     return dataset, sampler, loader
 
 

@@ -4,6 +4,7 @@ resume after a kill; bad LoRA settings are one line each."""
 import json
 import os
 import re
+import shutil
 import signal
 
 import pytest
@@ -182,3 +183,20 @@ def test_bad_lora_setting_from_the_command_line_is_one_error_line(demo_dir, tmp_
     errors = [line for line in run.out.splitlines() if line.startswith("error:")]
     assert errors and "lora_targets='qproj' matches no linear layer" in errors[0], run.out[-2000:]
     assert "Traceback" not in run.out
+
+
+@pytest.mark.slow
+def test_push_publishes_the_adapters_alone_and_refuses_a_run_without_them(lora_run, tmp_path, capsys):
+    out, _, _ = lora_run
+    folder = tmp_path / "adapters"
+    assert push.main([str(out), "--repo", "me/lora", "--format", "adapters", "--local-dir", str(folder)]) == 0
+    assert "peft reads the 14 adapters (r=8) of tiny-llama" in capsys.readouterr().out
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                          "connector.safetensors"]
+    assert json.load(open(folder / "adapter_config.json"))["base_model_name_or_path"] == "tiny-llama"  # no local path
+    assert "library_name: peft" in (folder / "README.md").read_text()
+
+    plain = tmp_path / "plain"
+    shutil.copytree(out / "final", plain, ignore=shutil.ignore_patterns("adapters"))
+    assert push.main([str(plain), "--repo", "me/lora", "--format", "adapters", "--local-dir", str(tmp_path / "x")]) == 2
+    assert "has no adapters/adapter_config.json: only a LoRA run (lora_r > 0) writes adapters" in capsys.readouterr().err
