@@ -139,11 +139,8 @@ def llava_blocker(config):
     return None
 
 
-def choose_format(config, requested, src):
+def choose_format(config, requested):
     """The requested format, or llava when it can express the model and remote otherwise."""
-    if requested == "adapters" and not os.path.isfile(os.path.join(src, "adapters", "adapter_config.json")):
-        raise UserError(f"{src} has no adapters/adapter_config.json: only a LoRA run (lora_r > 0) writes adapters; "
-                        "publish its model with --format llava or remote")
     blocker = llava_blocker(config)
     if requested == "llava" and blocker:
         raise UserError(f"cannot export as llava: {blocker}; use --format remote (ships model.py as remote code)")
@@ -616,7 +613,10 @@ def publish(argv):
     check_repo_id(args.repo)
     src = resolve_checkpoint(args.checkpoint)
     model_config = VLMConfig.from_pretrained(src)
-    fmt = choose_format(model_config, args.format, src)
+    fmt = choose_format(model_config, args.format)
+    if fmt == "adapters" and not os.path.isfile(os.path.join(src, "adapters", "adapter_config.json")):
+        raise UserError(f"{src} has no adapters/adapter_config.json: only a LoRA run (lora_r > 0) writes adapters; "
+                        "publish its model with --format llava or remote")
     if args.local_dir and os.path.exists(args.local_dir) and not os.path.isdir(args.local_dir):
         raise UserError(f"--local-dir {args.local_dir} is a file; give a new or empty folder")
     if args.local_dir and os.path.isdir(args.local_dir) and os.listdir(args.local_dir):

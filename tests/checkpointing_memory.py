@@ -19,23 +19,36 @@ import train  # noqa: E402
 from data import make_tiny_backbones  # noqa: E402
 
 
-def main(mode):
+def backbones():
+    """The folder of an 8-layer LLM of width 1024 and a 64 px tower (made once, in the temp folder)."""
     folder = os.path.join(tempfile.gettempdir(), "small-vlm-checkpointing-memory")
-    if not os.path.exists(os.path.join(folder, "tiny-llama")):  # an 8-layer LLM of width 1024, a 64 px tower
+    if not os.path.exists(os.path.join(folder, "tiny-llama")):
         make_tiny_backbones(folder, image_size=64, patch_size=8, vision_width=256, llm_width=1024, layers=8)
+    return folder
+
+
+def random_batch(model, processor, batch, length):
+    """(ids, labels, pixels): BATCH rows of LENGTH random tokens, one image each, its text supervised."""
+    torch.manual_seed(0)
+    image_tokens = model.config.num_image_tokens
+    ids = torch.randint(10, 400, (batch, length))
+    ids[:, 1:1 + image_tokens] = processor.image_token_id
+    labels = ids.clone()
+    labels[:, :1 + image_tokens] = -100
+    return ids, labels, torch.randn(batch, 3, 64, 64)
+
+
+def main(mode):
+    folder = backbones()
     cfg = train.Config(vision_model=os.path.join(folder, "tiny-clip"), llm=os.path.join(folder, "tiny-llama"),
                        template="plain", precision="fp32", gradient_checkpointing=mode in ("on", "inert"))
     model, processor = train.build_training_model(cfg, torch.device("cpu"))
     if mode == "inert":
         model.language_model.eval()
-    torch.manual_seed(0)
-    batch, length, image_tokens = 8, 1024, model.config.num_image_tokens
-    ids = torch.randint(10, 400, (batch, length))
-    ids[:, 1:1 + image_tokens] = processor.image_token_id
-    labels = ids.clone()
-    labels[:, :1 + image_tokens] = -100
+    batch, length = 8, 1024
+    ids, labels, pixels = random_batch(model, processor, batch, length)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model(input_ids=ids, labels=labels, pixel_values=torch.randn(batch, 3, 64, 64)).loss.backward()
+    model(input_ids=ids, labels=labels, pixel_values=pixels).loss.backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(f"checkpointing {mode}: peak RSS {after / 2**20:.2f} GiB (+{(after - before) / 2**20:.2f} GiB in "
           f"forward + backward, {batch} x {length} tokens)")

@@ -10,7 +10,6 @@ import json
 import os
 import resource
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -18,15 +17,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from data import make_tiny_backbones  # noqa: E402
+from checkpointing_memory import backbones, random_batch  # noqa: E402
 
 
 def main(mode):
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    folder = os.path.join(tempfile.gettempdir(), "small-vlm-checkpointing-memory")
-    if not os.path.exists(os.path.join(folder, "tiny-llama")):  # an 8-layer LLM of width 1024, a 64 px tower
-        make_tiny_backbones(folder, image_size=64, patch_size=8, vision_width=256, llm_width=1024, layers=8)
+    folder = backbones()
     lora = {"lora_r": 64, "lora_alpha": 128.0, "qlora": mode == "qlora"} if mode != "full" else {}
     cfg = train.Config(vision_model=os.path.join(folder, "tiny-clip"), llm=os.path.join(folder, "tiny-llama"),
                        template="plain", precision="bf16" if cuda else "fp32", gradient_checkpointing=True,
@@ -35,20 +32,15 @@ def main(mode):
     if cuda:
         torch.cuda.set_device(0)
     model, processor = train.build_training_model(cfg, device)
-    if not cfg.qlora:
-        model.to(device)  # QLoRA's 4-bit LLM is loaded onto the GPU already
+    model.to(device)  # QLoRA's 4-bit LLM is on the GPU already (bitsandbytes loads it there); the rest moves
     groups = train.build_param_groups(model, cfg)
     trainable = sum(p.numel() for g in groups for p in g["params"])
     total = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(groups)
-    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(groups)  # plain AdamW, its state in the model's dtype (no DeepSpeed here)
     # a small batch: weights, gradients and AdamW state, which LoRA shrinks, outweigh the activations
-    batch, length, image_tokens = 2, 256, model.config.num_image_tokens
-    ids = torch.randint(10, 400, (batch, length))
-    ids[:, 1:1 + image_tokens] = processor.image_token_id
-    labels = ids.clone()
-    labels[:, :1 + image_tokens] = -100
-    pixels = torch.randn(batch, 3, 64, 64, dtype=model.connector[0].weight.dtype)
+    batch, length = 2, 256
+    ids, labels, pixels = random_batch(model, processor, batch, length)
+    pixels = pixels.to(model.connector[0].weight.dtype)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):  # the second step runs with AdamW's state in place

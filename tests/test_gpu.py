@@ -8,7 +8,9 @@ device machine installs the wheels first and keeps the log and figures):
 3. SIGTERM, then resume=True under ZeRO-2, gives the uninterrupted run's per-step losses. 4. A packed
 micro-batch gives the padded loss with sdpa, flex_attention and flash_attention_2. 5. Gradient
 checkpointing lowers peak GPU memory. 6. AnyRes at the real tile size (336 px, patch 14). 7. eval.py
-and push.py --format llava on a GPU-trained model. 8. One bench.py pretrain measurement.
+and push.py --format llava on a GPU-trained model. 8. One bench.py pretrain measurement. 9. LoRA under
+ZeRO-3; QLoRA trains, its bf16 final/ computes what the 4-bit model did, and its memory against LoRA
+and the full finetune (tests/lora_memory.py).
 Every figure (losses, memory, samples/s) is printed as a JSON line and appended at once to
 $SMALL_VLM_FIGURES when it is set.
 
@@ -28,7 +30,7 @@ import pytest
 import torch
 
 import train
-from conftest import launch, read_metrics, smooth_image, supervise_text, train_args
+from conftest import launch, read_metrics, read_weights, smooth_image, supervise_text, train_args
 from data import VLMDataset, collate, make_tiny_backbones
 from model import IGNORE_INDEX, build_vlm
 from test_reliability import last_step, wait_for
@@ -279,6 +281,88 @@ def test_anyres_at_the_real_tile_size(tmp_path):
            dtype=str(DTYPE), loss=loss.item())
     assert math.isfinite(loss.item())
     assert torch.isfinite(model.image_newline.grad).all() and model.image_newline.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA and QLoRA
+
+LORA = ("lora_r=8", "lora_alpha=16", "train_vision=false", "train_connector=true", "train_lm=true")
+
+
+def test_lora_trains_under_zero3(demo_dir, tmp_path):
+    """LoRA adapters at bf16 under ZeRO-3 (the new adapters are partitioned by DeepSpeed, the final
+    save gathers and merges them): trains, and final/ holds plain weights plus the adapters."""
+    out = tmp_path / "run"
+    run = launch(demo_args(demo_dir, out, *LORA, "zero_stage=3", "max_steps=4"))
+    assert run.returncode == 0, run.out[-3000:]
+    report("LoRA r=8, ZeRO-3, deepspeed --num_gpus 1", precision=PRECISION, losses=assert_trained(out, run.out, 4))
+    weights = read_weights(out / "final")
+    assert not any("lora_" in k or ".base." in k for k in weights)
+    assert (out / "final" / "adapters" / "adapter_model.safetensors").exists()
+
+
+def needs_bitsandbytes():
+    if not CUDA:
+        pytest.skip("QLoRA needs a CUDA GPU (bitsandbytes' 4-bit layers)")
+    pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(demo_dir, tmp_path_factory):
+    """`python train.py` with qlora=True: the LLM's linear layers in 4-bit NF4, rank-8 adapters in bf16."""
+    needs_bitsandbytes()
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    return out, run_script("train.py", *demo_args(demo_dir, out, *LORA, "qlora=true", "zero_stage=0"))
+
+
+def test_qlora_trains_and_its_bf16_final_computes_what_the_4bit_model_did(qlora_run, demo_dir):
+    """The 4-bit model with the trained adapters (rebuilt here) and final/ (its layers dequantized to
+    bf16, the adapters merged) give the same logits up to bf16 rounding (10% of their scale at most);
+    final/ is a plain model."""
+    from safetensors.torch import load_file
+
+    from model import VLMForCausalLM, VLMProcessor, add_lora, lora_target_names
+
+    out, run = qlora_run
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    losses = assert_trained(out, run.stdout, steps=6)
+    assert "quantization_config" not in (out / "final" / "config.json").read_text()
+    final = VLMForCausalLM.from_pretrained(out / "final", dtype=torch.bfloat16).to(DEVICE).eval()
+    processor = VLMProcessor.from_pretrained(out / "final")
+
+    cfg = train.Config(lora_r=8, lora_alpha=16.0, qlora=True, train_lm=True)
+    four_bit, _ = build_vlm(demo_dir / "backbones" / "tiny-clip", demo_dir / "backbones" / "tiny-llama",
+                            dtype=torch.bfloat16, llm_quantization=train.four_bit_loading(cfg))
+    add_lora(four_bit.language_model, lora_target_names(four_bit.language_model, "all-linear"), 8, 16.0, 0.0)
+    state = {"language_model." + k[len("base_model.model."):]: v
+             for k, v in load_file(out / "final" / "adapters" / "adapter_model.safetensors").items()}
+    state.update(load_file(out / "final" / "adapters" / "connector.safetensors"))
+    four_bit.load_state_dict(state, strict=False)
+    four_bit.to(DEVICE).eval()
+    batch = processor(text=["USER: <image>\nWhat colour is the shape? ASSISTANT:"], images=[smooth_image(40, 24)])
+    batch = {k: v.to(DEVICE, torch.bfloat16 if k == "pixel_values" else v.dtype) for k, v in batch.items()}
+    text = torch.arange(len(processor.tokenizer), device=DEVICE) != processor.image_token_id
+    with torch.no_grad():
+        ours, merged = four_bit(**batch).logits[..., text].float(), final(**batch).logits[..., text].float()
+    difference = (ours - merged).abs().max().item()
+    report("QLoRA: 4-bit + adapters vs bf16 merged final/", losses=losses, max_logit_difference=difference,
+           logit_scale=ours.abs().max().item())
+    # bf16 rounding of the merged weights: on the CPU (bitsandbytes' CPU kernels, tiny random model) 4.5%
+    # of the logits' scale, as for a merge without 4-bit (3.5%); near-ties make greedy tokens unfit to compare
+    assert difference <= 0.1 * ours.abs().max().item()
+
+
+def test_qlora_lora_and_full_finetune_memory():
+    """tests/lora_memory.py on the GPU: trainable parameters and peak memory of one training step."""
+    needs_bitsandbytes()
+    figures = {}
+    for mode in ("full", "lora", "qlora"):
+        run = run_script("tests/lora_memory.py", mode)
+        assert run.returncode == 0, run.stderr[-3000:]
+        figures[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+        report(f"lora_memory.py {mode}", **figures[mode])
+    assert figures["qlora"]["peak_gib"] < figures["lora"]["peak_gib"] < figures["full"]["peak_gib"]
+    assert figures["lora"]["trainable_params"] == figures["qlora"]["trainable_params"] < figures["full"]["trainable_params"]
 
 
 # ---------------------------------------------------------------------------------------------

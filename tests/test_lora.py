@@ -49,6 +49,46 @@ def test_adapters_start_as_the_base_model_and_merge_into_the_same_logits(tiny_vl
         torch.testing.assert_close(plain(**inputs).logits, adapted, atol=1e-5, rtol=0)
 
 
+def test_lora_vision_adds_the_towers_adapters_in_their_own_row_and_peft_loads_both(tiny_vlm, tiny_backbones,
+                                                                                   tmp_path):
+    """lora_vision: the tower's linear layers get adapters too (vision_lora row, lr_vision); only
+    adapters and the connector train; save_adapters writes both in peft's layout, and peft on each
+    base model computes what our adapted parts compute."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    model, _ = tiny_vlm
+    vision_dir, llm_dir = tiny_backbones
+    cfg = Config(lora_r=4, lora_alpha=8.0, lora_dropout=0.0, train_lm=True, train_vision=True, lora_vision=True,
+                 vision_model=vision_dir, llm=llm_dir)
+    train.add_adapters(model, cfg)
+    train.freeze_components(model, cfg)
+    groups = train.build_param_groups(model, cfg)
+    assert [(g["name"], g["lr"]) for g in groups] == [("vision_lora", cfg.lr_vision), ("lm_lora", cfg.lr_lm),
+                                                      ("connector", cfg.lr_connector),
+                                                      ("connector_no_decay", cfg.lr_connector)]
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(train.is_adapter(n) or n.startswith("connector.") for n in trained)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.weight.normal_(0, 0.3)
+    train.save_adapters(model.state_dict(), cfg, tmp_path / "adapters")
+    model.eval()
+    vision_config = AutoConfig.from_pretrained(vision_dir).vision_config
+    tower = PeftModel.from_pretrained(AutoModel.from_pretrained(vision_dir, config=vision_config),
+                                      tmp_path / "adapters" / "vision").eval()
+    llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llm_dir), tmp_path / "adapters").eval()
+    pixels = torch.randn(1, 3, vision_config.image_size, vision_config.image_size)
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        ours = model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1], ours,
+                                   atol=1e-5, rtol=0)
+        vocab = llm.config.vocab_size
+        torch.testing.assert_close(llm(ids).logits, model.language_model(ids).logits[..., :vocab], atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def lora_run(demo_dir, tmp_path_factory):
     """A 2-rank ZeRO-2 LoRA run of 6 steps (checkpoints every 2): final/, and the reference the
