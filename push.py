@@ -333,18 +333,28 @@ def llava_processor(processor, config):
 # What the model card says about llama.cpp: the route for LLaVA, and that AnyRes has none.
 LLAMA_CPP = {
     "llava": """
-For llama.cpp (GGUF), convert the text model and the vision tower + projector separately, then run both:
+For llama.cpp (GGUF): the text model with `convert_hf_to_gguf.py`; the vision tower + projector with
+llama.cpp's LLaVA converter scripts, which need transformers 4.x (4.57 works). Its
+`convert_hf_to_gguf.py --mmproj` takes only Pixtral-style towers, not this CLIP/SigLIP one.
 
 ```bash
 hf download {repo} --local-dir {name}
 python llama.cpp/convert_hf_to_gguf.py {name} --outfile {name}.gguf
-python llama.cpp/convert_hf_to_gguf.py {name} --mmproj --outfile mmproj-{name}.gguf
+cp -r {name} {name}-split  # the next script rewrites the folder's weights: work on a copy
+python llama.cpp/tools/mtmd/legacy-models/llava_surgery_v2.py -C -m {name}-split
+mkdir {name}-vit && cp {name}-split/llava.clip {name}-vit/pytorch_model.bin && cp {name}-split/llava.projector {name}-vit/
+python -c "import json; c = json.load(open('{name}/config.json')); json.dump(c['vision_config'], open('{name}-vit/config.json', 'w'))"
+python llama.cpp/tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py -m {name}-vit \\
+    --llava-projector {name}-vit/llava.projector --output-dir {name}-vit --clip-model-is-vision
+mv {name}-vit/mmproj-model-f16.gguf mmproj-{name}.gguf
 llama-mtmd-cli -m {name}.gguf --mmproj mmproj-{name}.gguf --jinja --image photo.jpg -p "What is in the image?"
 ```
 
-Not checked by small-vlm; the vision tower's converter in llama.cpp varies by version.""",
+small-vlm checked the conversions (llama.cpp as vendored in llama-cpp-python 0.3.36), not the answers of
+`llama-mtmd-cli`.""",
     "llava_next": """
-llama.cpp's converter does not support LLaVA-NeXT's AnyRes tiling: this model has no GGUF route yet.""",
+This AnyRes (LLaVA-NeXT) model has no GGUF route checked yet: llama.cpp's `convert_hf_to_gguf.py --mmproj`
+does not take its CLIP/SigLIP tower, and its older LLaVA converter was not tried with AnyRes exports.""",
 }
 
 USAGE = {
