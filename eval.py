@@ -27,8 +27,8 @@ import sys
 import torch
 from jinja2 import TemplateError
 
-from data import (MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, UserError, check_weights_match, is_hub_repo_id,
-                  load_image, reading, run_command, writing)
+from data import (MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, UserError, check_weights_match, first_line,
+                  is_hub_repo_id, load_image, reading, run_command, writing)
 from model import IMAGE_TOKEN, VLMForCausalLM, VLMProcessor, inference_folder, to_rgb
 
 
@@ -56,8 +56,7 @@ def read_checkpoint_config(ckpt):
     try:
         config_path = hf_hub_download(ckpt, "config.json")
     except (OSError, ValueError) as e:  # not found, no network, gated repo, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{ckpt} is not a local folder, and fetching it from the Hub failed: {first_line}") from None
+        raise UserError(f"{ckpt} is not a local folder, and fetching it from the Hub failed: {first_line(e)}") from None
     with reading(config_path, "the Hub copy is damaged; try again, or ask its owner"), open(config_path) as f:
         return ckpt, json.load(f)
 

@@ -438,13 +438,13 @@ class VLMImageProcessor(ImageProcessingMixin):
         """One image -> (tiles, 3, S, S) normalized: 1 tile for pad and resize, 1 + rows * cols for anyres."""
         image = to_rgb(image)
         if self.aspect == "pad":
-            image = bound_pad_canvas(image)  # a very long image is shrunk first (section 9)
+            image = bound_pad_canvas(image)  # a very long image is shrunk first (section 10)
             side = max(image.size)
             canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in self.image_mean))
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             pixels = resize(torch.from_numpy(np.array(canvas)), self.size, self.size)[None]  # (1, 3, S, S)
         elif self.aspect == "resize":
-            image = bound_resize_strip(image, self.size)  # a very long strip is cut first (section 9)
+            image = bound_resize_strip(image, self.size)  # a very long strip is cut first (section 10)
             # the long side = int(size * long / short), as CLIPImageProcessor computes it
             short = min(image.size)
             w, h = int(self.size * image.width / short), int(self.size * image.height / short)

@@ -36,8 +36,8 @@ from jinja2 import TemplateError
 from safetensors import safe_open
 
 from data import (ROLES, TEMPLATES, LengthGroupedSampler, UserError, VLMDataset, bad_record, chat_template_for,
-                  collate, demo_corpus, make_demo_data, make_tiny_backbones, processor_from_config, reading,
-                  run_command, tokenize_conversation, write_json, writing)
+                  collate, demo_corpus, first_line, make_demo_data, make_tiny_backbones, processor_from_config,
+                  reading, run_command, tokenize_conversation, write_json, writing)
 from model import IGNORE_INDEX, add_lora, build_connector, build_vlm, inference_folder, lora_target_names, merge_lora
 
 
@@ -836,8 +836,8 @@ def lock_holder_lives(holder):
         os.kill(int(holder["pid"]), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except (PermissionError, ValueError, OverflowError):
-        return True
+    except (PermissionError, ValueError, OverflowError):  # another user's process, or a pid it cannot ask about
+        pass
     return True
 
 
@@ -1047,7 +1047,7 @@ def check_template(cfg):
                                                 tokenize=False, add_generation_prompt=True)
     except (ValueError, TemplateError) as e:
         raise UserError(f"template=chat: the chat template of llm={cfg.llm!r} fails on a probe conversation "
-                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); fix the "
+                        f"({first_line(e)}); fix the "
                         "template or use template=vicuna_v1") from None
 
 
@@ -1400,6 +1400,7 @@ def seed_everything(seed):
 
 LOG_FULL_DISK = "; the last checkpoint is intact: continue with resume=True"  # what a failed log write adds
 
+
 class RunLog:
     """What the loop measures and writes: the loss of the step being trained, a window of
     throughput counters (samples, real tokens, computed positions, FLOPs, time waiting for data,
@@ -1550,5 +1551,7 @@ def device_peak_flops():
 def log_rank0(rank, *args):
     if rank == 0:
         print(*args, flush=True)
+
+
 if __name__ == "__main__":
     run_and_exit(main)
