@@ -17,6 +17,7 @@ generation, setup and main.
 """
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import socket
@@ -30,8 +31,9 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
+import run
 import train
-from data import LengthGroupedSampler, collate, make_tiny_tokenizer, tokenize_conversation
+from data import DEMO_SCRIPT, LengthGroupedSampler, collate, tokenize_conversation
 from model import IGNORE_INDEX, VLMConfig, VLMForCausalLM, VLMImageProcessor, VLMProcessor, add_image_token
 from push import LLAVA_NAMES, llava_config, rename_to_llava
 
@@ -108,7 +110,7 @@ MIXES = {
                  (0.12, 1, 700, 1450, 4, 12, 0.60),  # long multi-turn conversations (up to ~2K tokens)
                  (0.06, 0, 100, 2000, 1, 8, 0.65)],  # ShareGPT text-only records
 }
-MAX_SEQ_LEN = train.Config.max_seq_len  # 2048
+MAX_SEQ_LEN = run.Config.max_seq_len  # 2048
 
 
 def draw_records(stage, lengths, config, n, seed):
@@ -166,10 +168,10 @@ def make_batches(stage, args, config, world_size, rank):
 
 
 def stage_config(stage, args, env, system):
-    """train.Config for the stage: pretrain trains the connector; finetune the connector and the LLM.
+    """run.Config for the stage: pretrain trains the connector; finetune the connector and the LLM.
     --pack and --compile are our levers (pack_samples, compile); the peer runs as transformers ships it."""
     ours = system == OURS
-    return train.Config(train_lm=stage == "finetune", micro_batch_size=args.micro_batch_size,
+    return run.Config(train_lm=stage == "finetune", micro_batch_size=args.micro_batch_size,
                         batch_size=args.micro_batch_size * env.world_size, zero_stage=args.zero_stage,
                         offload=args.offload, precision=env.settings["precision"],
                         gradient_checkpointing=not args.no_grad_ckpt, pack_samples=args.pack and ours,
@@ -181,7 +183,7 @@ def model_flops(config, cfg):
     weightless (meta) copy of our model; both systems do this same useful work."""
     model = build_model(OURS, config, torch.device("meta"), torch.float32)
     train.freeze_components(model, cfg)
-    return train.flops_per_token_and_image(model)
+    return run.flops_per_token_and_image(model)
 
 
 def bench_train(system, stage, args, config, samples, env):
@@ -236,7 +238,7 @@ def measure_train_steps(system, cfg, config, batches, env):
                                    per_token * real + per_image * images)):
             totals[i] += value
     # over ranks: every rank ran its own micro-batches
-    samples, tokens, real, flops = train.sum_over_ranks(totals, env.device)
+    samples, tokens, real, flops = run.sum_over_ranks(totals, env.device)
     memory = torch.cuda.max_memory_allocated() / 2**30 if env.device.type == "cuda" else None
     engine.destroy()
     del engine, optimizer, model, names
@@ -282,6 +284,14 @@ def bench_padding(args, config):
 # The data pipeline alone: JPEG decode, pad to square, resize, normalize, tokenize, collate
 
 
+def demo_prepare():
+    """data/demo/prepare.py as a module (a script in the data folder, not a package): its tiny tokenizer."""
+    spec = importlib.util.spec_from_file_location("prepare", DEMO_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_photos(folder, n=16, seed=0):
     """n 640x480 JPEGs with photo-like content: smooth colour fields (upsampled noise) plus grain."""
     rng, paths = np.random.default_rng(seed), []
@@ -309,7 +319,7 @@ def bench_data(args, config, env):
 
     torch.set_num_threads(1)
     size = config.vision_config.image_size
-    tokenizer = make_tiny_tokenizer()  # a tiny byte-level BPE: no download; the same for both systems
+    tokenizer = demo_prepare().make_tiny_tokenizer()  # a tiny byte-level BPE: no download; the same for both systems
     add_image_token(tokenizer)
     ours = VLMImageProcessor(size=size, aspect="pad")
     processor = VLMProcessor(ours, tokenizer, num_image_tokens=config.num_image_tokens)
@@ -399,7 +409,7 @@ def parse_args(argv=None):
                         help="ours packs each micro-batch into rows of up to 2048 tokens (train.py's pack_samples)")
     parser.add_argument("--compile", action="store_true",
                         help="ours compiles each transformer block (train.py's compile=True)")
-    parser.add_argument("--attn", choices=train.CHOICES["attn_implementation"], default="sdpa",
+    parser.add_argument("--attn", choices=run.CHOICES["attn_implementation"], default="sdpa",
                         help="attention implementation of both systems (train.py's attn_implementation)")
     parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=2)
     parser.add_argument("--offload", action="store_true", help="ZeRO optimizer state in CPU memory")
@@ -433,7 +443,7 @@ def setup(args):
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    peak = train.device_peak_flops()  # per device, dense bf16 (train.PEAK_BF16_FLOPS), None on CPU
+    peak = run.device_peak_flops()  # per device, dense bf16 (run.PEAK_BF16_FLOPS), None on CPU
     world_size = int(os.environ["WORLD_SIZE"])
     settings = {"preset": args.preset, "device": torch.cuda.get_device_name() if cuda else "cpu",
                 "peak_tflops": peak / 1e12 if peak else None, "world_size": world_size,

@@ -7,36 +7,33 @@ Read top to bottom, this is the path of one record to a batch:
   4. VLMDataset            - record -> {input_ids, labels, pixel_values}; bad records raise or skip.
   5. collate               - samples -> a right-padded (or packed) batch with all images stacked.
   6. LengthGroupedSampler  - LLaVA's modality-aware length grouping, sharded across ranks.
-Below one banner, the code that keeps a run safe, then the demo and the tools (the path above calls it by name):
-  7. UserError             - how every command (train, eval, push, this file's CLI) reports a user's mistake.
-  8. load_records          - JSON / JSONL / Hub records -> a memory-mapped Arrow `datasets.Dataset`, every
+At its boundary, below one banner:
+  7. load_records          - JSON / JSONL / Hub records -> a memory-mapped Arrow `datasets.Dataset`, every
                              record normalised; load_image - an image file, checked before and while decoding.
-  9. the demo data         - a synthetic coloured-shapes task drawn with PIL (`python data.py --make-demo DIR`).
- 10. tiny backbones        - small random CLIP/SigLIP + Llama/Qwen2 and a byte-level BPE tokenizer, saved to
-                             folders, for the demo and the tests (model.py, the remote code, holds only the model).
- 11. show_samples          - `python data.py --show CONFIG`: samples as the model gets them, labels audited.
+  8. show_samples          - `python data.py --show CONFIG`: samples as the model gets them, labels audited.
+The demo data and the tiny backbones the demo and the tests build: data/demo/prepare.py.
 """
 import argparse
-import contextlib
 import hashlib
 import itertools
 import json
 import math
 import os
-import random
 import re
+import subprocess
 import sys
 
 import datasets
 import numpy as np
 import torch
 from jinja2 import TemplateError
-from PIL import Image, ImageDraw
-from safetensors import SafetensorError
+from PIL import Image
 
-from model import IGNORE_INDEX, IMAGE_TOKEN, count_anyres_tokens, image_text_separator, to_rgb, writes_own_bos
+from model import (IGNORE_INDEX, IMAGE_TOKEN, build_processor, count_anyres_tokens, image_text_separator,
+                   parse_pinpoints, to_rgb, writes_own_bos)
+from run import CHOICES, UserError, bad_record, check_config, exit_after, first_line, load_config
 
-TEMPLATES = ("plain", "vicuna_v1", "chat")
+TEMPLATES = CHOICES["template"]  # rendered below: plain (stage 1), vicuna_v1 (stage 2), chat (the tokenizer's)
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -327,6 +324,27 @@ def chat_template_for(template, tokenizer):
     raise unknown_template(template)
 
 
+# Two turns, an image, and text a template may treat specially (a system-like opening, a second question):
+# enough to meet a template's syntax errors, its raise_exception checks and prefix-instability.
+PROBE_CONVERSATION = [{"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": "A cat."},
+                      {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Black."}]
+
+
+def check_chat_template(processor, llm):
+    """template=chat renders every sample with the tokenizer's own Jinja template, which may have a
+    syntax error, reject conversations (raise_exception) or be missing. Rendered once on a probe
+    conversation, for training and for the inference template final/ will hold, so such a template
+    stops the run at start-up in one line, not in a DataLoader worker of every rank hours in."""
+    try:
+        tokenize_conversation(PROBE_CONVERSATION, "chat", processor)
+        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in PROBE_CONVERSATION[:1]]
+        processor.tokenizer.apply_chat_template(messages, chat_template=chat_template_for("chat", processor.tokenizer),
+                                                tokenize=False, add_generation_prompt=True)
+    except (ValueError, TemplateError) as e:
+        raise UserError(f"template=chat: the chat template of llm={llm!r} fails on a probe conversation "
+                        f"({first_line(e)}); fix the template or use template=vicuna_v1") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. The dataset
 
@@ -394,6 +412,25 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def load_image(self, path):
         return load_image(image_file(self.image_folder, path, self.image_paths_outside))
+
+    def check_first_images(self, every_one=True, sample=100):
+        """Before any GPU work: the first `sample` image records' files exist under image_folder (all
+        of them with every_one, else at least one: skip_bad_samples skips the others)."""
+        indices = [i for i, has in enumerate(self.has_image) if has][:sample]
+        if indices and not os.path.isdir(self.image_folder):
+            raise ValueError(f"image_folder={self.image_folder!r} is not a folder, and the data has image records")
+        missing = []
+        for i in indices:
+            for path in self.records[i]["image"]:
+                try:
+                    image_file(self.image_folder, path, self.image_paths_outside)
+                except ValueError:
+                    missing.append((self.records[i]["id"], path))
+        if missing and (every_one or len(missing) == len(indices)):
+            record_id, path = missing[0]
+            raise ValueError(f"{len(missing)} of the first {len(indices)} image records have no file under "
+                             f"image_folder={self.image_folder!r} (e.g. record {record_id!r}: {path!r}); fix "
+                             "image_folder, or set skip_bad_samples=True to skip such records")
 
 
 def estimate_lengths(batch, num_image_tokens, anyres=None):
@@ -579,93 +616,13 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
 
 # ==============================================================================================
-# Below: reading LLaVA files safely, and the demo. What keeps a run safe, by concern: user errors
-# (7) and reading LLaVA files and images (8); then the demo data (9), the tiny backbones (10) and
-# `--show` (11). The path above calls these by name (load_records, load_image, bad_record).
+# The boundary: LLaVA files and images read safely (7), then `--show`, a tool to see what the model
+# sees (8). The path above calls these by name (load_records, image_file, load_image).
 # ==============================================================================================
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. User errors: one line, exit code 2
-
-
-class UserError(Exception):
-    """A mistake in what the user gave (config, file, record, argument). Every command reports it
-    the same way, as one `error: ...` line and exit code 2, with no traceback (run_command). Inner
-    functions raise ValueError; the commands turn the ones the user can fix into UserError."""
-
-
-def run_command(main, *args):
-    """main(*args), its result; a UserError is printed as `error: ...` and the result is 2."""
-    try:
-        return main(*args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-
-
-def first_line(error):
-    """An exception's message in one line (its type when it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-# What libraries raise on a file that is damaged, truncated or not what it claims: json and torch
-# raise ValueErrors, safetensors its own error, a header that claims more bytes than there are a
-# MemoryError, JSON nested thousands deep a RecursionError, a cut pickle an EOFError.
-DAMAGED_FILE_ERRORS = (OSError, ValueError, EOFError, MemoryError, RecursionError, SafetensorError)
-
-
-@contextlib.contextmanager
-def reading(path, fix):
-    """A boundary where a file from outside is read: what a library raises on it becomes one
-    UserError naming the file and `fix`, what to do. A bug elsewhere keeps its traceback."""
-    try:
-        yield
-    except UserError:
-        raise
-    except DAMAGED_FILE_ERRORS as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); {fix}") from None
-
-
-@contextlib.contextmanager
-def writing(path, then=""):
-    """A boundary where files are written: a full disk, a read-only or vanished folder becomes one
-    UserError naming the path (and `then`, what else to do)."""
-    try:
-        yield
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or first_line(e)}); free some space or choose a "
-                        f"writable folder{then}") from None
-
-
-def check_weights_match(folder, loading_info):
-    """from_pretrained(..., output_loading_info=True)'s report on FOLDER: a weight the config's model
-    has and the files lack would start random (an untrained connector answers nonsense), one the
-    files hold that no module takes is lost. Either means the weights are not this config's."""
-    found = [f"{len(keys)} {what} ({', '.join(sorted(map(str, keys))[:4])}{', ...' if len(keys) > 4 else ''})"
-             for what, keys in (("missing from the weight files", loading_info["missing_keys"]),
-                                ("in the files that the model has no place for", loading_info["unexpected_keys"]),
-                                ("of another shape", loading_info["mismatched_keys"])) if keys]
-    if found:
-        raise UserError(f"the weights in {folder} do not match its config.json: {'; '.join(found)}; save or copy "
-                        "the model again (config.json and its .safetensors files together)")
-
-
-def write_json(path, obj):
-    """obj as indented JSON with a final newline (run files, exported configs, demo data)."""
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def bad_record(record_id, reason):
-    return UserError(f"record id={record_id!r}: {reason}. Fix or remove the record, or set skip_bad_samples=True "
-                     "to skip such records.")
-
-
-# ----------------------------------------------------------------------------------------------
-# 8. Reading LLaVA files safely: records (JSON, JSONL, a Hub data set) and images
+# 7. Reading LLaVA files safely: records (JSON, JSONL, a Hub data set) and images
 
 # Every record is normalised to these columns, so files that mix records with no "image", one
 # image (a string) and several images (a list) load into one schema without inference guesses.
@@ -728,26 +685,33 @@ def load_json_file(path):
 
 
 def read_json_records(path):
-    """Yields normalised records one at a time from a JSON list or a JSONL file (decided by the
-    first character), so the 665K-record list is never held as Python objects all at once."""
+    """Yields normalised records from a JSON list or a JSONL file (decided by the first character).
+    A list is decoded by json.loads at once (its errors give the line and column); JSONL line by line."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is allowed, and dropped
             text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded: UTF-16 or Latin-1?); "
                          "save it as UTF-8, as JSON requires") from None
-    if text.lstrip().startswith("{") and "\n" in text.strip() and is_one_json_object(text):  # JSONL: one line each
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: malformed JSON (nested too deep)") from None
+    elif "\n" in text.strip() and is_one_json_object(text):  # JSONL holds one object per line
         raise ValueError(f"{path} holds one JSON object; expected a JSON list of LLaVA records, or JSONL "
                          "(one record per line)")
-    records = iter_json_list(text, path) if text.lstrip().startswith("[") else iter_jsonl(text, path)
-    index = -1
+    else:
+        records = list(iter_jsonl(text, path))
+    if not records:
+        raise ValueError(f"{path} holds no records (expected a JSON list or JSONL of LLaVA records)")
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise ValueError(f"{path}: the record at index {index} is a {type(record).__name__}, "
                              "expected a JSON object")
         yield normalise_record(record, f"{os.path.basename(path)}:{index}")
-    if index < 0:
-        raise ValueError(f"{path} holds no records (expected a JSON list or JSONL of LLaVA records)")
 
 
 def is_one_json_object(text):
@@ -756,30 +720,6 @@ def is_one_json_object(text):
         return isinstance(json.loads(text), dict)
     except (json.JSONDecodeError, RecursionError):
         return False
-
-
-def iter_json_list(text, path):
-    """The items of a JSON list, decoded one by one with raw_decode."""
-    decoder, whitespace = json.JSONDecoder(), re.compile(r"\s*")
-    pos = whitespace.match(text, text.index("[") + 1).end()
-    try:
-        while text[pos:pos + 1] != "]":
-            try:
-                record, pos = decoder.raw_decode(text, pos)
-            except RecursionError:
-                raise json.JSONDecodeError("nested too deep", text, pos) from None
-            yield record
-            pos = whitespace.match(text, pos).end()
-            if text[pos:pos + 1] == ",":  # another record must follow (no trailing comma in JSON)
-                pos = whitespace.match(text, pos + 1).end()
-                if text[pos:pos + 1] == "]":
-                    raise json.JSONDecodeError("trailing ',' before ']'", text, pos)
-            elif text[pos:pos + 1] != "]":
-                raise json.JSONDecodeError("expected ',' or ']' after a record", text, pos)
-        if text[pos + 1:].strip():
-            raise json.JSONDecodeError("extra data after the closing ']'", text, pos + 1)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
 
 
 def iter_jsonl(text, path):
@@ -860,197 +800,29 @@ def load_image(path):
         raise ValueError(str(e) if str(path) in str(e) else f"image {path}: {e}") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# 9. Demo data: one coloured shape on a grey background, at one of four positions
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-           "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
-SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48)}  # centre (x, y) in 64x64
-ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": tuple(POSITIONS)}
-QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?", "position": "Where is the shape?"}
-DESCRIBE = ("Describe the image.", "What is in the picture?", "Describe the shape.")
-DEMO_IMAGE_SIZE = 64
+DEMO_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "prepare.py")
 
 
-def caption(colour, shape, position):
-    return f"a {colour} {shape} on the {position}"
-
-
-def text_only_question(word):
-    """A question answered without looking (the ~5% text-only records, like LLaVA's ShareGPT share)."""
-    return f"Is {word} a colour or a shape?"
-
-
-def demo_corpus():
-    """Every text the demo data can contain, plus the vicuna_v1 prompt words (to train the tiny tokenizer)."""
-    captions = [caption(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
-    words = [text_only_question(w) for w in (*COLOURS, *SHAPES)] + ["colour", "shape"]
-    answers = [a for values in ANSWERS.values() for a in values]
-    return [VICUNA_SYSTEM, "USER: ASSISTANT:", IMAGE_TOKEN, SHORT_ANSWER_SUFFIX.strip(), *DESCRIBE,
-            *QUESTIONS.values(), *answers, *words, *captions]
-
-
-def draw_shape(rng, colour, shape, position):
-    """A 64x64 RGB image: a jittered shape of the given colour centred near `position`."""
-    grey = rng.randint(190, 250)
-    image = Image.new("RGB", (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), (grey, grey, grey))
-    x, y = POSITIONS[position]
-    x, y, r = x + rng.randint(-3, 3), y + rng.randint(-3, 3), rng.randint(10, 13)
-    fill = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLOURS[colour])
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
-    else:
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
-    return image
-
-
-def random_scene(rng, **fixed):
-    """(colour, shape, position), random except where given in `fixed`."""
-    return (fixed.get("colour") or rng.choice(ANSWERS["colour"]), fixed.get("shape") or rng.choice(SHAPES),
-            fixed.get("position") or rng.choice(ANSWERS["position"]))
-
-
-def save_scene(rng, image_dir, name, scene):
-    draw_shape(rng, *scene).save(os.path.join(image_dir, name))
-    return name
-
-
-def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0):
-    """Writes images/, pretrain.json (plain captions), finetune.json (QA, some multi-turn, ~5%
-    text-only) and eval.jsonl (questions balanced over answers) under out_dir; returns their paths.
-    Deterministic: the same arguments write the same bytes."""
-    image_dir = os.path.join(out_dir, "images")
-    os.makedirs(image_dir, exist_ok=True)
-    rng = random.Random(seed)
-
-    pretrain = []
-    for i in range(n_pretrain):
-        scene = random_scene(rng)
-        instruction = rng.choice(DESCRIBE)
-        human = f"{IMAGE_TOKEN}\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n{IMAGE_TOKEN}"
-        pretrain.append({"id": f"pretrain-{i}", "image": save_scene(rng, image_dir, f"pretrain_{i:05d}.png", scene),
-                         "conversations": [{"from": "human", "value": human},
-                                           {"from": "gpt", "value": caption(*scene)}]})
-
-    finetune = []
-    for i in range(n_finetune):
-        if rng.random() < 0.05:
-            word = rng.choice((*COLOURS, *SHAPES))
-            answer = "colour" if word in COLOURS else "shape"
-            finetune.append({"id": f"finetune-{i}", "conversations": [
-                {"from": "human", "value": text_only_question(word)}, {"from": "gpt", "value": answer}]})
-            continue
-        scene = random_scene(rng)
-        categories = rng.sample(tuple(QUESTIONS), k=rng.choice((1, 1, 2, 3)))
-        turns = []
-        for category in categories:
-            turns += [{"from": "human", "value": QUESTIONS[category] + SHORT_ANSWER_SUFFIX},
-                      {"from": "gpt", "value": scene[tuple(ANSWERS).index(category)]}]
-        turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
-        finetune.append({"id": f"finetune-{i}", "image": save_scene(rng, image_dir, f"finetune_{i:05d}.png", scene),
-                         "conversations": turns})
-
-    evaluation = []
-    for i in range(n_eval):
-        # Categories take turns, and each cycles through its answers: answers are balanced.
-        category = tuple(ANSWERS)[i % 3]
-        answer = ANSWERS[category][(i // 3) % len(ANSWERS[category])]
-        scene = random_scene(rng, **{category: answer})
-        # eval.jsonl names images relative to its own folder, eval.py's default --image_folder
-        image = "images/" + save_scene(rng, image_dir, f"eval_{i:05d}.png", scene)
-        evaluation.append({"id": f"eval-{i}", "image": image,
-                           "question": QUESTIONS[category], "answer": answer, "category": category})
-
-    paths = {"image_folder": image_dir, "pretrain": os.path.join(out_dir, "pretrain.json"),
-             "finetune": os.path.join(out_dir, "finetune.json"), "eval": os.path.join(out_dir, "eval.jsonl")}
-    for key, records in (("pretrain", pretrain), ("finetune", finetune)):
-        write_json(paths[key], records)
-    with open(paths["eval"], "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in evaluation)
-    return paths
+def make_demo_files(data_path, vision_model, llm):
+    """make_demo=True: the demo's data and tiny backbones where the config names them, made by
+    data/demo/prepare.py on first use (there is no download); nothing when they exist."""
+    data_dir, backbones_dir = os.path.dirname(data_path.split(",")[0]), os.path.dirname(llm)
+    if all(os.path.exists(p) for p in (data_path.split(",")[0], vision_model, llm)):
+        return
+    done = subprocess.run([sys.executable, DEMO_SCRIPT, "--out", data_dir, "--backbones", backbones_dir],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        missing = next(p for p in (data_path.split(",")[0], vision_model, llm) if not os.path.exists(p))
+        why = (done.stderr.strip() or "no output").splitlines()[-1].removeprefix("error: ")
+        raise UserError(f"make_demo=True: {missing} does not exist, and {why}")
+    for key, path in (("data_path", data_path.split(",")[0]), ("vision_model", vision_model), ("llm", llm)):
+        if not os.path.exists(path):
+            raise UserError(f"make_demo wrote the demo into {data_dir} and {backbones_dir}, which has no {path}; "
+                            f"point {key} at the demo's files (see configs/demo.py)")
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Tiny random backbones, saved to folders, so tests and the demo run the real loading path
-
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-DEFAULT_CORPUS = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-    "helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT: What is in the "
-    "image? Describe the photo. The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9"
-)
-
-
-def make_tiny_tokenizer(corpus=(DEFAULT_CORPUS,), vocab_size=512):
-    """A byte-level BPE tokenizer trained on `corpus` (decode(encode(x)) == x for any text), with
-    Llama-style <s>/</s>, a pad token, ChatML markers and a ChatML chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(corpus), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", chat_template=CHATML_TEMPLATE)
-
-
-def make_tiny_backbones(out_dir, vision="clip", llm="llama", image_size=32, patch_size=8, vision_width=32,
-                        llm_width=64, layers=2, corpus=(DEFAULT_CORPUS,), vocab_size=512, seed=0):
-    """Saves a random vision tower and a random LLM + tokenizer under out_dir; returns both paths.
-    vision: 'clip' (full CLIPModel, as openai/clip-* ships), 'clip_vision' or 'siglip';
-    llm: 'llama' or 'qwen2'."""
-    from transformers import (AutoModelForCausalLM, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig,
-                              CLIPVisionModel, LlamaConfig, Qwen2Config, SiglipVisionConfig, SiglipVisionModel)
-
-    torch.manual_seed(seed)
-    tower = dict(image_size=image_size, patch_size=patch_size, hidden_size=vision_width,
-                 intermediate_size=2 * vision_width, num_hidden_layers=layers, num_attention_heads=4)
-    if vision == "clip":
-        text = dict(vocab_size=64, hidden_size=vision_width, intermediate_size=2 * vision_width,
-                    num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16)
-        vision_model = CLIPModel(CLIPConfig(vision_config=tower, text_config=text, projection_dim=vision_width))
-    elif vision == "clip_vision":
-        vision_model = CLIPVisionModel(CLIPVisionConfig(**tower))
-    elif vision == "siglip":
-        vision_model = SiglipVisionModel(SiglipVisionConfig(**tower))
-    else:
-        raise ValueError(f"unknown tiny vision tower {vision!r}; valid: clip, clip_vision, siglip")
-    vision_dir = os.path.join(out_dir, f"tiny-{vision}")
-    vision_model.save_pretrained(vision_dir)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size).save_pretrained(vision_dir)
-
-    tokenizer = make_tiny_tokenizer(corpus, vocab_size)
-    shape = dict(vocab_size=len(tokenizer), hidden_size=llm_width, intermediate_size=2 * llm_width,
-                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if llm == "llama":
-        config = LlamaConfig(**shape, tie_word_embeddings=False)
-    elif llm == "qwen2":
-        config = Qwen2Config(**shape, tie_word_embeddings=True)
-    else:
-        raise ValueError(f"unknown tiny LLM {llm!r}; valid: llama, qwen2")
-    llm_dir = os.path.join(out_dir, f"tiny-{llm}")
-    AutoModelForCausalLM.from_config(config).save_pretrained(llm_dir)
-    tokenizer.save_pretrained(llm_dir)
-    return vision_dir, llm_dir
-
-
-# ----------------------------------------------------------------------------------------------
-# 11. See what the model sees: `python data.py --show CONFIG [key=value ...] [--n N | --id ID]`
+# 8. See what the model sees: `python data.py --show CONFIG [key=value ...] [--n N | --id ID]`
 #
 # A template or tokenizer change that shifts the labels fails silently (LLaVA's "tokenization
 # mismatch ... (ignored)"): the run trains on nothing, or on the wrong text. --show prints a
@@ -1060,41 +832,6 @@ def make_tiny_backbones(out_dir, vision="clip", llm="llama", image_size=32, patc
 SUPERVISED_MARKS = ("[[", "]]")  # around supervised text when the output is not a terminal
 TERMINAL_COLOURS = {"answer": "\033[1;32m", "image": "\033[36m"}  # bold green answers, cyan images
 RESET = "\033[0m"
-
-
-def processor_from_config(cfg):
-    """The processor build_vlm makes for this config, without loading any weights: the LLM's
-    tokenizer with <image>, and the image transform and token counts from the tower's config."""
-    from transformers import AutoConfig
-
-    from model import (VLMConfig, add_image_token, build_processor, check_pinpoints, count_image_tokens,
-                       default_pinpoints, load_tokenizer)
-    from train import parse_pinpoints
-
-    for key in ("llm", "vision_model"):
-        name = getattr(cfg, key)
-        if not os.path.exists(name) and not HUB_REPO_ID.fullmatch(name):
-            raise UserError(f"{key}={name!r} is no folder here, and no Hub name (owner/name) either")
-    try:
-        tokenizer = load_tokenizer(cfg.llm)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of llm={cfg.llm!r}: {str(e).strip().splitlines()[0]}") from None
-    try:
-        vision = AutoConfig.from_pretrained(cfg.vision_model)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the config of vision_model={cfg.vision_model!r}: "
-                        f"{str(e).strip().splitlines()[0]}") from None
-    vision = getattr(vision, "vision_config", vision)  # a full CLIP/SigLIP checkpoint: its vision half
-    pinpoints = None
-    if cfg.image_aspect == "anyres":
-        try:
-            pinpoints = check_pinpoints(parse_pinpoints(cfg.image_grid_pinpoints) or
-                                        default_pinpoints(vision.image_size), vision.image_size)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    config = VLMConfig(vision_config=vision.to_dict(), image_token_id=add_image_token(tokenizer),
-                       num_image_tokens=count_image_tokens(vision, cfg.drop_cls), image_grid_pinpoints=pinpoints)
-    return build_processor(cfg.vision_model, tokenizer, config, cfg.image_aspect)
 
 
 def token_runs(input_ids, labels, image_id):
@@ -1222,8 +959,6 @@ def audit_supervision(answers, input_ids, labels, tokenizer, template, cut):
 
 def show_samples(config, overrides, n=1, record_id=None):
     """Prints records as training gets them and audits their labels; returns 0, or 1 when the audit fails."""
-    from train import check_config, load_config, prepare_demo
-
     if not config.endswith(".py"):
         raise UserError(f"--show {config!r}: give a config file (configs/*.py), then key=value overrides")
     cfg, _ = load_config([config, *overrides])
@@ -1231,8 +966,15 @@ def show_samples(config, overrides, n=1, record_id=None):
     if n < 1:
         raise UserError(f"--n {n}: show at least 1 record")
     if cfg.make_demo:
-        prepare_demo(cfg)
-    processor = processor_from_config(cfg)
+        make_demo_files(cfg.data_path, cfg.vision_model, cfg.llm)
+    try:
+        processor = build_processor(cfg.vision_model, cfg.llm, cfg.image_aspect, cfg.drop_cls,
+                                    parse_pinpoints(cfg.image_grid_pinpoints))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot build the processor from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
+                        f"{first_line(e)}") from None
+    if cfg.template == "chat":
+        check_chat_template(processor, cfg.llm)
     datasets.disable_progress_bars()
     try:
         dataset = VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
@@ -1281,48 +1023,18 @@ def show_samples(config, overrides, n=1, record_id=None):
     return 1 if failed else 0
 
 
-def check_demo_folder(folder):
-    """The demo writes its files only into a new or empty folder: its fixed names (images/,
-    finetune.json, ...) would overwrite a user's files of those names."""
-    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise UserError(f"--make-demo {folder}: {'it is a file' if not os.path.isdir(folder) else 'it is not empty'}; "
-                        "the demo writes its files only into a new or empty folder")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="small-vlm data tools. Examples: python data.py --make-demo "
-                                                 "data/demo; python data.py --show configs/demo.py --n 3")
-    action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--make-demo", metavar="DIR",
-                        help="write the synthetic coloured-shapes demo data set (images + JSON) into DIR")
-    action.add_argument("--show", metavar="CONFIG",
+    parser = argparse.ArgumentParser(description="See what the model sees: python data.py --show configs/demo.py --n 3 "
+                                                 "(the demo data itself: python data/demo/prepare.py)")
+    parser.add_argument("--show", metavar="CONFIG", required=True,
                         help="print records of CONFIG's data as the model gets them, and audit their labels")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="--show: config overrides, as for train.py")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train.py")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--n", type=int, default=1, help="--show: the first N records (default 1)")
-    which.add_argument("--id", help="--show: the record with this id")
-    parser.add_argument("--n-pretrain", type=int, default=2000, help="stage-1 caption records")
-    parser.add_argument("--n-finetune", type=int, default=8000, help="stage-2 QA records")
-    parser.add_argument("--n-eval", type=int, default=144, help="eval questions (36k balances all answers)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_intermixed_args(argv)
-    if args.show:
-        return show_samples(args.show, args.overrides, args.n, args.id)
-    if args.overrides:
-        raise UserError(f"--make-demo takes no key=value settings, got {' '.join(args.overrides)}")
-    check_demo_folder(args.make_demo)
-    for flag, count in (("--n-pretrain", args.n_pretrain), ("--n-finetune", args.n_finetune),
-                        ("--n-eval", args.n_eval)):
-        if count < 1:
-            raise UserError(f"{flag} {count}: the demo needs at least 1 such record")
-    try:
-        written = make_demo_data(args.make_demo, args.n_pretrain, args.n_finetune, args.n_eval, args.seed)
-    except (OSError, ValueError) as e:  # an unwritable or non-empty folder, a bad count
-        raise UserError(f"--make-demo {args.make_demo}: {e}") from None
-    print("\n".join(f"{key}: {path}" for key, path in written.items()))
-    return 0
+    which.add_argument("--n", type=int, default=1, help="the first N records (default 1)")
+    which.add_argument("--id", help="the record with this id")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    return show_samples(args.show, args.overrides, args.n, args.id)
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("data", sys.modules[__name__])  # train.py's `import data` is this module: one UserError
-    sys.exit(run_command(main))
+    exit_after(main)

@@ -169,13 +169,26 @@ def check_pinpoints(pinpoints, tile):
     return [[int(pin_h), int(pin_w)] for pin_h, pin_w in pinpoints]
 
 
+def parse_pinpoints(text):
+    """"336x672,672x336" -> [[336, 672], [672, 336]] ([height, width] each); "" -> None (the default list)."""
+    if not text:
+        return None
+    pinpoints = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
+        if not match:
+            raise ValueError(f"image_grid_pinpoints={text!r}: {item!r} is not HEIGHTxWIDTH in pixels "
+                             "(e.g. 336x672,672x336,672x672,1008x336,336x1008)")
+        pinpoints.append([int(match[1]), int(match[2])])
+    return pinpoints
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Vision encoder
 
 
-def load_vision_tower(name_or_path, **kwargs):
-    """A CLIP/SigLIP vision tower from the Hub or a folder; a full CLIP/SigLIP checkpoint yields its
-    vision half (its `vision_model.*` weights are the same keys the vision-only model expects)."""
+def load_vision_config(name_or_path):
+    """The vision tower's config; of a full CLIP/SigLIP checkpoint, its vision half."""
     config = AutoConfig.from_pretrained(name_or_path)
     config = getattr(config, "vision_config", config)
     if not re.match(r"(clip|siglip|siglip2)_vision_model$", config.model_type):
@@ -184,6 +197,13 @@ def load_vision_tower(name_or_path, **kwargs):
             "CLIP and SigLIP vision towers (e.g. openai/clip-vit-large-patch14-336, "
             "google/siglip-so400m-patch14-384)."
         )
+    return config
+
+
+def load_vision_tower(name_or_path, **kwargs):
+    """A CLIP/SigLIP vision tower from the Hub or a folder; a full CLIP/SigLIP checkpoint yields its
+    vision half (its `vision_model.*` weights are the same keys the vision-only model expects)."""
+    config = load_vision_config(name_or_path)
     # A full CLIP/SigLIP checkpoint also holds a text tower; transformers would print a table of
     # those "unexpected" weights. Skipping them is the point here, so hush that one report.
     verbosity = hf_logging.get_verbosity()
@@ -595,6 +615,7 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
     the LLM in the dtype of its embeddings. image_grid_pinpoints: anyres only; None = LLaVA-NeXT's
     five grids (default_pinpoints). llm_quantization: transformers' quantization settings for the
     LLM (QLoRA's 4-bit loading, train.py's four_bit_loading)."""
+    processor = build_processor(vision_model, llm, image_aspect, drop_cls, image_grid_pinpoints)
     load = {"attn_implementation": attn_implementation} if attn_implementation else {}
     # Loading draws from the random generator in some set-ups (ZeRO-3's partitioned loading) and not
     # in others: on a generator of its own, the new parts below start the same way in every set-up.
@@ -602,23 +623,13 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
         language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto",
                                                               quantization_config=llm_quantization, **load)
         vision_tower = load_vision_tower(vision_model, dtype=language_model.dtype, **load)
-    tokenizer = load_tokenizer(llm)
-    image_token_id = add_image_token(tokenizer)
-    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+    if len(processor.tokenizer) > language_model.get_input_embeddings().num_embeddings:
         # The <image> row is never read as an input (the splice overwrites those positions), so it
         # needs no careful start: no mean/covariance of the old table (mean_resizing), which at 7B
         # under ZeRO-3 would gather the whole table on every rank.
-        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    vision_config = vision_tower.config
-    pinpoints = None
-    if image_aspect == "anyres":
-        if vision_has_cls(vision_config) and not drop_cls:
-            raise ValueError("image_aspect='anyres' lays each tile's patch features out on a grid, so it needs "
-                             "drop_cls=True (a CLS token has no place on the grid), as LLaVA-NeXT")
-        pinpoints = check_pinpoints(image_grid_pinpoints or default_pinpoints(vision_config.image_size),
-                                    vision_config.image_size)
+        language_model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
     config = VLMConfig(
-        vision_config=vision_config.to_dict(),
+        vision_config=vision_tower.config.to_dict(),
         # without the LLM's quantization settings: the saved model is a plain 16-bit one (QLoRA merges)
         text_config={k: v for k, v in language_model.config.to_dict().items() if k != "quantization_config"},
         vision_model=str(vision_model),
@@ -626,36 +637,47 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
         vision_feature_layer=vision_feature_layer,
         drop_cls=drop_cls,
         connector=connector,
-        image_token_id=image_token_id,
-        num_image_tokens=count_image_tokens(vision_config, drop_cls),
-        image_grid_pinpoints=pinpoints,
+        image_token_id=processor.image_token_id,
+        num_image_tokens=processor.num_image_tokens,
+        image_grid_pinpoints=processor.image_processor.image_grid_pinpoints,
         attn_implementation=attn_implementation,  # None = transformers' default (sdpa)
     )
     model = VLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
     # The LLM's generation_config may list several end tokens (Qwen2.5: <|im_end|> and <|endoftext|>)
     # that its config.json does not; generation must stop at them too.
     model.generation_config.eos_token_id = language_model.generation_config.eos_token_id
-    model.generation_config.suppress_tokens = [image_token_id]  # a generated <image> has no image behind it
+    model.generation_config.suppress_tokens = [processor.image_token_id]  # a generated <image> has no image behind it
     # The new parts in the LLM's dtype (the loaded ones already are; under ZeRO-3 they are already
     # partitioned, and must not be moved as a whole)
     model.connector.to(language_model.dtype)
-    if pinpoints:
+    if config.image_grid_pinpoints:
         model.image_newline.data = model.image_newline.data.to(language_model.dtype)
-    processor = build_processor(vision_model, tokenizer, config, image_aspect)
     return model, processor
 
 
-def build_processor(vision_model, tokenizer, config, image_aspect):
-    """The encoder's own normalization constants, our image transform, and the tokenizer."""
+def build_processor(vision_model, llm, image_aspect="pad", drop_cls=True, image_grid_pinpoints=None):
+    """The processor of a VLM built from these parts, from files alone (no weights are read): the
+    LLM's tokenizer with <image>, our image transform with the encoder's own normalization
+    constants, and the image token counts from the tower's config."""
+    tokenizer = load_tokenizer(llm)
+    add_image_token(tokenizer)
+    vision_config = load_vision_config(vision_model)
+    pinpoints = None
+    if image_aspect == "anyres":
+        if vision_has_cls(vision_config) and not drop_cls:
+            raise ValueError("image_aspect='anyres' lays each tile's patch features out on a grid, so it needs "
+                             "drop_cls=True (a CLS token has no place on the grid), as LLaVA-NeXT")
+        pinpoints = check_pinpoints(image_grid_pinpoints or default_pinpoints(vision_config.image_size),
+                                    vision_config.image_size)
     try:
         reference = AutoImageProcessor.from_pretrained(vision_model)
         mean, std = reference.image_mean, reference.image_std
     except (OSError, ValueError):  # a bare vision checkpoint without preprocessor_config.json
         mean, std = CLIP_MEAN, CLIP_STD
-    image_processor = VLMImageProcessor(size=config.vision_config.image_size, image_mean=mean, image_std=std,
-                                        aspect=image_aspect, image_grid_pinpoints=config.image_grid_pinpoints)
-    return VLMProcessor(image_processor, tokenizer, num_image_tokens=config.num_image_tokens,
-                        image_token=config.image_token, patch_size=config.vision_config.patch_size,
+    image_processor = VLMImageProcessor(size=vision_config.image_size, image_mean=mean, image_std=std,
+                                        aspect=image_aspect, image_grid_pinpoints=pinpoints)
+    return VLMProcessor(image_processor, tokenizer, num_image_tokens=count_image_tokens(vision_config, drop_cls),
+                        image_token=IMAGE_TOKEN, patch_size=vision_config.patch_size,
                         chat_template=tokenizer.chat_template)
 
 

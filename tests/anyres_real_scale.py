@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor  # noqa: E402
 
 from conftest import smooth_image  # noqa: E402
-from data import make_tiny_tokenizer  # noqa: E402
+from prepare import make_tiny_tokenizer  # noqa: E402
 from model import (CLIP_STD, IMAGE_TOKEN, VLMImageProcessor, VLMProcessor, add_image_token,  # noqa: E402
                    default_pinpoints)
 

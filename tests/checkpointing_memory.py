@@ -15,8 +15,9 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import run  # noqa: E402
 import train  # noqa: E402
-from data import make_tiny_backbones  # noqa: E402
+from prepare import make_tiny_backbones  # noqa: E402
 
 
 def backbones():
@@ -40,7 +41,7 @@ def random_batch(model, processor, batch, length):
 
 def main(mode):
     folder = backbones()
-    cfg = train.Config(vision_model=os.path.join(folder, "tiny-clip"), llm=os.path.join(folder, "tiny-llama"),
+    cfg = run.Config(vision_model=os.path.join(folder, "tiny-clip"), llm=os.path.join(folder, "tiny-llama"),
                        template="plain", precision="fp32", gradient_checkpointing=mode in ("on", "inert"))
     model, processor = train.build_training_model(cfg, torch.device("cpu"))
     if mode == "inert":

@@ -6,8 +6,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "data", "demo"))  # prepare.py: the tiny backbones and the demo data
 
-from data import make_tiny_backbones  # noqa: E402
+from prepare import make_tiny_backbones  # noqa: E402
 from model import build_vlm  # noqa: E402
 
 
@@ -72,6 +73,15 @@ def smooth_image(width, height, seed=0):
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
+def exit_code(main, argv):
+    """What `python X.py ARGV` exits with, run in-process: run.exit_after around main(argv)."""
+    from run import exit_after
+
+    with pytest.raises(SystemExit) as ended:
+        exit_after(lambda: main(argv))
+    return ended.value.code
+
+
 def write_json(path, records):
     """records as a JSON file at path; returns the path as a string (what data_path takes)."""
     import json
@@ -98,7 +108,7 @@ def tiny_vlm(tiny_backbones):
 def demo_dir(tmp_path_factory):
     """Small demo data (64 pretrain, 64 finetune, 12 eval records) and tiny backbones trained on
     its tokenizer corpus, shared by the training, reliability and end-to-end tests."""
-    from data import demo_corpus, make_demo_data
+    from prepare import demo_corpus, make_demo_data
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_data(str(root), n_pretrain=64, n_finetune=64, n_eval=12)

@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import run  # noqa: E402
 import train  # noqa: E402
 from checkpointing_memory import backbones, random_batch  # noqa: E402
 
@@ -25,10 +26,10 @@ def main(mode):
     device = torch.device("cuda" if cuda else "cpu")
     folder = backbones()
     lora = {"lora_r": 64, "lora_alpha": 128.0, "qlora": mode == "qlora"} if mode != "full" else {}
-    cfg = train.Config(vision_model=os.path.join(folder, "tiny-clip"), llm=os.path.join(folder, "tiny-llama"),
+    cfg = run.Config(vision_model=os.path.join(folder, "tiny-clip"), llm=os.path.join(folder, "tiny-llama"),
                        template="plain", precision="bf16" if cuda else "fp32", gradient_checkpointing=True,
                        train_lm=True, **lora)
-    train.check_lora(cfg)
+    run.check_lora(cfg)
     if cuda:
         torch.cuda.set_device(0)
     model, processor = train.build_training_model(cfg, device)

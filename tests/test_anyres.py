@@ -23,7 +23,8 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from conftest import copy_weights_into, smooth_image, supervise_text, write_json
-from data import UserError, VLMDataset, collate
+from data import VLMDataset, collate
+from run import UserError
 from model import (
     IGNORE_INDEX,
     IMAGE_TOKEN,

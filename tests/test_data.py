@@ -9,23 +9,23 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from conftest import write_json
+from conftest import exit_code, write_json
 from data import (
     TEMPLATES,
     VICUNA_SYSTEM,
     LengthGroupedSampler,
     SampleTooLong,
-    UserError,
     VLMDataset,
     chat_template_for,
     collate,
     load_records,
     pack_rows,
-    make_demo_data,
     render_pieces,
     tokenize_conversation,
 )
 from model import IGNORE_INDEX, build_vlm
+from prepare import make_demo_data
+from run import UserError
 
 ONE_TURN = [{"from": "human", "value": "What colour is it?\n<image>"}, {"from": "gpt", "value": "red"}]
 TWO_TURNS = ONE_TURN + [{"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "a circle"}]
@@ -782,7 +782,7 @@ def show(capsys, demo_dir, *more):
     argv = ["--show", os.path.join(ROOT, "configs", "demo.py"), f"data_path={demo_dir}/finetune.json",
             f"image_folder={demo_dir}/images", f"vision_model={demo_dir}/backbones/tiny-clip",
             f"llm={demo_dir}/backbones/tiny-llama", "make_demo=false", *more]
-    code = data.run_command(data.main, argv)
+    code = exit_code(data.main, argv)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -898,7 +898,7 @@ def test_show_with_real_tokenizers_and_templates(demo_dir, capsys, tokenizer, vi
     (["--n", "0"], "--n 0: show at least 1 record"),
     (["--id", "no-such-id"], "--id 'no-such-id': no record of data_path="),
     (["data_path=/no/such/file.json"], "data file '/no/such/file.json' does not exist"),
-    (["llm=/no/such/llm"], "llm='/no/such/llm' is no folder here"),
+    (["llm=/no/such/llm"], "cannot build the processor from vision_model="),
     (["template=vicuna"], "template='vicuna': valid values are plain, vicuna_v1, chat"),
 ])
 def test_show_bad_input_is_one_error_line(demo_dir, capsys, more, message):
@@ -909,7 +909,7 @@ def test_show_bad_input_is_one_error_line(demo_dir, capsys, more, message):
 def test_show_names_a_missing_config_and_unreadable_data(demo_dir, tmp_path, capsys):
     import data
 
-    assert data.run_command(data.main, ["--show", str(tmp_path / "missing.py")]) == 2
+    assert exit_code(data.main, ["--show", str(tmp_path / "missing.py")]) == 2
     assert capsys.readouterr().err == f"error: config file '{tmp_path / 'missing.py'}' not found\n"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "conversations": ONE_TURN}) + "\n{oops\n")

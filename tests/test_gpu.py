@@ -29,9 +29,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import run
 import train
 from conftest import launch, read_metrics, read_weights, smooth_image, supervise_text, train_args
-from data import VLMDataset, collate, make_tiny_backbones
+from data import VLMDataset, collate
+from prepare import make_tiny_backbones
 from model import IGNORE_INDEX, build_vlm
 from test_reliability import last_step, wait_for
 
@@ -198,7 +200,7 @@ def test_packed_micro_batch_gives_the_padded_loss(demo_dir, attn):
     lengths = [len(s["input_ids"]) for s in samples]
     assert len(set(lengths)) > 1, lengths
     pad = processor.tokenizer.pad_token_id
-    cfg = train.Config(pack_samples=True, max_seq_len=max(lengths) + min(lengths))  # rows of 2 or 3 samples
+    cfg = run.Config(pack_samples=True, max_seq_len=max(lengths) + min(lengths))  # rows of 2 or 3 samples
     padded = collate(samples, pad)  # one sample per row, right-padded, attention_mask
     packed = train.make_collate(cfg, pad, attn)(samples)
     rows = len(packed["input_ids"])
@@ -226,7 +228,7 @@ def test_packed_micro_batch_gives_the_padded_loss(demo_dir, attn):
 def stage1_step(vision, llm, checkpointing, shape):
     """One forward + backward of the stage-1 model train.py builds (the connector trains, gradients
     flow through the frozen LLM): (loss, peak GiB allocated above what was allocated before; None on CPU)."""
-    cfg = train.Config(vision_model=vision, llm=llm, template="plain", precision=PRECISION,
+    cfg = run.Config(vision_model=vision, llm=llm, template="plain", precision=PRECISION,
                        gradient_checkpointing=checkpointing)
     torch.manual_seed(0)  # the same fresh connector in both runs
     model, processor = train.build_training_model(cfg, DEVICE)
@@ -330,7 +332,7 @@ def test_qlora_trains_and_its_bf16_final_computes_what_the_4bit_model_did(qlora_
     final = VLMForCausalLM.from_pretrained(out / "final", dtype=torch.bfloat16).to(DEVICE).eval()
     processor = VLMProcessor.from_pretrained(out / "final")
 
-    cfg = train.Config(lora_r=8, lora_alpha=16.0, qlora=True, train_lm=True)
+    cfg = run.Config(lora_r=8, lora_alpha=16.0, qlora=True, train_lm=True)
     four_bit, _ = build_vlm(demo_dir / "backbones" / "tiny-clip", demo_dir / "backbones" / "tiny-llama",
                             dtype=torch.bfloat16, llm_quantization=train.four_bit_loading(cfg))
     add_lora(four_bit.language_model, lora_target_names(four_bit.language_model, "all-linear"), 8, 16.0, 0.0)

@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 import push
+import run
 import train
 from conftest import launch, read_metrics, read_weights, smooth_image, train_args
-from data import UserError
+from run import UserError
 from model import LoRALinear, VLMForCausalLM, VLMProcessor, add_lora, build_vlm, lora_target_names, merge_lora
 from test_reliability import assert_same_run, last_step, wait_for
-from train import Config
+from run import Config
 
 LORA = ["lora_r=8", "lora_alpha=16", "train_vision=false", "train_connector=true", "train_lm=true"]
 
@@ -205,7 +206,7 @@ def test_bad_lora_settings_are_one_line_each(overrides, message):
     if torch.cuda.is_available() and "CUDA" in message:
         pytest.skip("this machine has a GPU")
     with pytest.raises(UserError, match=message):
-        train.check_config(Config(data_path="x", **overrides), 1)
+        run.check_config(Config(data_path="x", **overrides), 1)
 
 
 def test_a_lora_target_that_matches_nothing_names_the_layers_there_are(tiny_vlm):

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
 
 from conftest import copy_weights_into, favour_token, supervise_text
-from data import make_tiny_backbones
+from prepare import make_tiny_backbones
 from model import (
     IGNORE_INDEX,
     IMAGE_TOKEN,

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from conftest import launch, read_metrics, read_weights, train_args
-from data import LengthGroupedSampler, UserError
-from train import Config, check_out_dir
+from conftest import exit_code, launch, read_metrics, read_weights, train_args
+from data import LengthGroupedSampler
+from run import Config, UserError, check_out_dir
 
 pytestmark = pytest.mark.slow
 
@@ -265,7 +265,8 @@ def test_make_demo_writes_only_into_a_new_or_empty_folder(demo_dir, tmp_path):
     (folder / "notes.txt").write_text("mine")
     run = launch(train_args(demo_dir, tmp_path / "run", "make_demo=true", f"data_path={folder}/finetnue.json"))
     assert run.returncode == 2, run.out[-3000:]
-    assert f"{folder}/finetnue.json does not exist, and the demo writes its files only into a new or empty" in run.out
+    assert f"{folder}/finetnue.json does not exist, and {folder} holds notes.txt, and the demo writes its files" in run.out
+    assert "only into a new or empty folder; check the path for a typo" in run.out
     assert sorted(os.listdir(folder)) == ["notes.txt"]
 
 
@@ -274,7 +275,7 @@ def test_damaged_checkpoints_are_named_and_the_newest_complete_one_offered(demo_
     run = launch(train_args(demo_dir, out, "max_steps=4", "save_every=2"))
     assert run.returncode == 0, run.out[-3000:]
     ckpt, args = out / "checkpoints", train_args(demo_dir, out, "max_steps=6", "save_every=2", "resume=true")
-    cfg, _ = __import__("train").load_config(args)
+    cfg, _ = __import__("run").load_config(args)
     (ckpt / "latest").write_text("")
     with pytest.raises(UserError, match="names '', and it is empty; the newest complete checkpoint is step00000004"):
         check_out_dir(cfg)
@@ -333,7 +334,7 @@ def test_damaged_or_unwritable_files_are_one_error_line(tiny_vlm, tmp_path, caps
     config = tmp_path / "latin1.py"
     config.write_bytes("out_dir = 'caf\u00e9'\n".encode("latin-1"))
     with pytest.raises(UserError, match="latin1.py' cannot be read .*save it as UTF-8"):
-        train.load_config([str(config)])
+        run.load_config([str(config)])
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step00000002")
@@ -367,8 +368,8 @@ def test_damaged_or_unwritable_files_are_one_error_line(tiny_vlm, tmp_path, caps
     out = tmp_path / "answers"
     out.mkdir()
     os.symlink("/dev/full", out / "answers.jsonl")
-    code = evaluation.run_command(lambda: evaluation.run(evaluation.parse_args(
-        [str(tmp_path / "good"), "--data", str(tmp_path / "bench.jsonl"), "--out", str(out), "--max_new_tokens", "1"])))
+    code = exit_code(evaluation.main, [str(tmp_path / "good"), "--data", str(tmp_path / "bench.jsonl"), "--out",
+                                       str(out), "--max_new_tokens", "1"])
     assert code == 2
     assert re.search(r"error: cannot write .*answers.jsonl \(No space left on device\)", capsys.readouterr().err)
 
@@ -376,7 +377,7 @@ def test_damaged_or_unwritable_files_are_one_error_line(tiny_vlm, tmp_path, caps
 HANG_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import train
+import run
 
 class Failing(torch.utils.data.Dataset):
     def __len__(self):
@@ -385,11 +386,11 @@ class Failing(torch.utils.data.Dataset):
         raise MemoryError("an allocation failure in a worker: no bad record")
 
 def main():
-    loader = torch.utils.data.DataLoader(Failing(), num_workers=2, worker_init_fn=train.leave_stop_signals_to_the_rank)
+    loader = torch.utils.data.DataLoader(Failing(), num_workers=2, worker_init_fn=run.ignore_stop_signals)
     for _ in loader:
         pass
 
-train.run_and_exit(main)
+run.exit_after(main, hard=True)
 """
 
 
@@ -422,23 +423,23 @@ def test_a_chat_template_that_cannot_render_fails_at_start_up(tiny_backbones, tm
     """Causes 2 and 6: template=chat is rendered once on a probe conversation before anything
     starts; a template that rejects one record makes that record a bad record (skipped or named),
     not an exception in a DataLoader worker."""
-    from data import CHATML_TEMPLATE, VLMDataset
-    from model import build_vlm
-    from train import check_template
+    from data import VLMDataset, check_chat_template
+    from model import build_processor, build_vlm
+    from prepare import CHATML_TEMPLATE
 
-    def cfg(llm):
-        return Config(vision_model=tiny_backbones[0], llm=llm, template="chat")
+    def check_template(llm):
+        check_chat_template(build_processor(tiny_backbones[0], llm), llm)
 
     broken = llm_with_template(tiny_backbones, tmp_path / "broken", "{% for m in messages %}{{ m['content'] }")
     with pytest.raises(UserError, match=r"template=chat: the chat template of llm=.*broken.* fails on a probe"):
-        check_template(cfg(broken))
+        check_template(broken)
     none = llm_with_template(tiny_backbones, tmp_path / "none", None)
     with pytest.raises(UserError, match="template='chat' needs a tokenizer with a chat template"):
-        check_template(cfg(none))
+        check_template(none)
     picky = ("{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no such words') }}"
              "{% endif %}{% endfor %}" + CHATML_TEMPLATE)
     picky = llm_with_template(tiny_backbones, tmp_path / "picky", picky)
-    check_template(cfg(picky))  # the probe renders
+    check_template(picky)  # the probe renders
     records = [{"id": "fine", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
                {"id": "rejected", "conversations": [{"from": "human", "value": "forbidden?"},
                                                     {"from": "gpt", "value": "No."}]}]
@@ -450,39 +451,50 @@ def test_a_chat_template_that_cannot_render_fails_at_start_up(tiny_backbones, tm
                                                        "no such words"}
 
 
-def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
-    """Cause 3: out_dir/run.lock names the live run; a second run there is refused before it reads
-    or deletes anything (overwrite=True included). A lock whose process is gone is taken over."""
-    import socket
+HOLD_LOCK = """
+import fcntl, sys, time
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+lock.write("process of the first run\\n")
+lock.flush()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused_until_the_first_dies(tmp_path):
+    """Cause 3: out_dir/run.lock carries a kernel lock while a run lives; a second run there is
+    refused before it reads or deletes anything (overwrite=True included), in-process through
+    train.main. When the holder dies (SIGKILL: no clean-up runs) the kernel drops its lock and the
+    folder can be taken; a run that stopped at start-up leaves no folder behind."""
     import subprocess
     import sys
+    from unittest import mock
 
+    import run
     import train
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "train_config.json").write_text(json.dumps({"seed": 0}))
     (out / "metrics.jsonl").write_text("the first run's\n")
-    live = {"pid": os.getpid(), "host": socket.gethostname()}  # this test's own process: alive
-    (out / "run.lock").write_text(json.dumps(live))
-    done = subprocess.run([sys.executable, "train.py", "data_path=x.json", f"out_dir={out}", "overwrite=true"],
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert f"error: out_dir {out} is in use by process {os.getpid()}" in done.stderr and "Traceback" not in done.stderr
-    assert (out / "metrics.jsonl").read_text() == "the first run's\n"
-    assert json.loads((out / "run.lock").read_text()) == live  # still the first run's
-
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # a run killed on this host: its pid no longer exists
-    (out / "run.lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
-    train.lock_out_dir(Config(out_dir=str(out)), rank=0)
-    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
-    train.release_out_dir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / "run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with mock.patch.dict(os.environ), pytest.raises(UserError, match=rf"out_dir {out} is in use by another run "
+                                                                          r"\(process of the first run\)"):
+            train.main(["data_path=x.json", f"out_dir={out}", "overwrite=true"])
+        assert (out / "metrics.jsonl").read_text() == "the first run's\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    run.lock_out_dir(Config(out_dir=str(out)), rank=0)
+    assert (out / "run.lock").read_text().startswith(f"process {os.getpid()} on ")
+    run.release_out_dir()
     assert sorted(os.listdir(out)) == ["metrics.jsonl", "train_config.json"]
     fresh = tmp_path / "fresh"
-    train.lock_out_dir(Config(out_dir=str(fresh)), rank=0)
-    train.release_out_dir()  # a run that stopped at start-up leaves no folder behind
+    run.lock_out_dir(Config(out_dir=str(fresh)), rank=0)
+    run.release_out_dir()  # a run that stopped at start-up leaves no folder behind
     assert not fresh.exists()
 
 
@@ -529,17 +541,18 @@ def test_values_that_cannot_work_are_refused_at_start(tiny_backbones):
 
 
 def test_make_demo_writes_only_into_a_new_or_empty_folder_from_the_command_line(tmp_path):
-    """Cause 7: `python data.py --make-demo DIR` has train.py's rule, and refuses counts below 1."""
-    import data
+    """Cause 7: `python data/demo/prepare.py --out DIR` writes over none of a user's files of the
+    demo's names, and refuses counts below 1."""
+    import prepare
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "finetune.json").write_text("my own data")
-    with pytest.raises(UserError, match="mine: it is not empty; the demo writes its files only into a new or empty"):
-        data.main(["--make-demo", str(mine), "--n-pretrain", "1", "--n-finetune", "1", "--n-eval", "1"])
+    with pytest.raises(UserError, match="mine holds finetune.json, and the demo writes its files .* only into a new"):
+        prepare.main(["--out", str(mine), "--n-pretrain", "1", "--n-finetune", "1", "--n-eval", "1"])
     assert os.listdir(mine) == ["finetune.json"] and (mine / "finetune.json").read_text() == "my own data"
     with pytest.raises(UserError, match="--n-finetune -5: the demo needs at least 1"):
-        data.main(["--make-demo", str(tmp_path / "new"), "--n-finetune", "-5"])
+        prepare.main(["--out", str(tmp_path / "new"), "--n-finetune", "-5"])
     assert not (tmp_path / "new").exists()
 
 
@@ -597,13 +610,13 @@ def test_two_starts_at_once_and_a_config_that_exits(tmp_path, monkeypatch):
     monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    train.init_process_group("gloo")
+    run.init_process_group("gloo")
     assert ports[0] == "29500" and ports[1] != "29500" and len(ports) == 2
     monkeypatch.setenv("WORLD_SIZE", "2")  # with other ranks, the port is the launcher's: not changed
     ports.clear()
     with pytest.raises(dist.DistNetworkError):
-        train.init_process_group("gloo")
+        run.init_process_group("gloo")
     config = tmp_path / "exits.py"
     config.write_text("import sys\nsys.exit(0)\n")
     with pytest.raises(UserError, match=r"exits.py' does not run: SystemExit: 0; a config file only assigns"):
-        train.load_config([str(config)])
+        run.load_config([str(config)])

@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
+import model
+import run
 import train
-from data import UserError
 from model import VLMForCausalLM
-from train import Config, build_param_groups, freeze_components, load_config, lr_factor
+from run import Config, UserError, load_config
+from train import build_param_groups, freeze_components, lr_factor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,24 +61,24 @@ def test_config_file_errors(tmp_path):
 
 def test_value_checks():
     with pytest.raises(UserError, match="batch_size=100 is not a multiple of micro_batch_size \\(8\\) x 2"):
-        train.check_config(Config(batch_size=100, micro_batch_size=8, data_path="x"), world_size=2)
-    assert train.check_config(Config(batch_size=64, micro_batch_size=8, data_path="x"), world_size=2) == 4
+        run.check_config(Config(batch_size=100, micro_batch_size=8, data_path="x"), world_size=2)
+    assert run.check_config(Config(batch_size=64, micro_batch_size=8, data_path="x"), world_size=2) == 4
     with pytest.raises(UserError, match="template='llama3': valid values are plain, vicuna_v1, chat"):
-        train.check_config(Config(template="llama3", data_path="x"), 1)
+        run.check_config(Config(template="llama3", data_path="x"), 1)
     with pytest.raises(UserError, match="nothing to train"):
-        train.check_config(Config(train_connector=False, data_path="x"), 1)
+        run.check_config(Config(train_connector=False, data_path="x"), 1)
     with pytest.raises(UserError, match="attn_implementation='flash': valid values are sdpa, flex_attention"):
-        train.check_config(Config(attn_implementation="flash", data_path="x"), 1)
+        run.check_config(Config(attn_implementation="flash", data_path="x"), 1)
     with pytest.raises(UserError, match="compile=True needs zero_stage 0, 1 or 2"):
-        train.check_config(Config(compile=True, zero_stage=3, data_path="x"), 1)
+        run.check_config(Config(compile=True, zero_stage=3, data_path="x"), 1)
 
 
 def test_anyres_settings_are_checked(tiny_backbones):
     with pytest.raises(UserError, match="image_grid_pinpoints='336,672': '336' is not HEIGHTxWIDTH"):
-        train.check_config(Config(image_aspect="anyres", image_grid_pinpoints="336,672", data_path="x"), 1)
+        run.check_config(Config(image_aspect="anyres", image_grid_pinpoints="336,672", data_path="x"), 1)
     with pytest.raises(UserError, match="image_grid_pinpoints is set but image_aspect='pad'"):
-        train.check_config(Config(image_grid_pinpoints="336x672", data_path="x"), 1)
-    assert train.parse_pinpoints(" 64x32,32x96") == [[64, 32], [32, 96]]
+        run.check_config(Config(image_grid_pinpoints="336x672", data_path="x"), 1)
+    assert model.parse_pinpoints(" 64x32,32x96") == [[64, 32], [32, 96]]
     vision, llm = tiny_backbones
     for settings, message in [({"image_grid_pinpoints": "32x48"}, r"\[32, 48\] is not a whole number of .* 32x32 tiles"),
                               ({"drop_cls": False}, "anyres.* needs drop_cls=True")]:
@@ -98,7 +100,7 @@ def test_anyres_settings_are_checked(tiny_backbones):
 ])
 def test_every_key_is_range_checked_before_anything_runs(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        train.check_config(Config(data_path="x", **override), world_size=1)
+        run.check_config(Config(data_path="x", **override), world_size=1)
 
 
 def test_dry_run_prints_config_and_loads_nothing(tmp_path):
@@ -115,7 +117,7 @@ def test_dry_run_prints_config_and_loads_nothing(tmp_path):
 def test_shipped_configs_parse_and_check():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         cfg, _ = load_config([os.path.join(ROOT, "configs", name)])
-        train.check_config(cfg, world_size=8 if "llava" in name or "qwen" in name else 1)
+        run.check_config(cfg, world_size=8 if "llava" in name or "qwen" in name else 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,14 +491,14 @@ def test_disk_full_while_saving_says_so(tmp_path):
     import errno
 
     partial = str(tmp_path / "checkpoints" / "step00000004.partial")
-    with pytest.raises(UserError, match=r"the disk is full \(.* MiB free\) while writing .*step00000004\.partial"):
-        with train.disk_full_says_so(partial):
+    with pytest.raises(UserError, match=r"cannot write .*step00000004\.partial \(the disk is full; .* MiB free\)"):
+        with run.writing(partial):
             raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(UserError, match="the disk is full"):  # how torch.save reports it
-        with train.disk_full_says_so(partial):
+        with run.writing(partial):
             raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
     with pytest.raises(RuntimeError, match="something else"):  # other errors are not disguised
-        with train.disk_full_says_so(partial):
+        with run.writing(partial):
             raise RuntimeError("something else")
 
 
@@ -585,5 +587,5 @@ def test_every_tensor_collective_goes_through_sum_over_ranks():
     seen = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train.dist, "all_reduce", lambda tensor: seen.append((tensor.device, tensor.dtype)))
-        assert train.sum_over_ranks([1, 2.5], torch.device("cpu")) == [1.0, 2.5]
+        assert run.sum_over_ranks([1, 2.5], torch.device("cpu")) == [1.0, 2.5]
     assert seen == [(torch.device("cpu"), torch.float64)]

@@ -26,13 +26,14 @@ def measure_rank(checkout):
     import torch
 
     sys.path.insert(0, checkout)
+    import run
     import train
 
-    cfg = train.Config(vision_model=f"{FOLDER}/tiny-clip", llm=f"{FOLDER}/tiny-llama", precision="fp32",
-                       zero_stage=3, batch_size=2, micro_batch_size=1, data_path="unused", train_lm=True)
+    cfg = run.Config(vision_model=f"{FOLDER}/tiny-clip", llm=f"{FOLDER}/tiny-llama", precision="fp32",
+                     zero_stage=3, batch_size=2, micro_batch_size=1, data_path="unused", train_lm=True)
     rank = int(os.environ["RANK"])
-    device = train.start_processes(cfg, rank)
-    partitioning = train.partitioned_loading(cfg, 1) if hasattr(train, "partitioned_loading") else None
+    device = run.start_processes(cfg)
+    partitioning = train.partitioned_loading(cfg, 1)
     model, _ = train.build_training_model(cfg, device)
     held = sum(p.numel() for p in model.parameters())  # this rank's values (a slice when partitioned)
     print(json.dumps({"checkout": checkout, "rank": rank, "partitioned": partitioning is not None,
@@ -46,7 +47,7 @@ def main(checkout):
     import torch
 
     sys.path.insert(0, ROOT)
-    from data import make_tiny_backbones
+    from prepare import make_tiny_backbones
 
     if not os.path.exists(os.path.join(FOLDER, "tiny-llama")):
         from transformers import AutoModelForCausalLM
