@@ -663,7 +663,7 @@ def load_one_source(path):
             hub = datasets.load_dataset(path, split="train")
         except Exception as e:  # offline, not found, gated: datasets raises many kinds
             raise ValueError(f"data_path {path!r} is no local file, and loading it as a Hub data set failed: "
-                             f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+                             f"{type(e).__name__}: {first_line(e)}") from None
         return hub.map(lambda batch, rows: normalise_batch(batch, rows, path), batched=True, with_indices=True,
                        remove_columns=hub.column_names, features=RECORD_FEATURES)
     raise FileNotFoundError(f"data file {path!r} does not exist (give a JSON/JSONL file or a Hub dataset id)")
@@ -694,12 +694,7 @@ def read_json_records(path):
         raise ValueError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded: UTF-16 or Latin-1?); "
                          "save it as UTF-8, as JSON requires") from None
     if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        except RecursionError:
-            raise ValueError(f"{path}: malformed JSON (nested too deep)") from None
+        records = decode_json(text, path)
     elif "\n" in text.strip() and is_one_json_object(text):  # JSONL holds one object per line
         raise ValueError(f"{path} holds one JSON object; expected a JSON list of LLaVA records, or JSONL "
                          "(one record per line)")
@@ -724,15 +719,19 @@ def is_one_json_object(text):
 
 def iter_jsonl(text, path):
     for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {line_number}: malformed JSON ({e.msg}, column {e.colno})") from e
-        except RecursionError:
-            raise ValueError(f"{path}, line {line_number}: malformed JSON (nested too deep)") from None
-        yield record
+        if line.strip():
+            yield decode_json(line, f"{path}, line {line_number}")
+
+
+def decode_json(text, where):
+    """json.loads; its error as one ValueError naming `where` and json's line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if "\n" not in text else f"line {e.lineno}, column {e.colno}"
+        raise ValueError(f"{where}: malformed JSON at {at}: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: malformed JSON (nested too deep)") from None
 
 
 def normalise_record(record, default_id):

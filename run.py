@@ -763,7 +763,7 @@ def resume(engine, cfg, tag, rank, world_size, universal):
     try:
         path, state = engine.load_checkpoint(root, tag=f"{tag}/universal" if universal else tag,
                                              load_module_strict=False)
-    except (AssertionError, RuntimeError, OSError, KeyError, ValueError, EOFError) as e:  # damaged, or not this model's
+    except (AssertionError, RuntimeError, KeyError, *DAMAGED_FILE_ERRORS) as e:  # damaged, or not this model's
         raise UserError(f"checkpoint {root}/{tag} cannot be loaded ({type(e).__name__}: {first_line(e)}); point "
                         f"{root}/latest at an older step, or start again with overwrite=True") from None
     if path is None:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 import run
 from data import LengthGroupedSampler, VLMDataset, chat_template_for, check_chat_template, collate, make_demo_files
 from model import add_lora, build_processor, build_vlm, inference_folder, merge_lora, parse_pinpoints
-from run import UserError, full_numel, full_shape, log_rank0
+from run import UserError, first_line, full_numel, full_shape, log_rank0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,8 +33,9 @@ from run import UserError, full_numel, full_shape, log_rank0
 
 def build_training_model(cfg, device):
     """The model main() trains: build_vlm (pretrained encoder + LLM + a fresh connector), stage 1's
-    connector when init_from is set (load_connector_weights), the training prompt format as the processor's chat template,
-    LoRA adapters (lora_r > 0) and prepare_for_training. Returns (model, processor)."""
+    connector when init_from is set (load_connector_weights), the training prompt format as the
+    processor's chat template, LoRA adapters (lora_r > 0) and prepare_for_training. Returns
+    (model, processor)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     pinpoints = parse_pinpoints(cfg.image_grid_pinpoints)
     try:
@@ -47,7 +48,7 @@ def build_training_model(cfg, device):
                                      llm_quantization=four_bit_loading(cfg))
     except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
         raise UserError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     run.check_model_fits(cfg, model, processor)
     rank = int(os.environ.get("RANK", 0))
     if cfg.init_from:
@@ -76,7 +77,7 @@ def load_connector_weights(model, folder):
     try:
         model.connector.load_state_dict({k[len("connector."):]: v for k, v in weights.items() if k != "image_newline"})
     except RuntimeError as e:
-        raise UserError(f"init_from={folder!r}: its connector does not fit this model ({e})".splitlines()[0])
+        raise UserError(f"init_from={folder!r}: its connector does not fit this model ({first_line(e)})") from None
     if hasattr(model, "image_newline"):  # anyres: stage 1 may have trained it, or run without anyres
         if "image_newline" not in weights:
             return f"init_from={folder}: connector loaded; it has no image_newline (trained without anyres), so that starts fresh"
