@@ -10,11 +10,13 @@ Read top to bottom, this is the path of a record from the JSONL file to its scor
                          folder, a remote-code folder or a Hub repo id; each loads with its own classes.
   2. the prompt        - question (+ lettered options) + LLaVA's answer-format suffix, rendered
                          by the processor's chat template: exactly the prompt the model trained on.
-  3. generation        - batched, left-padded, KV-cached; greedy unless --temperature > 0.
+  3. generation        - batched, left-padded, KV-cached; greedy unless --temperature > 0; never
+                         <image> (the checkpoint's generation_config suppresses it).
   4. scoring           - VQA answer normalization; exact match, VQAv2 soft accuracy, multiple choice.
   5. the data file     - every record is checked (fields, image files) before the model runs.
   6. evaluate          - answers every record and averages scores, overall and per category.
-  7. main              - the command line; a user mistake is one `error: ...` line and exit code 2.
+  7. main              - the command line; a user's mistake raises UserError, which run.exit_after
+                         prints as one `error: ...` line, exit code 2.
 """
 import argparse
 import contextlib
@@ -27,9 +29,10 @@ import sys
 import torch
 from jinja2 import TemplateError
 
-from data import (MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, UserError, check_weights_match, first_line,
-                  is_hub_repo_id, load_image, reading, run_command, writing)
+import run
+from data import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, is_hub_repo_id, load_image
 from model import IMAGE_TOKEN, VLMForCausalLM, VLMProcessor, inference_folder, to_rgb
+from run import UserError, first_line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ def read_checkpoint_config(ckpt):
                 f"{ckpt} is not a model: found no config.json in {folder}. Pass a training output folder "
                 "(with final/), a folder written by save_pretrained or push.py, or a Hub repo id."
             )
-        with reading(config_path, "copy or save the checkpoint again"), open(config_path) as f:
+        with run.reading(config_path, "copy or save the checkpoint again"), open(config_path) as f:
             return folder, json.load(f)
     if not is_hub_repo_id(ckpt):
         raise UserError(f"checkpoint not found: {ckpt} is not a folder (nor a Hub repo id, owner/name)")
@@ -57,7 +60,7 @@ def read_checkpoint_config(ckpt):
         config_path = hf_hub_download(ckpt, "config.json")
     except (OSError, ValueError) as e:  # not found, no network, gated repo, ...
         raise UserError(f"{ckpt} is not a local folder, and fetching it from the Hub failed: {first_line(e)}") from None
-    with reading(config_path, "the Hub copy is damaged; try again, or ask its owner"), open(config_path) as f:
+    with run.reading(config_path, "the Hub copy is damaged; try again, or ask its owner"), open(config_path) as f:
         return ckpt, json.load(f)
 
 
@@ -78,13 +81,12 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     source, config = read_checkpoint_config(ckpt)
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    damaged = reading(source, "copy or save the checkpoint again")  # a file of it is damaged or incomplete
     if model_type == "small_vlm":
-        with damaged:
+        with run.loading(source):
             model, loading_info = VLMForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
             processor = VLMProcessor.from_pretrained(source)
     elif model_type in NATIVE_CLASSES:
-        with damaged:
+        with run.loading(source):
             model, loading_info = getattr(transformers, NATIVE_CLASSES[model_type]).from_pretrained(
                 source, dtype=dtype, output_loading_info=True)
             processor = AutoProcessor.from_pretrained(source)  # LlavaProcessor / LlavaNextProcessor
@@ -95,7 +97,7 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
         auto_class = next((name for name in config["auto_map"] if name.startswith("AutoModel")), None)
         if auto_class is None:
             raise UserError(f"{ckpt}: config.json auto_map names no AutoModel class: {config['auto_map']}")
-        with damaged:
+        with run.loading(source):
             model, loading_info = getattr(transformers, auto_class).from_pretrained(
                 source, dtype=dtype, trust_remote_code=True, output_loading_info=True)
             processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
@@ -105,7 +107,7 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
             "'small_vlm' (saved by train.py), 'llava' or 'llava_next' (push.py's native export, without / with "
             "anyres) or a remote-code folder (auto_map)"
         )
-    check_weights_match(source, loading_info)
+    run.check_weights_match(source, loading_info)
     return model.to(device).eval(), processor
 
 
@@ -161,22 +163,12 @@ def generate_answers(model, processor, prompts, images, batch_size=8, max_new_to
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        with torch.no_grad():
+        with torch.no_grad():  # the model's generation_config suppresses <image> (build_vlm sets it)
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
-                                    pad_token_id=pad_token_id, **sampling, **never_generated(model))  # (B, T + new)
+                                    pad_token_id=pad_token_id, **sampling)  # (B, T + new)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new)
         answers += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
-
-
-def never_generated(model):
-    """generate() settings that keep the image token out of the answer: a generated <image> is a
-    placeholder with no image behind it (our model raises at the next step, model.py
-    merge_image_features). build_vlm saves this in generation_config, but folders saved before it
-    did, and exports made from them by an older push.py, lack it. {} for a remote-code model whose
-    config names no image token."""
-    image_token_id = getattr(model.config, "image_token_id", None)
-    return {} if image_token_id is None else dict(suppress_tokens=[image_token_id])
 
 
 def open_image(image):
@@ -274,7 +266,7 @@ def load_questions(path):
     if not os.path.isfile(path):
         raise UserError(f"data file not found: {path}")
     records = []
-    with reading(path, "save it as UTF-8 JSON lines"), open(path, encoding="utf-8") as f:
+    with run.reading(path, "save it as UTF-8 JSON lines"), open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -391,7 +383,7 @@ def evaluate(model, processor, asked, paths, missing=(), metric="auto", suffix=T
             rows.append({"id": record["id"], "prompt": prompt, "prediction": prediction, "answer": record["answer"],
                          "correct": score(prediction, record, metric)})
         if answers_file:
-            with writing(answers_file.name, ", then evaluate again"):
+            with run.writing(answers_file.name, ", then evaluate again"):
                 answers_file.writelines(json.dumps(row) + "\n" for row in rows[start:])
                 answers_file.flush()
         if progress:
@@ -429,8 +421,7 @@ def format_table(results):
 def write_results(results, settings, out_dir):
     """results.json (accuracy, counts, skipped ids, settings); evaluate wrote answers.jsonl."""
     summary = {k: v for k, v in results.items() if k != "answers"}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({**summary, "settings": settings}, f, indent=2)
+    run.write_json(os.path.join(out_dir, "results.json"), {**summary, "settings": settings})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +476,14 @@ def default_out_dir(data, ckpt):
     return os.path.join(os.path.dirname(os.path.abspath(data)), f"{data_name}-{ckpt_name}")
 
 
-def run(args):
+def main(argv=None):
+    """The command (argv: sys.argv[1:] when None). Every argument and record is checked before the model
+    loads; a user's mistake raises UserError."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # keep weight-loading reports out of the answers
+    logging.disable_progress_bar()
+    args = parse_args(argv)
     if (args.data is None) == (args.prompt is None):
         raise UserError("pass either --data FILE (a benchmark) or --prompt TEXT (one question, with --image)")
     if args.batch_size < 1 or args.max_new_tokens < 1:
@@ -515,7 +513,7 @@ def run(args):
         print(generate_answers(model, processor, [prompt], [args.image], **generation)[0])
         return
 
-    with writing(out_dir):
+    with run.writing(out_dir):
         os.makedirs(out_dir, exist_ok=True)
         answers = open(os.path.join(out_dir, "answers.jsonl"), "w")
     try:  # written as they come: none is lost
@@ -527,20 +525,11 @@ def run(args):
     settings = dict(ckpt=args.ckpt, data=args.data, image_folder=image_folder, metric=args.metric,
                     suffix=not args.no_suffix, batch_size=args.batch_size, device=str(model.device),
                     dtype=str(model.dtype).removeprefix("torch."), **generation)
-    with writing(os.path.join(out_dir, "results.json"), ", then evaluate again"):
+    with run.writing(os.path.join(out_dir, "results.json"), ", then evaluate again"):
         write_results(results, settings, out_dir)
     print(format_table(results))
     print(f"wrote {os.path.join(out_dir, 'answers.jsonl')} and results.json")
 
 
-def main(argv=None):
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # keep weight-loading reports out of the answers
-    logging.disable_progress_bar()
-    if run_command(lambda: run(parse_args(argv))) == 2:
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    run.exit_after(main)

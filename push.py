@@ -30,6 +30,7 @@ import tempfile
 from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from PIL import Image
+from safetensors import safe_open
 from transformers import (
     AutoModelForImageTextToText,
     LlavaConfig,
@@ -40,8 +41,10 @@ from transformers import (
     LlavaProcessor,
 )
 
-from data import HUB_REPO_ID, UserError, check_weights_match, is_hub_repo_id, reading, run_command, write_json, writing
+import run
+from data import HUB_REPO_ID, is_hub_repo_id
 from model import VLMConfig, VLMForCausalLM, VLMProcessor, inference_folder, vision_has_cls
+from run import UserError, first_line
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,28 +69,11 @@ def resolve_checkpoint(path):
     weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
     if not weights:
         raise UserError(f"{folder} has no model weights (*.safetensors): the checkpoint is incomplete")
-    for name in weights:
+    for name in weights:  # before any slow step: safetensors refuses a file cut short (its header's offsets)
         path = os.path.join(folder, name)
-        try:
-            complete = os.path.getsize(path) >= weights_end(path)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # an unreadable header
-            complete = False
-        if not complete:
-            raise UserError(f"{path} is damaged or was copied only in part (shorter than its header says, or no "
-                            "header); copy or save the checkpoint again")
+        with run.reading(path, "copy or save the checkpoint again"), safe_open(path, "pt"):
+            pass
     return folder
-
-
-def weights_end(path):
-    """The byte where a safetensors file's last tensor ends: 8 bytes of header size, the JSON header
-    (each tensor's data_offsets), then the data."""
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        if header_size > os.path.getsize(path) - 8:  # reading it would ask for that much memory
-            raise ValueError(f"a header of {header_size} bytes in a file of {os.path.getsize(path)}")
-        header = json.loads(f.read(header_size))
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    return 8 + header_size + max(ends, default=0)
 
 
 def read_run_info(folder):
@@ -102,7 +88,7 @@ def read_run_info(folder):
 
 
 def read_json(path):
-    with reading(path, "copy or save the checkpoint again"), open(path) as f:
+    with run.reading(path, "copy or save the checkpoint again"), open(path) as f:
         return json.load(f)
 
 
@@ -153,15 +139,12 @@ def choose_format(config, requested):
 
 def load_checkpoint(src):
     """Model in its saved dtype (bf16 stays bf16) and processor. Its generation_config, which both
-    formats save, never generates <image>: build_vlm sets that, and a checkpoint saved before it
-    did gets it here."""
-    with reading(src, "copy or save the checkpoint again"):
+    formats save, never generates <image> (build_vlm sets suppress_tokens)."""
+    with run.loading(src):
         model, loading_info = VLMForCausalLM.from_pretrained(src, dtype="auto", output_loading_info=True)
         processor = VLMProcessor.from_pretrained(src)
-    check_weights_match(src, loading_info)  # an export must not ship random weights in their place
-    model.eval()
-    model.generation_config.suppress_tokens = [model.config.image_token_id]
-    return model, processor
+    run.check_weights_match(src, loading_info)  # an export must not ship random weights in their place
+    return model.eval(), processor
 
 
 def export_remote(src, dst):
@@ -177,10 +160,10 @@ def export_remote(src, dst):
         "AutoModelForCausalLM": "model.VLMForCausalLM",
         "AutoModelForImageTextToText": "model.VLMForCausalLM",
     }
-    write_json(os.path.join(dst, "config.json"), config)
+    run.write_json(os.path.join(dst, "config.json"), config)
     processor_config = read_json(os.path.join(dst, "processor_config.json"))
     processor_config["auto_map"] = {"AutoProcessor": "model.VLMProcessor"}  # loads its image processor itself
-    write_json(os.path.join(dst, "processor_config.json"), processor_config)
+    run.write_json(os.path.join(dst, "processor_config.json"), processor_config)
     shutil.copyfile(os.path.join(ROOT, "model.py"), os.path.join(dst, "model.py"))
 
 
@@ -193,7 +176,7 @@ def export_adapters(src, dst):
         if os.path.isfile(config_file):
             config = read_json(config_file)
             config["base_model_name_or_path"] = public_name(config["base_model_name_or_path"])
-            write_json(config_file, config)
+            run.write_json(config_file, config)
 
 
 def export_llava(src, dst):
@@ -226,7 +209,7 @@ def export_llava(src, dst):
         # no "▁" before the prompt's first word. Left out, it is True there, as training's tokenizer does.
         if tokenizer_config.get("add_prefix_space") is None:
             tokenizer_config.pop("add_prefix_space", None)
-    write_json(os.path.join(dst, "tokenizer_config.json"), tokenizer_config)
+    run.write_json(os.path.join(dst, "tokenizer_config.json"), tokenizer_config)
 
 
 def with_vision_model_level(state_dict):
@@ -526,11 +509,10 @@ def reach_hub(repo_id, call, *args, **kwargs):
     except UserError:
         raise
     except HfHubHTTPError as e:  # e.g. 401 bad token, 403 read-only token or someone else's namespace
-        raise UserError(f"the Hub refused the request for {repo_id}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"the Hub refused the request for {repo_id}: {first_line(e)}") from None
     except Exception as e:  # httpx, socket and offline-mode errors have no common base class
-        raise UserError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); check the network, "
-                        "or write the folder with --local-dir") from None
+        raise UserError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}: {first_line(e)}); "
+                        "check the network, or write the folder with --local-dir") from None
 
 
 def upload(api, folder, repo_id, private):
@@ -551,7 +533,7 @@ def upload(api, folder, repo_id, private):
 
 def build_folder(src, folder, fmt, config, repo_id):
     """Everything that will be uploaded: the exported model, its card, checked to load on its own."""
-    with writing(folder, "; nothing was uploaded"):
+    with run.writing(folder, "; nothing was uploaded"):
         os.makedirs(folder, exist_ok=True)
         if fmt == "llava":
             export_llava(src, folder)
@@ -583,11 +565,12 @@ def without_local_paths(config):
 
 def remove_local_traces(folder):
     """The exported files name no folder of this machine and carry none of its loading flags."""
-    write_json(os.path.join(folder, "config.json"), without_local_paths(read_json(os.path.join(folder, "config.json"))))
+    config = without_local_paths(read_json(os.path.join(folder, "config.json")))
+    run.write_json(os.path.join(folder, "config.json"), config)
     tokenizer_config = without_local_paths(read_json(os.path.join(folder, "tokenizer_config.json")))
     for key in ("local_files_only", "is_local"):
         tokenizer_config.pop(key, None)
-    write_json(os.path.join(folder, "tokenizer_config.json"), tokenizer_config)
+    run.write_json(os.path.join(folder, "tokenizer_config.json"), tokenizer_config)
 
 
 def parse_args(argv):
@@ -612,12 +595,9 @@ def ask_args(ask):
 
 
 def main(argv=None):
-    """Returns the exit code: 0, or 2 after one `error: ...` line."""
-    return run_command(publish, sys.argv[1:] if argv is None else argv)
-
-
-def publish(argv):
-    """The command: checkpoint -> format -> folder (load-checked) -> Hub; no arguments: ask for them."""
+    """The command (argv: sys.argv[1:] when None): checkpoint -> format -> folder (load-checked) -> Hub;
+    no arguments: ask for them. Returns 0; a user's mistake raises UserError, and nothing is uploaded."""
+    argv = sys.argv[1:] if argv is None else argv
     interactive = len(argv) == 0
     args = ask_args(input) if interactive else parse_args(argv)
     check_repo_id(args.repo)
@@ -646,4 +626,4 @@ def publish(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run.exit_after(main)

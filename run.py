@@ -131,6 +131,21 @@ def reading(path, fix):
 
 
 @contextlib.contextmanager
+def loading(folder):
+    """Around from_pretrained(FOLDER): a file of it that is damaged or cut short (safetensors' error,
+    json's, an OSError) is reading's one line naming FOLDER; any other ValueError comes from building
+    the model its config files describe (an unknown connector), so it is not called damaged."""
+    with reading(folder, "copy or save the checkpoint again"):
+        try:
+            yield
+        except ValueError as e:
+            if isinstance(e, json.JSONDecodeError):  # a cut tokenizer.json: damaged after all
+                raise
+            raise UserError(f"cannot build the model in {folder} ({first_line(e)}); fix that setting in its "
+                            "config.json or processor_config.json") from None
+
+
+@contextlib.contextmanager
 def writing(path, then=""):
     """A boundary where files are written: a full disk, a read-only or vanished folder (torch
     reports a full disk as "unexpected pos") becomes one UserError naming the path and how much
@@ -490,6 +505,9 @@ def lock_out_dir(cfg, rank):
         lock.close()
         raise UserError(f"out_dir {cfg.out_dir} is in use by another run ({holder or 'starting'}); wait for it to "
                         "end or choose another out_dir") from None
+    except OSError as e:  # a file system without locks (Lustre mounted without -o flock): train, unguarded
+        log_rank0(rank, f"note: out_dir {cfg.out_dir} cannot be locked ({e.strerror}); a second run there is not "
+                        "refused")
     lock.truncate(0)
     lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()

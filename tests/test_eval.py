@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import favour_token, smooth_image
+from conftest import exit_code, favour_token, smooth_image
 from eval import (
-    UserError,
     build_prompt,
     format_question,
     generate_answers,
@@ -21,6 +20,7 @@ from eval import (
     score,
 )
 from model import build_vlm
+from run import UserError
 
 # A vicuna-style chat template (llava-hf convention: image items render as "<image>\n" first).
 VICUNA_TEMPLATE = (
@@ -211,7 +211,7 @@ def test_native_llava_folder_loads_and_batches(tiny_backbones, tmp_path, image_f
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from data import make_tiny_tokenizer
+    from prepare import make_tiny_tokenizer
     from model import add_image_token
 
     tokenizer = make_tiny_tokenizer()
@@ -267,18 +267,19 @@ def test_native_llava_next_export_answers_as_the_folder_it_came_from(tiny_backbo
     assert len(set(answers["run"])) > 1  # answers depend on the image and question
 
 
-def test_image_token_is_never_generated_even_from_an_old_folder(tiny_vlm, tmp_path, image_folder, monkeypatch):
-    """A model rigged to write <image> next (favour_token), saved without generation_config.suppress_tokens
-    as folders were before build_vlm set it: greedy and sampled answers come with no error and no image
-    token. A generated <image> would be an image token with no image features behind it at the next step."""
+def test_image_token_is_never_generated_as_the_saved_generation_config_says(tiny_vlm, tmp_path, image_folder,
+                                                                            monkeypatch):
+    """A saved folder's generation_config suppresses <image> (build_vlm sets it, save_pretrained writes
+    it), and generate() follows it: a model rigged to write <image> next (favour_token) answers, greedy
+    and sampled, with no error and no image token; without that setting it writes <image> at once. A
+    generated <image> would be an image token with no image features behind it at the next step."""
     model, processor = tiny_vlm
     processor.chat_template = VICUNA_TEMPLATE
-    model.generation_config.suppress_tokens = None  # an old folder
-    model.save_pretrained(tmp_path / "old")
-    processor.save_pretrained(tmp_path / "old")
-    model, processor = load_model(str(tmp_path / "old"))
-    assert model.generation_config.suppress_tokens is None
+    model.save_pretrained(tmp_path / "run")
+    processor.save_pretrained(tmp_path / "run")
+    model, processor = load_model(str(tmp_path / "run"))
     image_token_id = model.config.image_token_id
+    assert model.generation_config.suppress_tokens == [image_token_id]
     favour_token(model, image_token_id)
     generated = []  # the new ids of every generate() call
     generate = model.generate
@@ -296,6 +297,9 @@ def test_image_token_is_never_generated_even_from_an_old_folder(tiny_vlm, tmp_pa
         generate_answers(model, processor, prompts, images, batch_size=2, max_new_tokens=4, temperature=temperature)
     assert len(generated) == 2  # one batch each
     assert not any((ids == image_token_id).any() for ids in generated)
+    model.generation_config.suppress_tokens = None  # the control: the rigged model does want <image>
+    generate_answers(model, processor, prompts[1:], images[1:], max_new_tokens=1)
+    assert generated[-1].tolist() == [[image_token_id]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,9 +387,7 @@ def test_bad_data_is_one_error_line(run_dir, image_folder, tmp_path, capsys, lin
     data = tmp_path / "bench.jsonl"
     data.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     out = tmp_path / "results"
-    with pytest.raises(SystemExit) as exit_info:
-        main([run_dir, "--data", str(data), "--image_folder", image_folder, "--out", str(out)])
-    assert exit_info.value.code == 2
+    assert exit_code(main, [run_dir, "--data", str(data), "--image_folder", image_folder, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     for fragment in expected:
@@ -393,7 +395,7 @@ def test_bad_data_is_one_error_line(run_dir, image_folder, tmp_path, capsys, lin
     assert not out.exists()
 
 
-def test_bad_checkpoint_and_arguments(run_dir, image_folder, tmp_path, capsys):
+def test_bad_checkpoint_and_arguments(run_dir, image_folder, tmp_path):
     data = write_jsonl(tmp_path / "bench.jsonl", [GOOD])
     (tmp_path / "empty").mkdir()
     cases = [
@@ -403,22 +405,20 @@ def test_bad_checkpoint_and_arguments(run_dir, image_folder, tmp_path, capsys):
         ([run_dir, "--prompt", "Hi?", "--image", str(tmp_path / "nope.png")], ["image not found", "nope.png"]),
     ]
     for argv, expected in cases:
-        with pytest.raises(SystemExit) as exit_info:
+        with pytest.raises(UserError) as error:
             main(argv)
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "\n" not in err
+        message = str(error.value)
+        assert "\n" not in message
         for fragment in expected:
-            assert fragment in err, (fragment, err)
+            assert fragment in message, (fragment, message)
     assert not list(tmp_path.glob("bench-*"))
 
 
-def test_data_is_checked_before_the_model_loads(image_folder, tmp_path, capsys):
+def test_data_is_checked_before_the_model_loads(image_folder, tmp_path):
     data = write_jsonl(tmp_path / "bench.jsonl", [{**GOOD, "image": "missing.png"}])
     (tmp_path / "empty").mkdir()  # not a model: loading it would fail with another message
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="missing.png"):
         main([str(tmp_path / "empty"), "--data", data, "--image_folder", image_folder])
-    assert "missing.png" in capsys.readouterr().err
 
 
 def test_load_questions_names_file_and_line(tmp_path):
@@ -433,15 +433,15 @@ def test_load_questions_names_file_and_line(tmp_path):
     ({"image": None, "question": "<image>\nColor?"}, ["holds <image> but there is no image"]),
     ({"image": "cut.jpg"}, ["cut.jpg cannot be read"]),
 ])
-def test_more_bad_records_are_one_line_before_the_model_loads(image_folder, tmp_path, capsys, change, expected):
+def test_more_bad_records_are_one_line_before_the_model_loads(image_folder, tmp_path, change, expected):
     with open(os.path.join(image_folder, "red.png"), "rb") as f:
         (tmp_path / "images" / "cut.jpg").write_bytes(f.read()[:60])
     data = write_jsonl(tmp_path / "bench.jsonl", [{**GOOD, **change}])
     (tmp_path / "empty").mkdir()  # not a model: the record must fail first
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError) as error:
         main([str(tmp_path / "empty"), "--data", data, "--image_folder", image_folder])
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and all(e in err for e in expected), err
+    message = str(error.value)
+    assert "\n" not in message and all(e in message for e in expected), message
 
 
 def test_image_marker_in_a_question_is_where_the_image_goes(run_dir, image_folder, tmp_path, capsys, monkeypatch):
@@ -468,7 +468,7 @@ def test_image_marker_in_a_question_is_where_the_image_goes(run_dir, image_folde
     assert printed[0] == printed[1] != ""
 
 
-def test_arguments_checked_before_the_model_loads(run_dir, image_folder, tmp_path, capsys):
+def test_arguments_checked_before_the_model_loads(run_dir, image_folder, tmp_path):
     data = write_jsonl(tmp_path / "bench.jsonl", [GOOD])
     (tmp_path / "taken").write_text("a file")
     cases = [([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(tmp_path / "taken")],
@@ -477,14 +477,13 @@ def test_arguments_checked_before_the_model_loads(run_dir, image_folder, tmp_pat
     if not torch.cuda.is_available():
         cases.append(([run_dir, "--prompt", "Hi?", "--device", "cuda"], "this machine has no CUDA GPU"))
     for argv, expected in cases:
-        with pytest.raises(SystemExit):
+        with pytest.raises(UserError) as error:
             main(argv)
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and expected in err, err
+        assert expected in str(error.value), str(error.value)
     assert (tmp_path / "taken").read_text() == "a file"
 
 
-def test_remote_code_runs_only_when_trusted(run_dir, tmp_path, capsys):
+def test_remote_code_runs_only_when_trusted(run_dir, tmp_path):
     import push
 
     folder = tmp_path / "remote"
@@ -492,6 +491,33 @@ def test_remote_code_runs_only_when_trusted(run_dir, tmp_path, capsys):
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "someone_elses_vlm"  # not ours by name: only its own code can load it
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="pass --trust_remote_code if you trust them"):
         main([str(folder), "--prompt", "Hi?"])
-    assert "pass --trust_remote_code if you trust them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("cut_weights", r"cannot read .*final \(SafetensorError: .*\); copy or save the checkpoint again"),
+    ("cut_tokenizer_json", r"cannot read .*final \(JSONDecodeError: .*\); copy or save the checkpoint again"),
+    ("unknown_connector", r"cannot build the model in .*final \(unknown connector 'mlp2x_nope'.*\); fix that "
+                          r"setting in its config.json"),
+])
+def test_a_damaged_folder_is_told_from_a_setting_the_model_cannot_take(run_dir, damage, expected):
+    """A file cut short is damaged (copy it again); a config value the model cannot be built with is a
+    setting to fix, not a damaged file."""
+    final = os.path.join(run_dir, "final")
+    if damage == "unknown_connector":
+        with open(os.path.join(final, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(final, "config.json"), "w") as f:
+            json.dump({**config, "connector": "mlp2x_nope"}, f)
+    else:
+        path = os.path.join(final, "model.safetensors" if damage == "cut_weights" else "tokenizer.json")
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[:len(data) // 2])
+    with pytest.raises(UserError, match=expected) as error:
+        load_model(run_dir)
+    assert "\n" not in str(error.value)
+    if damage == "unknown_connector":
+        assert "cannot read" not in str(error.value)

@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 
 import push
-from conftest import favour_token, smooth_image
-from data import chat_template_for, make_tiny_backbones, render_pieces
+from conftest import exit_code, favour_token, smooth_image
+from data import chat_template_for, render_pieces
+from prepare import make_tiny_backbones
 from model import CLIP_STD, build_vlm
+from run import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # llava-hf's message convention: content is a string or a list of {"type": "image"} / {"type": "text"}.
@@ -410,15 +412,14 @@ def test_anyres_model_exports_as_native_llava_next(tiny_backbones, tmp_path, mon
     assert torch.equal(loaded["generated"], generated)
 
 
-def test_both_formats_never_generate_the_image_token_even_from_an_old_checkpoint(tiny_vlm, tmp_path):
-    """A checkpoint saved before build_vlm suppressed <image> in generation_config: both exports' generation
-    configs suppress it, and the native model, rigged to want <image> next (favour_token), never writes it."""
+def test_both_formats_carry_suppress_tokens_and_never_generate_the_image_token(tiny_vlm, tmp_path):
+    """The checkpoint's generation_config suppresses <image> (build_vlm sets it): both exports' generation
+    configs carry it, and the native model, rigged to want <image> next (favour_token), never writes it."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model, processor = tiny_vlm
     image_token_id = model.config.image_token_id
-    model.generation_config.suppress_tokens = None  # an old checkpoint
-    final = os.path.join(save_run(model, processor, tmp_path / "old"), "final")
+    final = os.path.join(save_run(model, processor, tmp_path / "run"), "final")
     for fmt, export in (("llava", push.export_llava), ("remote", push.export_remote)):
         export(final, str(tmp_path / fmt))
         generation_config = json.loads((tmp_path / fmt / "generation_config.json").read_text())
@@ -455,7 +456,7 @@ def test_interactive_upload_sends_the_folder_and_never_the_token(run, monkeypatc
     assert SECRET not in output.out + output.err
 
 
-def test_folder_that_does_not_load_is_not_uploaded(run, monkeypatch, capsys):
+def test_folder_that_does_not_load_is_not_uploaded(run, monkeypatch):
     run_dir, _, _ = run
     hub = FakeHub()
     monkeypatch.setattr(push, "HfApi", hub)
@@ -467,9 +468,8 @@ def test_folder_that_does_not_load_is_not_uploaded(run, monkeypatch, capsys):
         os.remove(os.path.join(dst, "model.safetensors"))
 
     monkeypatch.setattr(push, "export_remote", export_without_weights)
-    capsys.readouterr()
-    assert push.main([run_dir, "--repo", "me/tiny", "--format", "remote"]) == 2
-    assert "does not load in a fresh Python process" in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(UserError, match="does not load in a fresh Python process .*; nothing was uploaded"):
+        push.main([run_dir, "--repo", "me/tiny", "--format", "remote"])
     assert hub.calls == []
 
 
@@ -501,7 +501,7 @@ def test_bad_input_is_one_error_line_and_uploads_nothing(case, expected, run, ti
         "llava_with_linear_connector": [linear_run(tiny_backbones, tmp_path), "--repo", "me/tiny", "--format", "llava"],
     }[case]
     capsys.readouterr()  # drop what building the fixtures logged
-    assert push.main(argv) == 2
+    assert exit_code(push.main, argv) == 2  # as `python push.py ARGV` exits
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
     if case == "llava_with_linear_connector":
@@ -543,6 +543,12 @@ def damaged_copy(run_dir, tmp_path, damage):
     elif damage == "truncated_weights":
         data = (final / "model.safetensors").read_bytes()
         (final / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "weights_cut_in_header":
+        data = (final / "model.safetensors").read_bytes()
+        (final / "model.safetensors").write_bytes(data[:4])
+    elif damage == "unknown_connector":
+        config = json.loads((final / "config.json").read_text())
+        (final / "config.json").write_text(json.dumps({**config, "connector": "mlp2x_nope"}))
     elif damage == "no_tokenizer_json":
         (final / "tokenizer.json").unlink()
     return str(copy)
@@ -555,26 +561,32 @@ class OfflineHub(FakeHub):
 
 @pytest.mark.parametrize("case, expected", [
     ("no_weights", "has no model weights"),
-    ("truncated_weights", "is damaged or was copied only in part"),
+    ("truncated_weights", "final/model.safetensors (SafetensorError: Error while deserializing header: incomplete "
+                          "metadata, file not fully covered); copy or save the checkpoint again"),
+    ("weights_cut_in_header", "final/model.safetensors (SafetensorError: Error while deserializing header: header "
+                              "too small); copy or save the checkpoint again"),
+    ("unknown_connector", "(unknown connector 'mlp2x_nope'"),  # a setting to fix, not a damaged file
     ("no_tokenizer_json", "has no tokenizer.json"),
     ("local_dir_is_a_file", "is a file; give a new or empty folder"),
     ("offline", "cannot reach the Hugging Face Hub for me/tiny (ConnectionError"),
 ])
-def test_damaged_checkpoints_and_no_network_are_one_error_line(case, expected, run, tmp_path, monkeypatch, capsys):
+def test_damaged_checkpoints_and_no_network_are_one_error_line(case, expected, run, tmp_path, monkeypatch):
     run_dir, _, _ = run
     hub = OfflineHub() if case == "offline" else FakeHub()
     monkeypatch.setattr(push, "HfApi", hub)
     monkeypatch.setattr(push, "get_token", lambda: SECRET)
     (tmp_path / "a_file").write_text("x")
     argv = [run_dir, "--repo", "me/tiny"]
-    if case in ("no_weights", "truncated_weights", "no_tokenizer_json"):
+    if case not in ("local_dir_is_a_file", "offline"):
         argv[0] = damaged_copy(run_dir, tmp_path, case)
     if case == "local_dir_is_a_file":
         argv += ["--local-dir", str(tmp_path / "a_file")]
-    capsys.readouterr()
-    assert push.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    with pytest.raises(UserError) as error:
+        push.main(argv)
+    message = str(error.value)
+    assert "\n" not in message and expected in message, message
+    if case == "unknown_connector":
+        assert message.startswith(f"cannot build the model in {argv[0]}/final (") and "cannot read" not in message
     assert [call[0] for call in hub.calls] == []  # nothing uploaded
 
 
