@@ -1,8 +1,9 @@
 """AnyRes at real scale (a 336-pixel CLIP tower, 14-pixel patches, LLaVA-NeXT's pinpoints): our
 processor next to transformers' LlavaNextProcessor (its PIL image processor), on smooth synthetic
 images of real sizes. No model is needed: tiles and token counts depend on the image size alone.
-It prints the README's table; tests/test_anyres.py::test_readme_real_scale_table_is_measured runs
-the same measurement and checks the README against it:
+It prints the table of docs/anyres.md;
+tests/test_anyres.py::test_real_scale_table_in_the_docs_is_measured runs the same measurement and
+checks docs/anyres.md against it:
 
     python tests/anyres_real_scale.py
 """

@@ -461,18 +461,19 @@ def test_anyres_model_and_processor_round_trip(tiny_backbones, tmp_path, monkeyp
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
 
 
-def test_readme_real_scale_table_is_measured():
-    """The README's real-scale table (a 336 tower, 14-pixel patches, LLaVA-NeXT's pinpoints; ours next to
-    LlavaNextProcessor) holds what tests/anyres_real_scale.py measures, row for row."""
+def test_real_scale_table_in_the_docs_is_measured():
+    """docs/anyres.md's real-scale table (a 336 tower, 14-pixel patches, LLaVA-NeXT's pinpoints; ours next
+    to LlavaNextProcessor) holds what tests/anyres_real_scale.py measures, row for row."""
     import os
     import re
 
     from anyres_real_scale import count_mismatches, table_rows
 
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    table = readme[readme.index("| image (W x H) | tiles | image tokens, ours |"):]
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "anyres.md")) as f:
+        doc = f.read()
+    table = doc[doc.index("| image (W x H) | tiles | image tokens, ours |"):]
     table = table[:table.index("\n\n")]
     written = [tuple(map(int, row)) for row in re.findall(r"^\| (\d+) x (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
                                                            table, flags=re.M)]
     assert len(written) == 7 and written == table_rows()
-    assert "and 0 token-count mismatches over 2,000 random sizes" in readme and count_mismatches(2000) == 0
+    assert "and 0 token-count mismatches over 2,000 random sizes" in doc and count_mismatches(2000) == 0

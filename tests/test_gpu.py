@@ -325,9 +325,9 @@ def test_qlora_trains_and_its_bf16_final_computes_what_the_4bit_model_did(qlora_
 
     from model import VLMForCausalLM, VLMProcessor, add_lora, lora_target_names
 
-    out, run = qlora_run
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    losses = assert_trained(out, run.stdout, steps=6)
+    out, job = qlora_run
+    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+    losses = assert_trained(out, job.stdout, steps=6)
     assert "quantization_config" not in (out / "final" / "config.json").read_text()
     final = VLMForCausalLM.from_pretrained(out / "final", dtype=torch.bfloat16).to(DEVICE).eval()
     processor = VLMProcessor.from_pretrained(out / "final")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import push
 import run
 import train
-from conftest import launch, read_metrics, read_weights, smooth_image, train_args
+from conftest import exit_code, launch, read_metrics, read_weights, smooth_image, train_args
 from run import UserError
 from model import LoRALinear, VLMForCausalLM, VLMProcessor, add_lora, build_vlm, lora_target_names, merge_lora
 from test_reliability import assert_same_run, last_step, wait_for
@@ -239,5 +239,5 @@ def test_push_publishes_the_adapters_alone_and_refuses_a_run_without_them(lora_r
 
     plain = tmp_path / "plain"
     shutil.copytree(out / "final", plain, ignore=shutil.ignore_patterns("adapters"))
-    assert push.main([str(plain), "--repo", "me/lora", "--format", "adapters", "--local-dir", str(tmp_path / "x")]) == 2
+    assert exit_code(push.main, [str(plain), "--repo", "me/lora", "--format", "adapters", "--local-dir", str(tmp_path / "x")]) == 2
     assert "has no adapters/adapter_config.json: only a LoRA run (lora_r > 0) writes adapters" in capsys.readouterr().err
