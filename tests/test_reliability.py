@@ -11,6 +11,7 @@ import torch
 
 from conftest import exit_code, launch, read_metrics, read_weights, train_args
 from data import LengthGroupedSampler
+import run
 from run import Config, UserError, check_out_dir
 
 pytestmark = pytest.mark.slow
@@ -503,7 +504,7 @@ def test_a_second_run_in_the_same_out_dir_is_refused_until_the_first_dies(tmp_pa
                                         ("zero_stage", 3), ("vision_layer", -1), ("drop_cls", False)])
 def test_resume_refuses_a_change_of_what_trains_or_how_it_is_saved(tmp_path, key, value):
     """Cause 5: these decide the param groups and the checkpoint's files; compared up front."""
-    from train import KEYS_A_RESUME_MUST_KEEP
+    from run import KEYS_A_RESUME_MUST_KEEP
 
     out = tmp_path / "run"
     (out / "checkpoints" / "step00000002").mkdir(parents=True)
@@ -521,7 +522,7 @@ def test_values_that_cannot_work_are_refused_at_start(tiny_backbones):
     from PIL import Image
 
     from model import MAX_PAD_SIDE, VLMImageProcessor, bound_resize_strip, check_pinpoints, resize
-    from train import check_config
+    from run import check_config
 
     for override, message in ((dict(lr_lm=float("inf")), "lr_lm=inf is out of range: it must be a finite number"),
                               (dict(out_dir=""), "out_dir is empty")):
@@ -559,7 +560,7 @@ def test_make_demo_writes_only_into_a_new_or_empty_folder_from_the_command_line(
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(demo_dir, tmp_path):
     """Cause 8: no step is trained, no file changes, and the run does not report success."""
-    from train import count_steps
+    from run import count_steps
 
     with pytest.raises(UserError, match="nothing to train: .*step00000006 is at step 6, and this run has 6 steps"):
         count_steps(Config(max_steps=6), 64, 8, "step00000006")
