@@ -805,16 +805,17 @@ DEMO_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "
 def make_demo_files(data_path, vision_model, llm):
     """make_demo=True: the demo's data and tiny backbones where the config names them, made by
     data/demo/prepare.py on first use (there is no download); nothing when they exist."""
-    data_dir, backbones_dir = os.path.dirname(data_path.split(",")[0]), os.path.dirname(llm)
-    if all(os.path.exists(p) for p in (data_path.split(",")[0], vision_model, llm)):
+    wanted = {"data_path": data_path.split(",")[0], "vision_model": vision_model, "llm": llm}
+    missing = [(key, path) for key, path in wanted.items() if not os.path.exists(path)]
+    if not missing:
         return
+    data_dir, backbones_dir = os.path.dirname(wanted["data_path"]), os.path.dirname(llm)
     done = subprocess.run([sys.executable, DEMO_SCRIPT, "--out", data_dir, "--backbones", backbones_dir],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        missing = next(p for p in (data_path.split(",")[0], vision_model, llm) if not os.path.exists(p))
         why = (done.stderr.strip() or "no output").splitlines()[-1].removeprefix("error: ")
-        raise UserError(f"make_demo=True: {missing} does not exist, and {why}")
-    for key, path in (("data_path", data_path.split(",")[0]), ("vision_model", vision_model), ("llm", llm)):
+        raise UserError(f"make_demo=True: {missing[0][1]} does not exist, and {why}")
+    for key, path in missing:
         if not os.path.exists(path):
             raise UserError(f"make_demo wrote the demo into {data_dir} and {backbones_dir}, which has no {path}; "
                             f"point {key} at the demo's files (see configs/demo.py)")
