@@ -7,11 +7,7 @@ checks docs/anyres.md against it:
 
     python tests/anyres_real_scale.py
 """
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import conftest  # noqa: F401  (puts the repository and data/demo on sys.path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -10,8 +10,7 @@ import resource
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import conftest  # noqa: F401  (puts the repository and data/demo on sys.path)
 
 import torch  # noqa: E402
 

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # the repository (conftest puts it and data/demo on sys.path)
 REAL = os.path.join(os.path.dirname(ROOT), "shared", "real")
 TOKENIZER = os.path.join(REAL, "tokenizers", "vicuna-7b-v1.5")
 
@@ -75,7 +75,6 @@ print(json.dumps(out))
 
 
 def main(llava_python):
-    sys.path.insert(0, ROOT)
     from data import normalise_record, tokenize_conversation
     from model import VLMImageProcessor, VLMProcessor, add_image_token, load_tokenizer
 

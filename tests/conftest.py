@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny random backbones saved to folders (no network), built once per session."""
+"""Shared fixtures: tiny random backbones saved to folders (no network), built once per session;
+the project's ROOT, file writers, and runs of train.py (in this process, or through the launcher)."""
+import contextlib
+import io
 import os
 import sys
 
@@ -8,8 +11,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(1, os.path.join(ROOT, "data", "demo"))  # prepare.py: the tiny backbones and the demo data
 
+# One torch thread per process, here and in every process the tests start (launched ranks,
+# `python X.py`), which inherit OMP_NUM_THREADS: the suite's runs share the machine's cores (two
+# ranks, or other work), and with torch's default of one thread per core, processes sharing cores
+# stall on each other's threads (a 2-rank run on 2 busy cores: 16 s with one thread per rank, 34 s
+# with two; an 8-step run in this process: 0.4 s against 20 s). One count everywhere also keeps a
+# computation here and in a child process the same to the bit.
+THREADS = 1
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+import torch  # noqa: E402
+
 from prepare import make_tiny_backbones  # noqa: E402
 from model import build_vlm  # noqa: E402
+
+torch.set_num_threads(THREADS)  # in case torch was imported before this file
 
 
 # Our parameter names -> transformers' native LLaVA / LLaVA-NeXT names (prefix replacement), written
@@ -73,21 +89,24 @@ def smooth_image(width, height, seed=0):
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def exit_code(main, argv):
-    """What `python X.py ARGV` exits with, run in-process: run.exit_after around main(argv)."""
-    from run import exit_after
-
-    with pytest.raises(SystemExit) as ended:
-        exit_after(lambda: main(argv))
-    return ended.value.code
-
-
 def write_json(path, records):
-    """records as a JSON file at path; returns the path as a string (what data_path takes)."""
+    """records as a JSON list at path, or one record per line where path ends in .jsonl (eval's
+    benchmarks); returns the path as a string (what data_path and --data take)."""
     import json
 
     with open(path, "w") as f:
-        json.dump(records, f)
+        if str(path).endswith(".jsonl"):
+            f.writelines(json.dumps(record) + "\n" for record in records)
+        else:
+            json.dump(records, f)
+    return str(path)
+
+
+def write_image(path, size=(8, 8), colour=(200, 0, 0)):
+    """A plain RGB picture at path (PNG, or what the suffix names); returns the path as a string."""
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
     return str(path)
 
 
@@ -116,6 +135,12 @@ def demo_dir(tmp_path_factory):
     return root
 
 
+# ---------------------------------------------------------------------------------------------
+# Runs of train.py: in this process (a one-rank gloo group: config checks, out_dir, the lock, bad
+# records, Lockstep's agreement), or through the real launcher where processes are the subject
+# (kills and stop signals, two ranks agreeing, another number of ranks, ZeRO-2 vs ZeRO-3, the demo)
+
+
 def train_args(demo_dir, out_dir, *overrides):
     """Arguments for a few-step CPU training run on the small demo data (4 samples per rank)."""
     return ["configs/demo.py", f"data_path={demo_dir}/finetune.json", f"image_folder={demo_dir}/images",
@@ -124,7 +149,54 @@ def train_args(demo_dir, out_dir, *overrides):
             "log_every=1", "save_every=0", "max_seq_len=128", "overwrite=false", f"out_dir={out_dir}", *overrides]
 
 
+@contextlib.contextmanager
+def one_process():
+    """Around a command's main() called in this process: what it changes here is undone after it
+    (the launcher variables use_one_process_without_launcher sets, Lockstep's SIGTERM / SIGINT
+    handlers, torch's thread count, run.lock). The process group it started stays: a second
+    deepspeed.init_distributed finds it and returns."""
+    import signal
+
+    import run
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        run.release_out_dir()
+        if "MASTER_PORT" in os.environ:  # this process's group: its shared-memory buffer goes at the end
+            _used_ports.append(int(os.environ["MASTER_PORT"]))
+        os.environ.clear()
+        os.environ.update(env)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        torch.set_num_threads(threads)
+
+
+def train_in_process(args):
+    """`python train.py ARGS` in this process: train.main(ARGS) on one rank, which raises a refusal
+    (run.UserError) where the command would print its one `error:` line. Returns what it printed."""
+    import train
+
+    printed = io.StringIO()
+    with one_process(), contextlib.redirect_stdout(printed):
+        train.main([str(a) for a in args])
+    return printed.getvalue()
+
+
+def exit_code(main, argv):
+    """What `python X.py ARGV` exits with, run in-process: run.exit_after around main(argv)
+    (its `error:` line goes to stderr, for capsys)."""
+    from run import exit_after
+
+    with one_process(), pytest.raises(SystemExit) as ended:
+        exit_after(lambda: main([str(a) for a in argv]))
+    return ended.value.code
+
+
 _used_ports = []  # master ports of this session's runs (their shared-memory buffers are removed)
+_launched = []  # the command of each launcher job this session started
 
 
 def remove_shared_buffers(port):
@@ -175,13 +247,14 @@ while True:
 
 
 def launch(args, procs=1, wait=True, timeout=300):
-    """`deepspeed --num_gpus N train.py ARGS` (the real launcher, CPU ranks); returns the Popen
-    (wait=False) or the finished CompletedProcess-like Popen with .out holding its output."""
+    """`deepspeed --num_gpus N train.py ARGS` (the real launcher, CPU ranks of THREADS threads each);
+    returns the Popen (wait=False) or the finished Popen with .out holding its output."""
     import subprocess
 
     port = free_port()
     _used_ports.append(port)
     cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(port), "train.py", *map(str, args)]
+    _launched.append(cmd)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     subprocess.Popen([sys.executable, "-c", KILL_WHEN_PYTEST_DIES, str(os.getpid()), str(proc.pid)],
@@ -205,6 +278,97 @@ def read_weights(folder):
 
     return {k: v for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")
             for k, v in load_file(os.path.join(folder, f)).items()}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many DeepSpeed launcher jobs this session started (each costs ~15 s of start-up)."""
+    terminalreporter.write_line(f"{len(_launched)} DeepSpeed launcher jobs")
+
+
+@pytest.fixture(scope="session")
+def reference_run(demo_dir, tmp_path_factory):
+    """reference_run(*overrides, procs=None): an uninterrupted run of train_args(demo_dir, ...,
+    *overrides), made once per session however many tests compare with it; in this process (procs
+    None) or through the launcher on `procs` ranks. Returns .out, .output (what it printed),
+    .losses ({step: loss}) and .weights (final/'s)."""
+    from types import SimpleNamespace
+
+    made = {}
+
+    def reference(*overrides, procs=None):
+        if (overrides, procs) not in made:
+            out = tmp_path_factory.mktemp("reference") / "run"
+            if procs is None:
+                output = train_in_process(train_args(demo_dir, out, *overrides))
+            else:
+                job = launch(train_args(demo_dir, out, *overrides), procs=procs)
+                assert job.returncode == 0, job.out[-3000:]
+                output = job.out
+            made[overrides, procs] = SimpleNamespace(out=out, output=output, losses=read_metrics(out),
+                                                     weights=read_weights(out / "final"))
+        return made[overrides, procs]
+    return reference
+
+
+def assert_same_run(out, reference, tolerance=0.0):
+    """Every step logged once (a resumed run drops the lines written after its checkpoint), with
+    the reference's losses and final weights: equal, or within `tolerance` (another number of ranks,
+    or another ZeRO stage, adds the same gradients in another order)."""
+    import json
+
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == sorted(reference.losses), steps
+    resumed = read_metrics(out)
+    assert all(abs(resumed[s] - reference.losses[s]) <= max(tolerance, 1e-6) for s in reference.losses), \
+        (resumed, reference.losses)
+    final = read_weights(os.path.join(out, "final"))
+    assert all(torch.allclose(final[k], reference.weights[k], rtol=0, atol=tolerance) for k in reference.weights)
+
+
+def last_step(out_dir):
+    """The last step in out_dir/metrics.jsonl (0 before the first)."""
+    import json
+
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    lines = open(path).read().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def run_processes(out_dir):
+    """Processes still running whose command line names out_dir (a run's ranks and their workers)."""
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-f", f"out_dir={out_dir}"], capture_output=True, text=True).stdout.split()
+    return [pid for pid in found if int(pid) != os.getpid()]
+
+
+def stop_job(proc, signal_number, out_dir):
+    """signal_number to every process of a launched job (as SLURM does before pre-emption; DeepSpeed's
+    single-node runner does not forward one sent to it alone). Returns what the job printed, once
+    every process of it has ended: a SIGKILLed rank can outlive the launcher by a moment, and its
+    out_dir lock with it."""
+    import time
+
+    os.killpg(proc.pid, signal_number)
+    output, _ = proc.communicate(timeout=120)
+    start = time.time()
+    while run_processes(out_dir):
+        assert time.time() - start < 30, f"processes of the stopped job still run: {run_processes(out_dir)}"
+        time.sleep(0.1)
+    return output
+
+
+def wait_for(condition, proc, timeout=240):
+    """Polls condition() while the launched job runs (to signal it at a chosen moment)."""
+    import time
+
+    start = time.time()
+    while not condition():
+        assert proc.poll() is None, "the run ended before the condition held"
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.01)
 
 
 def make_vicuna_like_tokenizer(folder, corpus):

@@ -11,8 +11,7 @@ import os
 import resource
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import conftest  # noqa: F401  (puts the repository and data/demo on sys.path)
 
 import torch  # noqa: E402
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from conftest import exit_code, write_json
+from conftest import ROOT, exit_code, write_image, write_json
 from data import (
     TEMPLATES,
     VICUNA_SYSTEM,
@@ -197,11 +197,6 @@ def test_truncation_never_splits_image_tokens(processor):
 
 
 
-def write_image(folder, name, colour, size=(40, 40)):
-    Image.new("RGB", size, colour).save(os.path.join(folder, name))
-    return name
-
-
 def test_load_records_normalises_mixed_records(tmp_path):
     records = [
         {"id": "text", "conversations": TWO_TURNS},
@@ -256,7 +251,7 @@ BAD_RECORDS = [
 
 @pytest.mark.parametrize("record, reason", BAD_RECORDS, ids=[r["id"] for r, _ in BAD_RECORDS])
 def test_bad_records_raise_or_are_skipped(tmp_path, processor, record, reason):
-    write_image(tmp_path, "red.png", (255, 0, 0))
+    write_image(tmp_path / "red.png", (40, 40), (255, 0, 0))
     good = {"id": "good", "image": "red.png", "conversations": ONE_TURN}
     path = write_json(tmp_path / "data.json", [good, record])
 
@@ -273,7 +268,7 @@ def test_bad_records_raise_or_are_skipped(tmp_path, processor, record, reason):
 
 
 def test_too_long_records_are_skipped_and_counted(tmp_path, processor):
-    write_image(tmp_path, "red.png", (255, 0, 0))
+    write_image(tmp_path / "red.png", (40, 40), (255, 0, 0))
     long_answer = "The quick brown fox jumps over the lazy dog. " * 40
     records = [{"id": "short", "image": "red.png", "conversations": ONE_TURN},
                {"id": "long", "image": "red.png", "conversations": [
@@ -288,7 +283,7 @@ def test_too_long_records_are_skipped_and_counted(tmp_path, processor):
 def test_text_only_and_multi_image_records_batch_together(tmp_path, processor):
     colours = {"red.png": (255, 0, 0), "green.png": (0, 255, 0), "blue.png": (0, 0, 255)}
     for name, colour in colours.items():
-        write_image(tmp_path, name, colour)
+        write_image(tmp_path / name, (40, 40), colour)
     two_images = [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "no"}]
     records = [
         {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
@@ -319,7 +314,7 @@ def test_text_only_and_multi_image_records_batch_together(tmp_path, processor):
 def test_packed_batch_keeps_samples_whole_and_images_in_token_order(tmp_path, processor):
     colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
     for name, rgb in colours.items():
-        Image.new("RGB", (32, 32), rgb).save(tmp_path / f"{name}.png")
+        write_image(tmp_path / f"{name}.png", (32, 32), rgb)
     records = [{"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]},
                {"id": "pair", "image": ["green.png", "blue.png"],
                 "conversations": [{"from": "human", "value": "<image> <image> two?"}, {"from": "gpt", "value": "yes"}]},
@@ -686,7 +681,7 @@ def test_images_too_large_are_refused_before_decoding(tmp_path, monkeypatch):
     # PIL refuses far larger ones at open (a decompression bomb): the same kind of error, naming the file
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 10**9)
-    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    write_image(tmp_path / "bomb.png", (100, 100))
     with pytest.raises(ValueError, match=r"bomb\.png cannot be read: .*decompression bomb"):
         data.load_image(str(tmp_path / "bomb.png"))
 
@@ -746,8 +741,12 @@ def test_files_that_are_not_llava_data_are_named(tmp_path):
 
 
 def test_hub_id_that_cannot_load_is_one_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    # offline without waiting for the network's time-out: both libraries read HF_HUB_OFFLINE once, at import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="no local file, and loading it as a Hub data set failed"):
         load_records("someone/no-such-dataset-here")
 
@@ -755,8 +754,8 @@ def test_hub_id_that_cannot_load_is_one_clear_error(monkeypatch):
 def test_image_paths_stay_inside_the_image_folder(tmp_path, processor):
     inside = tmp_path / "images"
     inside.mkdir()
-    write_image(tmp_path, "secret.png", (1, 2, 3))  # beside the image folder, not in it
-    write_image(inside, "red.png", (255, 0, 0))
+    write_image(tmp_path / "secret.png", (40, 40), (1, 2, 3))  # beside the image folder, not in it
+    write_image(inside / "red.png", (40, 40), (255, 0, 0))
     records = [{"id": name, "image": path, "conversations": ONE_TURN}
                for name, path in (("climbs", "../secret.png"), ("absolute", str(tmp_path / "secret.png")),
                                   ("fine", "sub/../red.png"))]
@@ -771,7 +770,6 @@ def test_image_paths_stay_inside_the_image_folder(tmp_path, processor):
 # ----------------------------------------------------------------------------------------------
 # python data.py --show: one sample as the model gets it, its labels audited
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.path.join(os.path.dirname(ROOT), "shared", "real")  # ../shared/real: the real tokenizers and configs
 
 
@@ -863,7 +861,7 @@ def test_show_audit_names_the_sample_whose_labels_are_wrong(demo_dir, capsys, mo
 
 
 def test_show_gives_the_anyres_tile_grid_and_newlines(demo_dir, tmp_path, capsys):
-    Image.new("RGB", (64, 16), (200, 30, 30)).save(tmp_path / "wide.png")
+    write_image(tmp_path / "wide.png", (64, 16), (200, 30, 30))
     path = write_json(tmp_path / "wide.json", [{"id": "wide", "image": "wide.png", "conversations": ONE_TURN}])
     code, out, _ = show(capsys, demo_dir, "image_aspect=anyres", f"data_path={path}", f"image_folder={tmp_path}")
     # 32-pixel tower, 8-pixel patches: pinpoints 32x64, 64x32, 64x64, 96x32, 32x96 (H x W). The 32x64

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import exit_code, favour_token, smooth_image
+from conftest import exit_code, favour_token, smooth_image, write_image, write_json
 from eval import (
     build_prompt,
     format_question,
@@ -82,13 +82,8 @@ def image_folder(tmp_path):
     folder.mkdir()
     for name, color in COLORS.items():
         size = (64, 24) if name == "wide.png" else (40, 40)
-        Image.new("RGB", size, color).save(folder / name)
+        write_image(folder / name, size, color)
     return str(folder)
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +319,7 @@ def test_benchmark_end_to_end(parrot_run_dir, image_folder, tmp_path, capsys):
          "category": "choice"},  # the option's text counts as its letter
         {"id": "q5", "question": "Say something.", "answer": "the dog"},  # text-only
     ]
-    data = write_jsonl(tmp_path / "bench.jsonl", records)
+    data = write_json(tmp_path / "bench.jsonl", records)
 
     out = tmp_path / "results"
     main([parrot_run_dir, "--data", data, "--image_folder", image_folder, "--out", str(out),
@@ -351,7 +346,7 @@ def test_benchmark_end_to_end(parrot_run_dir, image_folder, tmp_path, capsys):
 
 
 def test_skip_missing_counts_missing_images(run_dir, image_folder, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "bench.jsonl", [
+    data = write_json(tmp_path / "bench.jsonl", [
         {"id": "here", "image": "red.png", "question": "Color?", "answer": "red"},
         {"id": "gone", "image": "nowhere.png", "question": "Color?", "answer": "red"},
     ])
@@ -364,7 +359,7 @@ def test_skip_missing_counts_missing_images(run_dir, image_folder, tmp_path, cap
 
 
 def test_default_out_dir_is_next_to_the_data(run_dir, image_folder, tmp_path):
-    data = write_jsonl(tmp_path / "bench.jsonl", [{"id": "1", "image": "red.png", "question": "Q?", "answer": "a"}])
+    data = write_json(tmp_path / "bench.jsonl", [{"id": "1", "image": "red.png", "question": "Q?", "answer": "a"}])
     main([run_dir, "--data", data, "--image_folder", image_folder, "--max_new_tokens", "2"])
     assert (tmp_path / "bench-run" / "results.json").is_file()
 
@@ -396,7 +391,7 @@ def test_bad_data_is_one_error_line(run_dir, image_folder, tmp_path, capsys, lin
 
 
 def test_bad_checkpoint_and_arguments(run_dir, image_folder, tmp_path):
-    data = write_jsonl(tmp_path / "bench.jsonl", [GOOD])
+    data = write_json(tmp_path / "bench.jsonl", [GOOD])
     (tmp_path / "empty").mkdir()
     cases = [
         ([str(tmp_path / "empty"), "--data", data, "--image_folder", image_folder], ["is not a model", "config.json"]),
@@ -415,7 +410,7 @@ def test_bad_checkpoint_and_arguments(run_dir, image_folder, tmp_path):
 
 
 def test_data_is_checked_before_the_model_loads(image_folder, tmp_path):
-    data = write_jsonl(tmp_path / "bench.jsonl", [{**GOOD, "image": "missing.png"}])
+    data = write_json(tmp_path / "bench.jsonl", [{**GOOD, "image": "missing.png"}])
     (tmp_path / "empty").mkdir()  # not a model: loading it would fail with another message
     with pytest.raises(UserError, match="missing.png"):
         main([str(tmp_path / "empty"), "--data", data, "--image_folder", image_folder])
@@ -436,7 +431,7 @@ def test_load_questions_names_file_and_line(tmp_path):
 def test_more_bad_records_are_one_line_before_the_model_loads(image_folder, tmp_path, change, expected):
     with open(os.path.join(image_folder, "red.png"), "rb") as f:
         (tmp_path / "images" / "cut.jpg").write_bytes(f.read()[:60])
-    data = write_jsonl(tmp_path / "bench.jsonl", [{**GOOD, **change}])
+    data = write_json(tmp_path / "bench.jsonl", [{**GOOD, **change}])
     (tmp_path / "empty").mkdir()  # not a model: the record must fail first
     with pytest.raises(UserError) as error:
         main([str(tmp_path / "empty"), "--data", data, "--image_folder", image_folder])
@@ -448,7 +443,7 @@ def test_image_marker_in_a_question_is_where_the_image_goes(run_dir, image_folde
     """LLaVA users type <image>; the chat template places the image, so the marker is dropped."""
     import eval as eval_module
 
-    data = write_jsonl(tmp_path / "bench.jsonl", [{**GOOD, "question": "<image>\nColor?"}, GOOD])
+    data = write_json(tmp_path / "bench.jsonl", [{**GOOD, "question": "<image>\nColor?"}, GOOD])
     main([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(tmp_path / "out")])
     rows = [json.loads(line) for line in open(tmp_path / "out" / "answers.jsonl")]
     assert rows[0]["prompt"] == rows[1]["prompt"] and rows[0]["prompt"].count("<image>") == 1
@@ -469,7 +464,7 @@ def test_image_marker_in_a_question_is_where_the_image_goes(run_dir, image_folde
 
 
 def test_arguments_checked_before_the_model_loads(run_dir, image_folder, tmp_path):
-    data = write_jsonl(tmp_path / "bench.jsonl", [GOOD])
+    data = write_json(tmp_path / "bench.jsonl", [GOOD])
     (tmp_path / "taken").write_text("a file")
     cases = [([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(tmp_path / "taken")],
               "--out " + str(tmp_path / "taken") + " is a file"),
@@ -490,7 +485,7 @@ def test_remote_code_runs_only_when_trusted(run_dir, tmp_path):
     assert push.main([run_dir, "--repo", "me/tiny", "--format", "remote", "--local-dir", str(folder)]) == 0
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "someone_elses_vlm"  # not ours by name: only its own code can load it
-    (folder / "config.json").write_text(json.dumps(config))
+    write_json(folder / "config.json", config)
     with pytest.raises(UserError, match="pass --trust_remote_code if you trust them"):
         main([str(folder), "--prompt", "Hi?"])
 
@@ -508,8 +503,7 @@ def test_a_damaged_folder_is_told_from_a_setting_the_model_cannot_take(run_dir, 
     if damage == "unknown_connector":
         with open(os.path.join(final, "config.json")) as f:
             config = json.load(f)
-        with open(os.path.join(final, "config.json"), "w") as f:
-            json.dump({**config, "connector": "mlp2x_nope"}, f)
+        write_json(os.path.join(final, "config.json"), {**config, "connector": "mlp2x_nope"})
     else:
         path = os.path.join(final, "model.safetensors" if damage == "cut_weights" else "tokenizer.json")
         with open(path, "rb") as f:

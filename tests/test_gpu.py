@@ -31,13 +31,11 @@ import torch
 
 import run
 import train
-from conftest import launch, read_metrics, read_weights, smooth_image, supervise_text, train_args
+from conftest import (ROOT, last_step, launch, read_metrics, read_weights, smooth_image, stop_job, supervise_text,
+                      train_args, wait_for)
 from data import VLMDataset, collate
 from prepare import make_tiny_backbones
 from model import IGNORE_INDEX, build_vlm
-from test_reliability import last_step, wait_for
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA and os.environ.get("SMALL_VLM_GPU_TESTS_ON_CPU") != "1",
                                 reason="needs a CUDA GPU (SMALL_VLM_GPU_TESTS_ON_CPU=1 checks these tests on the CPU)")
@@ -100,11 +98,11 @@ def plain_run(demo_dir, tmp_path_factory):
 ZERO2 = ("zero_stage=2", "max_steps=16", "save_every=4", "num_workers=1")  # steps enough to stop it midway
 
 
-@pytest.fixture(scope="module")
-def zero2_run(demo_dir, tmp_path_factory):
-    """An uninterrupted ZeRO-2 run through the launcher: test 2's run and test 3's reference."""
-    out = tmp_path_factory.mktemp("zero2") / "run"
-    return out, launch(demo_args(demo_dir, out, *ZERO2))
+@pytest.fixture
+def zero2_run(reference_run):
+    """An uninterrupted ZeRO-2 run through the launcher (conftest's shared reference runs): test 2's
+    run and test 3's reference."""
+    return reference_run(f"precision={PRECISION}", *ZERO2, procs=1)
 
 
 def test_python_train_py_at_bf16_without_the_launcher(plain_run):
@@ -120,26 +118,24 @@ def test_launcher_trains_under_zero2_and_zero3(zero2_run, demo_dir, tmp_path):
     """`deepspeed --num_gpus 1 train.py`, bf16: 16 steps under ZeRO-2, 4 under ZeRO-3."""
     zero3 = tmp_path / "zero3"
     zero3_run = launch(demo_args(demo_dir, zero3, "zero_stage=3", "max_steps=4"))
-    for stage, (out, run), steps in ((2, zero2_run, 16), (3, (zero3, zero3_run), 4)):
-        assert run.returncode == 0, run.out[-3000:]
-        report(f"deepspeed --num_gpus 1, ZeRO-{stage}", precision=PRECISION, losses=assert_trained(out, run.out, steps))
+    assert zero3_run.returncode == 0, zero3_run.out[-3000:]
+    for stage, out, output, steps in ((2, zero2_run.out, zero2_run.output, 16), (3, zero3, zero3_run.out, 4)):
+        report(f"deepspeed --num_gpus 1, ZeRO-{stage}", precision=PRECISION, losses=assert_trained(out, output, steps))
 
 
 def test_sigterm_then_resume_under_zero2_gives_the_uninterrupted_losses(zero2_run, demo_dir, tmp_path):
     """test_reliability.py's SIGTERM test on the GPU: stopped after step 3 or later, then resumed; every
     step's loss is the uninterrupted run's (the ZeRO-2 run of test 2)."""
-    reference, _ = zero2_run
     out = tmp_path / "run"
     args = demo_args(demo_dir, out, *ZERO2)
     proc = launch(args, wait=False)
     wait_for(lambda: last_step(out) >= 3, proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # to every process of the job, as SLURM does before pre-emption
-    output, _ = proc.communicate(timeout=120)
+    output = stop_job(proc, signal.SIGTERM, out)  # to every process of the job, as SLURM does before pre-emption
     assert proc.returncode != 0 and "SIGTERM: saved step" in output, output[-3000:]
     saved = int((out / "checkpoints" / "latest").read_text()[len("step"):])
     run = launch([*args, "resume=true"])
     assert run.returncode == 0 and f"at step {saved}" in run.out, run.out[-3000:]
-    expected, resumed = read_metrics(reference), read_metrics(out)
+    expected, resumed = zero2_run.losses, read_metrics(out)
     assert sorted(resumed) == sorted(expected)
     worst = max(abs(resumed[step] - expected[step]) for step in expected)
     report("SIGTERM, then resume=True, ZeRO-2", stopped_after_step=saved, max_loss_difference=worst)

@@ -1,6 +1,7 @@
 """LoRA: the adapters start as the base model, merge into a model that computes the same logits
 (ours, the native LLaVA export, peft on the base LLM), leave every frozen weight as it was, and
-resume after a kill; bad LoRA settings are one line each."""
+resume after a kill; bad LoRA settings are one line each. The LoRA run the tests share is trained
+in this process (conftest.reference_run); the killed runs go through the launcher."""
 import json
 import os
 import re
@@ -14,11 +15,10 @@ from safetensors.torch import load_file
 import push
 import run
 import train
-from conftest import exit_code, launch, read_metrics, read_weights, smooth_image, train_args
-from run import UserError
+from conftest import (assert_same_run, exit_code, last_step, launch, read_weights, smooth_image, stop_job,
+                      train_args, train_in_process, wait_for)
 from model import LoRALinear, VLMForCausalLM, VLMProcessor, add_lora, build_vlm, lora_target_names, merge_lora
-from test_reliability import assert_same_run, last_step, wait_for
-from run import Config
+from run import Config, UserError
 
 LORA = ["lora_r=8", "lora_alpha=16", "train_vision=false", "train_connector=true", "train_lm=true"]
 
@@ -90,22 +90,18 @@ def test_lora_vision_adds_the_towers_adapters_in_their_own_row_and_peft_loads_bo
         torch.testing.assert_close(llm(ids).logits, model.language_model(ids).logits[..., :vocab], atol=1e-5, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def lora_run(demo_dir, tmp_path_factory):
-    """A 2-rank ZeRO-2 LoRA run of 6 steps (checkpoints every 2): final/, and the reference the
-    killed runs must match."""
-    out = tmp_path_factory.mktemp("lora") / "run"
-    run = launch(train_args(demo_dir, out, *LORA, "zero_stage=2", "save_every=2"), procs=2)
-    assert run.returncode == 0, run.out[-3000:]
-    return out, run.out, (read_metrics(out), read_weights(out / "final"))
+@pytest.fixture
+def lora_run(reference_run):
+    """A ZeRO-2 LoRA run of 6 steps on one rank (checkpoints every 2), made once per session:
+    final/, what it printed, and the reference the killed runs must match."""
+    return reference_run(*LORA, "zero_stage=2", "save_every=2")
 
 
-@pytest.mark.slow
 def test_only_the_adapters_and_the_connector_move(lora_run, demo_dir):
     """train_vision=False: the tower is bit-identical to its base. Every LLM weight without an
     adapter is bit-identical to the base LLM's, and every weight with one is exactly base + (alpha /
     r) B A: the base under it did not move either. The table shows the adapters' own row."""
-    out, output, _ = lora_run
+    out, output = lora_run.out, lora_run.output
     assert re.findall(r"^(lm\w*|vision\w*) +\d+ ", output, flags=re.M) == ["lm_lora"]  # no row for the base weights
     final = read_weights(out / "final")
     vision = read_weights(demo_dir / "backbones" / "tiny-clip")
@@ -145,12 +141,11 @@ def rebuilt_with_adapters(demo_dir, adapters_dir):
     return model.eval(), processor
 
 
-@pytest.mark.slow
 def test_merged_final_equals_the_adapted_model_in_ours_native_and_peft(lora_run, demo_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
-    out, _, _ = lora_run
+    out = lora_run.out
     final = VLMForCausalLM.from_pretrained(out / "final").eval()
     processor = VLMProcessor.from_pretrained(out / "final")
     unmerged, _ = rebuilt_with_adapters(demo_dir, out / "final" / "adapters")
@@ -177,18 +172,16 @@ def test_merged_final_equals_the_adapted_model_in_ours_native_and_peft(lora_run,
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sigkill_then_resume_gives_the_uninterrupted_lora_run(demo_dir, tmp_path, lora_run, stage):
     """Checkpoints hold the adapters and their optimizer state (not the frozen weights): a LoRA run
-    killed and resumed logs the uninterrupted ZeRO-2 run's losses and ends with its weights (ZeRO-3:
-    to 1e-5, its sums run in another order)."""
+    killed by SIGKILL (a one-rank launcher job) and resumed (in this process: one rank, as it was
+    killed, so its dropout draws go on from the saved generators) logs the uninterrupted ZeRO-2
+    run's losses and ends with its weights (ZeRO-3: to 1e-5, its sums run in another order)."""
     out = tmp_path / "run"
     args = train_args(demo_dir, out, *LORA, f"zero_stage={stage}", "save_every=2")
-    proc = launch(args, procs=2, wait=False)
+    proc = launch(args, wait=False)
     wait_for(lambda: last_step(out) >= 3, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run = launch(args + ["resume=true"], procs=2)
-    assert run.returncode == 0, run.out[-3000:]
-    assert "resumed from" in run.out
-    assert_same_run(out, lora_run[2], tolerance=0.0 if stage == 2 else 1e-5)
+    stop_job(proc, signal.SIGKILL, out)
+    assert "resumed from" in train_in_process(args + ["resume=true"])
+    assert_same_run(out, lora_run, tolerance=0.0 if stage == 2 else 1e-5)
     saved = os.listdir(out / "checkpoints" / (out / "checkpoints" / "latest").read_text())
     assert not any("vision" in f for f in saved)
 
@@ -217,18 +210,19 @@ def test_a_lora_target_that_matches_nothing_names_the_layers_there_are(tiny_vlm)
         train.add_adapters(model, cfg)
 
 
-@pytest.mark.slow
-def test_bad_lora_setting_from_the_command_line_is_one_error_line(demo_dir, tmp_path):
-    run = launch(train_args(demo_dir, tmp_path / "run", "lora_r=8", "train_lm=true", "lora_targets=qproj"))
-    assert run.returncode != 0
-    errors = [line for line in run.out.splitlines() if line.startswith("error:")]
-    assert errors and "lora_targets='qproj' matches no linear layer" in errors[0], run.out[-2000:]
-    assert "Traceback" not in run.out
+def test_bad_lora_setting_from_the_command_line_is_one_error_line(demo_dir, tmp_path, capsys):
+    """`python train.py ... lora_targets=qproj` (train.main through exit_after, in this process)."""
+    code = exit_code(train.main, train_args(demo_dir, tmp_path / "run", "lora_r=8", "train_lm=true",
+                                            "lora_targets=qproj"))
+    err = capsys.readouterr().err
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors and "lora_targets='qproj' matches no linear layer" in errors[0], err[-2000:]
+    assert "Traceback" not in err
 
 
-@pytest.mark.slow
 def test_push_publishes_the_adapters_alone_and_refuses_a_run_without_them(lora_run, tmp_path, capsys):
-    out, _, _ = lora_run
+    out = lora_run.out
     folder = tmp_path / "adapters"
     assert push.main([str(out), "--repo", "me/lora", "--format", "adapters", "--local-dir", str(folder)]) == 0
     assert "peft reads the 14 adapters (r=8) of tiny-llama" in capsys.readouterr().out
@@ -239,5 +233,5 @@ def test_push_publishes_the_adapters_alone_and_refuses_a_run_without_them(lora_r
 
     plain = tmp_path / "plain"
     shutil.copytree(out / "final", plain, ignore=shutil.ignore_patterns("adapters"))
-    assert exit_code(push.main, [str(plain), "--repo", "me/lora", "--format", "adapters", "--local-dir", str(tmp_path / "x")]) == 2
-    assert "has no adapters/adapter_config.json: only a LoRA run (lora_r > 0) writes adapters" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"has no adapters/adapter_config.json: only a LoRA run \(lora_r > 0\) writes"):
+        push.main([str(plain), "--repo", "me/lora", "--format", "adapters", "--local-dir", str(tmp_path / "x")])

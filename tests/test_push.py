@@ -14,13 +14,12 @@ import torch
 from PIL import Image
 
 import push
-from conftest import exit_code, favour_token, smooth_image
+from conftest import ROOT, exit_code, favour_token, smooth_image, write_json
 from data import chat_template_for, render_pieces
 from prepare import make_tiny_backbones
 from model import CLIP_STD, build_vlm
 from run import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # llava-hf's message convention: content is a string or a list of {"type": "image"} / {"type": "text"}.
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | upper }}: "
@@ -45,10 +44,9 @@ def save_run(model, processor, run_dir):
     processor.chat_template = CHAT_TEMPLATE
     model.save_pretrained(os.path.join(run_dir, "final"))
     processor.save_pretrained(os.path.join(run_dir, "final"))
-    with open(os.path.join(run_dir, "train_config.json"), "w") as f:
-        json.dump({"template": "vicuna_v1", "image_aspect": "pad", "lr_llm": 2e-5, "batch_size": 4}, f)
-    with open(os.path.join(run_dir, "train_summary.json"), "w") as f:
-        json.dump({"final_loss": 1.2345, "steps": 10, "samples": 40}, f)
+    write_json(os.path.join(run_dir, "train_config.json"),
+               {"template": "vicuna_v1", "image_aspect": "pad", "lr_llm": 2e-5, "batch_size": 4})
+    write_json(os.path.join(run_dir, "train_summary.json"), {"final_loss": 1.2345, "steps": 10, "samples": 40})
     return str(run_dir)
 
 
@@ -548,7 +546,7 @@ def damaged_copy(run_dir, tmp_path, damage):
         (final / "model.safetensors").write_bytes(data[:4])
     elif damage == "unknown_connector":
         config = json.loads((final / "config.json").read_text())
-        (final / "config.json").write_text(json.dumps({**config, "connector": "mlp2x_nope"}))
+        write_json(final / "config.json", {**config, "connector": "mlp2x_nope"})
     elif damage == "no_tokenizer_json":
         (final / "tokenizer.json").unlink()
     return str(copy)

@@ -5,9 +5,9 @@ import glob
 import os
 import re
 
+from conftest import ROOT
 from run import Config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read(path):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # the repository (conftest puts it and data/demo on sys.path)
 FOLDER = os.path.join(tempfile.gettempdir(), "small-vlm-zero3-start")
 
 
@@ -46,7 +46,6 @@ def measure_rank(checkout):
 def main(checkout):
     import torch
 
-    sys.path.insert(0, ROOT)
     from prepare import make_tiny_backbones
 
     if not os.path.exists(os.path.join(FOLDER, "tiny-llama")):
