@@ -6,9 +6,10 @@ downloaded (nanoGPT's data/shakespeare_char/prepare.py convention).
 
 `deepspeed train.py configs/demo.py` runs this on first use (make_demo=True). The data: one coloured
 circle, square or triangle on the left, right, top or bottom of a 64x64 image, with captions
-(pretrain.json, the plain template) and question/answer conversations (finetune.json, ~5%
-text-only), and balanced held-out questions (eval.jsonl). The backbones: a small random CLIP tower
-and Llama with a byte-level BPE tokenizer trained on the demo texts; the tests build theirs here too.
+(pretrain.json, the plain template) and three-question conversations (finetune.json, half with
+LLaVA's short-answer suffix, ~5% text-only), and balanced held-out questions (eval.jsonl). The
+backbones: a small random CLIP tower and Llama with a byte-level BPE tokenizer trained on the demo
+texts; the tests build theirs here too.
 """
 import argparse
 import json
@@ -85,7 +86,7 @@ def save_scene(rng, image_dir, name, scene):
 
 
 def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0):
-    """Writes images/, pretrain.json (plain captions), finetune.json (QA, some multi-turn, ~5%
+    """Writes images/, pretrain.json (plain captions), finetune.json (three questions per image, ~5%
     text-only) and eval.jsonl (questions balanced over answers) under out_dir; returns their paths.
     Deterministic: the same arguments write the same bytes."""
     image_dir = os.path.join(out_dir, "images")
@@ -110,10 +111,13 @@ def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0
                 {"from": "human", "value": text_only_question(word)}, {"from": "gpt", "value": answer}]})
             continue
         scene = random_scene(rng)
-        categories = rng.sample(tuple(QUESTIONS), k=rng.choice((1, 1, 2, 3)))
+        # All three questions, in a random order: three answers to learn from per image. Half the
+        # records ask with LLaVA's short-answer suffix (its VQA data) and half plainly (its
+        # conversations), so that a question typed without the suffix gets the same answer.
+        suffix = SHORT_ANSWER_SUFFIX if rng.random() < 0.5 else ""
         turns = []
-        for category in categories:
-            turns += [{"from": "human", "value": QUESTIONS[category] + SHORT_ANSWER_SUFFIX},
+        for category in rng.sample(tuple(QUESTIONS), k=len(QUESTIONS)):
+            turns += [{"from": "human", "value": QUESTIONS[category] + suffix},
                       {"from": "gpt", "value": scene[tuple(ANSWERS).index(category)]}]
         turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
         finetune.append({"id": f"finetune-{i}", "image": save_scene(rng, image_dir, f"finetune_{i:05d}.png", scene),
