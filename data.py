@@ -424,13 +424,13 @@ class VLMDataset(torch.utils.data.Dataset):
             for path in self.records[i]["image"]:
                 try:
                     image_file(self.image_folder, path, self.image_paths_outside)
-                except ValueError:
-                    missing.append((self.records[i]["id"], path))
+                except ValueError as e:
+                    missing.append((self.records[i]["id"], e))
         if missing and (every_one or len(missing) == len(indices)):
-            record_id, path = missing[0]
-            raise ValueError(f"{len(missing)} of the first {len(indices)} image records have no file under "
-                             f"image_folder={self.image_folder!r} (e.g. record {record_id!r}: {path!r}); fix "
-                             "image_folder, or set skip_bad_samples=True to skip such records")
+            record_id, reason = missing[0]
+            raise ValueError(f"{len(missing)} of the first {len(indices)} image records have no image file under "
+                             f"image_folder={self.image_folder!r} (e.g. record {record_id!r}: {reason}); fix "
+                             "image_folder or the records, or set skip_bad_samples=True to skip such records")
 
 
 def estimate_lengths(batch, num_image_tokens, anyres=None):
@@ -669,7 +669,7 @@ def load_one_source(path):
     raise FileNotFoundError(f"data file {path!r} does not exist (give a JSON/JSONL file or a Hub dataset id)")
 
 
-CACHE_VERSION = 2  # part of the Arrow cache key: bump it when read_json_records changes what it writes
+CACHE_VERSION = 3  # part of the Arrow cache key: bump it when read_json_records changes what it writes
 
 
 def load_json_file(path):
@@ -743,12 +743,16 @@ def normalise_record(record, default_id):
     if not all(isinstance(path, str) for path in images):  # e.g. a Hub data set that embeds decoded images
         raise ValueError(f"record {record.get('id', default_id)!r}: 'image' must be a relative path or a list "
                          f"of them, got {type(images[0]).__name__}; save the images to a folder and list their paths")
-    turns = record.get("conversations") or []
-    turns = [t if isinstance(t, dict) else {} for t in turns]  # a non-object turn fails as an unknown role
+    turns = record.get("conversations")
     problem = ""
-    if "conversations" not in record and "messages" in record:
-        problem = ("it has 'messages' (chat style); LLaVA records hold 'conversations': "
-                   "[{\"from\": \"human\" or \"gpt\", \"value\": text}, ...]")
+    if not (isinstance(turns, list) and turns):
+        what = "missing" if turns is None else "empty" if turns == [] else f"a {type(turns).__name__}"
+        problem = f"'conversations' is {what}; it must be a list of turns: [{{\"from\": \"human\", \"value\": ...}}, ...]"
+        if turns is None and "messages" in record:
+            problem = ("it has 'messages' (chat style); LLaVA records hold 'conversations': "
+                       "[{\"from\": \"human\" or \"gpt\", \"value\": text}, ...]")
+        turns = []
+    turns = [t if isinstance(t, dict) else {} for t in turns]  # a non-object turn fails as an unknown role
     for i, t in enumerate(turns):
         if not isinstance(t.get("value", ""), (str, int, float)) or isinstance(t.get("value"), bool):
             problem = problem or f"turn {i}: 'value' is a {type(t['value']).__name__}; it must be text"
@@ -767,6 +771,8 @@ def normalise_batch(batch, rows, source):
 
 def image_file(image_folder, path, paths_outside=False):
     """The file a record's image path names, inside image_folder unless paths_outside."""
+    if not path.strip():  # joined to the folder it would name the folder itself
+        raise ValueError("its image path is empty; name the image file (relative to image_folder), or drop 'image'")
     full_path = os.path.normpath(os.path.join(image_folder, path))
     folder = os.path.abspath(image_folder)
     if not paths_outside and os.path.commonpath([os.path.abspath(full_path), folder]) != folder:

@@ -45,6 +45,9 @@ def read_checkpoint_config(ckpt):
     if os.path.isdir(ckpt):
         folder = inference_folder(ckpt)
         config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise UserError(f"{ckpt} holds LoRA adapters (push.py --format adapters), not a whole model; evaluate the "
+                            "run they came from (out/<run>), or its export with --format llava")
         if not os.path.isfile(config_path):
             raise UserError(
                 f"{ckpt} is not a model: found no config.json in {folder}. Pass a training output folder "
@@ -81,14 +84,17 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     source, config = read_checkpoint_config(ckpt)
     model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in ("small_vlm", *NATIVE_CLASSES) and os.path.isdir(source):
+        run.check_saved_model(source)
     if model_type == "small_vlm":
         with run.loading(source):
-            model, loading_info = VLMForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+            model, loading_info = VLMForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True,
+                                                                      ignore_mismatched_sizes=True)
             processor = VLMProcessor.from_pretrained(source)
     elif model_type in NATIVE_CLASSES:
         with run.loading(source):
             model, loading_info = getattr(transformers, NATIVE_CLASSES[model_type]).from_pretrained(
-                source, dtype=dtype, output_loading_info=True)
+                source, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
             processor = AutoProcessor.from_pretrained(source)  # LlavaProcessor / LlavaNextProcessor
     elif "auto_map" in config:
         if not trust_remote_code:
@@ -99,7 +105,7 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
             raise UserError(f"{ckpt}: config.json auto_map names no AutoModel class: {config['auto_map']}")
         with run.loading(source):
             model, loading_info = getattr(transformers, auto_class).from_pretrained(
-                source, dtype=dtype, trust_remote_code=True, output_loading_info=True)
+                source, dtype=dtype, trust_remote_code=True, output_loading_info=True, ignore_mismatched_sizes=True)
             processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
     else:
         raise UserError(
@@ -148,10 +154,11 @@ def build_prompt(processor, question, has_image=True):
 
 
 def generate_answers(model, processor, prompts, images, batch_size=8, max_new_tokens=32, temperature=0.0,
-                     top_p=1.0):
+                     top_p=1.0, names=None):
     """One answer per prompt. images[i] is a PIL image, an image path, or None (text-only prompt).
     Prompts are left-padded so that every row's answer starts at the same column, which lets one
-    generate() call decode the whole batch with a KV cache."""
+    generate() call decode the whole batch with a KV cache. A prompt whose tokens (its image's
+    included) and answer would pass the LLM's positions is refused, named by names[i]."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     tokenizer = processor.tokenizer
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -160,6 +167,8 @@ def generate_answers(model, processor, prompts, images, batch_size=8, max_new_to
         batch_images = [open_image(im) for im in images[start:start + batch_size] if im is not None]
         inputs = processor(text=prompts[start:start + batch_size], images=batch_images or None,
                            return_tensors="pt", padding=True, padding_side="left")
+        check_prompt_lengths(model, inputs["attention_mask"].sum(1), max_new_tokens,
+                             (names or [f"prompt {i}" for i in range(len(prompts))])[start:start + batch_size])
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -169,6 +178,16 @@ def generate_answers(model, processor, prompts, images, batch_size=8, max_new_to
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new)
         answers += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
+
+
+def check_prompt_lengths(model, lengths, max_new_tokens, names):
+    """RoPE LLMs answer past their trained positions without a word, and wrongly: refuse instead."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = int(lengths.argmax())
+    if positions and int(lengths[longest]) + max_new_tokens > positions:
+        raise UserError(f"{names[longest]}: the prompt is {int(lengths[longest])} tokens (its image's included), and with "
+                        f"--max_new_tokens {max_new_tokens} it passes the model's {positions} positions; shorten the "
+                        "question or lower --max_new_tokens")
 
 
 def open_image(image):
@@ -274,9 +293,11 @@ def load_questions(path):
                 record = json.loads(line)
             except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
                 raise UserError(f"{path} line {line_number}: not valid JSON ({getattr(e, 'msg', 'nested too deep')}); "
-                                "write one JSON object per line") from None
+                                "write one JSON object per line (JSON lines; an indented JSON list is not)") from None
             if not isinstance(record, dict):
-                raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
+                raise UserError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}"
+                                + ("; eval.py reads JSON lines (one record per line), not a JSON list"
+                                   if line.lstrip().startswith("[") else ""))
             record.setdefault("id", str(line_number))
             record["_where"] = f"{path} line {line_number} (id {record['id']!r})"
             records.append(record)
@@ -300,14 +321,14 @@ def check_record(record, metric):
     for key in ("id", "question", "answer"):
         if key not in record:
             raise UserError(f"{at}: record has no {key!r}; each record needs 'id', 'question' and 'answer'")
-    if not isinstance(record["question"], str):
-        raise UserError(f"{at}: 'question' must be a string")
+    if not isinstance(record["question"], str) or not record["question"].strip():
+        raise UserError(f"{at}: 'question' must be a non-empty string")
     if record.get("image") is not None and not isinstance(record["image"], str):
         raise UserError(f"{at}: 'image' must be one path (a string), got {type(record['image']).__name__}")
     record["question"] = strip_image_marker(record["question"], record.get("image") is not None, at)
     answer = record["answer"]
-    if not (isinstance(answer, str) or is_string_list(answer)):
-        raise UserError(f"{at}: 'answer' must be a string or a non-empty list of strings")
+    if not (isinstance(answer, str) and answer.strip() or is_string_list(answer)):
+        raise UserError(f"{at}: 'answer' must be a non-empty string or a non-empty list of strings")
     choices = record.get("choices")
     if choices is not None:
         if not (is_string_list(choices) and len(choices) <= len(LETTERS)):
@@ -341,9 +362,13 @@ def select_records(records, image_folder, metric="auto", skip_missing=False):
     None for text-only, ids left out because their image is missing (only with skip_missing))."""
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
-    asked, paths, missing = [], [], []
+    asked, paths, missing, seen = [], [], [], {}
     for record in records:
         check_record(record, metric)
+        earlier = seen.setdefault(json.dumps(record["id"]), where(record))
+        if earlier != where(record):
+            raise UserError(f"{where(record)}: its id is also the id of {earlier}; give each record its own id "
+                            "(answers.jsonl and the scores name records by it)")
         path = None if record.get("image") is None else os.path.join(image_folder, record["image"])
         if path is not None and not os.path.isfile(path):
             if not skip_missing:
@@ -378,7 +403,7 @@ def evaluate(model, processor, asked, paths, missing=(), metric="auto", suffix=T
     for start in range(0, len(prompts), batch_size):
         batch = slice(start, start + batch_size)
         predictions = generate_answers(model, processor, prompts[batch], paths[batch], batch_size, max_new_tokens,
-                                       temperature, top_p)
+                                       temperature, top_p, names=[where(r) for r in asked[batch]])
         for record, prompt, prediction in zip(asked[batch], prompts[batch], predictions):
             rows.append({"id": record["id"], "prompt": prompt, "prediction": prediction, "answer": record["answer"],
                          "correct": score(prediction, record, metric)})
@@ -439,7 +464,7 @@ def parse_args(argv):
     parser.add_argument("--image_folder", help="folder the records' image paths are relative to "
                                                "(default: the data file's folder)")
     parser.add_argument("--out", help="folder for answers.jsonl and results.json (default: next to the data "
-                                      "file, <data folder>/<data name>-<checkpoint name>/)")
+                                      "file, <data folder>/<data name>-<run name>/)")
     parser.add_argument("--metric", default="auto", choices=METRICS,
                         help="auto: mc for records with choices, vqa for a list of answers, else exact")
     parser.add_argument("--no_suffix", action="store_true", help="do not append LLaVA's answer-format suffix")
@@ -458,22 +483,47 @@ def parse_args(argv):
 
 
 def check_device(device):
-    """--device names a device this machine has."""
+    """--device names a device this machine has: the CPU or one of its accelerators (cuda, mps, xpu)."""
     if device is None:
         return
     try:
-        kind = torch.device(device).type
+        wanted = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device name (cuda, cuda:1, cpu, ...)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
+        raise UserError(f"--device {device!r} is not a device name (cuda, cuda:1, mps, cpu, ...)") from None
+    if wanted.type == "cpu":
+        return
+    have = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if have is None or have.type != wanted.type:
+        raise UserError(f"--device {device}: this machine has no {wanted.type} device; use --device "
+                        f"{have.type if have else 'cpu'}")
+    if wanted.index is not None and wanted.index >= torch.accelerator.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.accelerator.device_count()} {have.type} "
+                        f"devices, numbered from 0")
 
 
 def default_out_dir(data, ckpt):
-    """<data folder>/<data name>-<checkpoint name>: bench/gqa.jsonl + out/run1 -> bench/gqa-run1."""
+    """<data folder>/<data name>-<run name>: bench/gqa.jsonl + out/run1 (or out/run1/final) -> bench/gqa-run1."""
     data_name = os.path.splitext(os.path.basename(data))[0]
-    ckpt_name = os.path.basename(os.path.normpath(ckpt))
-    return os.path.join(os.path.dirname(os.path.abspath(data)), f"{data_name}-{ckpt_name}")
+    folder = os.path.normpath(ckpt)
+    run_name = os.path.basename(os.path.dirname(folder) if os.path.basename(folder) == "final" else folder)
+    return os.path.join(os.path.dirname(os.path.abspath(data)), f"{data_name}-{run_name}")
+
+
+def checkpoint_identity(ckpt):
+    """The model folder a CKPT argument loads, as an absolute path (a Hub id stays as it is)."""
+    return os.path.realpath(inference_folder(ckpt)) if os.path.isdir(ckpt) else ckpt
+
+
+def check_results_folder(out_dir, ckpt):
+    """An --out folder is written over only with results of the same checkpoint (a re-run): two runs
+    named alike (x/demo, y/demo) share the default folder, and one must not replace the other's."""
+    path = os.path.join(out_dir, "results.json")
+    if os.path.isdir(out_dir) and os.path.isfile(path):
+        with run.reading(path, "delete that folder or pass another --out"), open(path) as f:
+            theirs = json.load(f).get("settings", {}).get("ckpt")
+        if theirs is not None and theirs != checkpoint_identity(ckpt):
+            raise UserError(f"{out_dir} holds the results of another checkpoint, {theirs}; pass --out to write "
+                            "these elsewhere, or delete that folder")
 
 
 def main(argv=None):
@@ -488,10 +538,17 @@ def main(argv=None):
         raise UserError("pass either --data FILE (a benchmark) or --prompt TEXT (one question, with --image)")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch_size and --max_new_tokens must be at least 1")
+    if not args.temperature >= 0:  # also NaN
+        raise UserError(f"--temperature {args.temperature}: must be 0 (greedy) or more (sampling)")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p {args.top_p}: must be above 0 and at most 1 (1 = no nucleus cut)")
     if args.image is not None and args.prompt is None:
         raise UserError("--image goes with --prompt (a benchmark's images come from its --data records)")
     if args.image is not None and not os.path.isfile(args.image):
-        raise UserError(f"image not found: {args.image}")
+        raise UserError(f"--image {args.image} is a folder; give one image file" if os.path.isdir(args.image)
+                        else f"image not found: {args.image}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; give the question to ask")
     if args.image is not None:
         check_image({"id": "--image"}, args.image)
     if args.prompt is not None:
@@ -504,13 +561,14 @@ def main(argv=None):
         out_dir = args.out or default_out_dir(args.data, args.ckpt)
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise UserError(f"--out {out_dir} is a file; give a folder for answers.jsonl and results.json")
+        check_results_folder(out_dir, args.ckpt)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, processor = load_model(args.ckpt, device=args.device, dtype=dtype, trust_remote_code=args.trust_remote_code)
     generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
 
     if args.prompt is not None:
         prompt = build_prompt(processor, args.prompt, has_image=args.image is not None)
-        print(generate_answers(model, processor, [prompt], [args.image], **generation)[0])
+        print(generate_answers(model, processor, [prompt], [args.image], names=["--prompt"], **generation)[0])
         return
 
     with run.writing(out_dir):
@@ -522,7 +580,7 @@ def main(argv=None):
     finally:
         with contextlib.suppress(OSError):  # evaluate flushed every batch, and reported a write that failed
             answers.close()
-    settings = dict(ckpt=args.ckpt, data=args.data, image_folder=image_folder, metric=args.metric,
+    settings = dict(ckpt=checkpoint_identity(args.ckpt), data=args.data, image_folder=image_folder, metric=args.metric,
                     suffix=not args.no_suffix, batch_size=args.batch_size, device=str(model.device),
                     dtype=str(model.dtype).removeprefix("torch."), **generation)
     with run.writing(os.path.join(out_dir, "results.json"), ", then evaluate again"):

@@ -48,6 +48,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.processing_utils import ImagesKwargs
 from transformers.tokenization_utils_base import generate_merges
 from transformers.utils import cached_file
@@ -155,16 +156,20 @@ def count_anyres_tokens(height, width, pinpoints, tile, patch):
     return (tile // patch) ** 2 + (bottom - top) * (right - left + 1)
 
 
+class SettingError(ValueError):
+    """A setting these backbones cannot take (AnyRes pinpoints that are not whole tiles of the tower)."""
+
+
 def check_pinpoints(pinpoints, tile):
     """[[H, W], ...] with each side a positive multiple of the tile, or a ValueError saying which is not."""
     if not pinpoints or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pinpoints):
-        raise ValueError(f"image_grid_pinpoints must be a non-empty list of [height, width] pairs, got {pinpoints!r}")
+        raise SettingError(f"image_grid_pinpoints must be a non-empty list of [height, width] pairs, got {pinpoints!r}")
     for pin_h, pin_w in pinpoints:
         if pin_h <= 0 or pin_w <= 0 or pin_h % tile or pin_w % tile:
-            raise ValueError(f"image_grid_pinpoints entry [{pin_h}, {pin_w}] is not a whole number of the vision "
+            raise SettingError(f"image_grid_pinpoints entry [{pin_h}, {pin_w}] is not a whole number of the vision "
                              f"tower's {tile}x{tile} tiles; use multiples of {tile} (e.g. {default_pinpoints(tile)})")
         if pin_h * pin_w > MAX_PAD_SIDE ** 2:  # every image is resized to a pinpoint: bound it as pad's canvas
-            raise ValueError(f"image_grid_pinpoints entry [{pin_h}, {pin_w}] has more pixels than "
+            raise SettingError(f"image_grid_pinpoints entry [{pin_h}, {pin_w}] has more pixels than "
                              f"{MAX_PAD_SIDE}x{MAX_PAD_SIDE} (model.MAX_PAD_SIDE); LLaVA-NeXT's largest is 672x672")
     return [[int(pin_h), int(pin_w)] for pin_h, pin_w in pinpoints]
 
@@ -619,6 +624,10 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
     load = {"attn_implementation": attn_implementation} if attn_implementation else {}
     # Loading draws from the random generator in some set-ups (ZeRO-3's partitioned loading) and not
     # in others: on a generator of its own, the new parts below start the same way in every set-up.
+    text_config = AutoConfig.from_pretrained(llm)
+    if type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"llm={llm!r} is a {text_config.model_type!r} model, not a causal language model "
+                         "(e.g. Vicuna, Llama, Qwen2)")
     with torch.random.fork_rng(devices=[]):
         language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto",
                                                               quantization_config=llm_quantization, **load)
@@ -665,7 +674,7 @@ def build_processor(vision_model, llm, image_aspect="pad", drop_cls=True, image_
     pinpoints = None
     if image_aspect == "anyres":
         if vision_has_cls(vision_config) and not drop_cls:
-            raise ValueError("image_aspect='anyres' lays each tile's patch features out on a grid, so it needs "
+            raise SettingError("image_aspect='anyres' lays each tile's patch features out on a grid, so it needs "
                              "drop_cls=True (a CLS token has no place on the grid), as LLaVA-NeXT")
         pinpoints = check_pinpoints(image_grid_pinpoints or default_pinpoints(vision_config.image_size),
                                     vision_config.image_size)

@@ -21,6 +21,7 @@ import difflib
 import errno
 import fcntl
 import json
+import numbers
 import math
 import os
 import random
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from model import IGNORE_INDEX, build_connector, lora_target_names, parse_pinpoints
 
@@ -148,17 +149,18 @@ def loading(folder):
 @contextlib.contextmanager
 def writing(path, then=""):
     """A boundary where files are written: a full disk, a read-only or vanished folder (torch
-    reports a full disk as "unexpected pos") becomes one UserError naming the path and how much
-    space is left (and `then`, what else to do)."""
+    reports a full disk as "unexpected pos", safetensors as "os error 28") becomes one UserError
+    naming the path and how much space is left (and `then`, what else to do)."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "unexpected pos" not in str(e):
+    except (OSError, RuntimeError, SafetensorError) as e:
+        full = getattr(e, "errno", None) == errno.ENOSPC or any(
+            sign in str(e) for sign in ("unexpected pos", f"os error {errno.ENOSPC})"))
+        if not (full or isinstance(e, OSError)):
             raise
         folder = next((p for p in (path, os.path.dirname(path)) if os.path.isdir(p)), ".")
         free = shutil.disk_usage(folder).free / 2**20
-        why = "the disk is full" if getattr(e, "errno", None) == errno.ENOSPC or isinstance(e, RuntimeError) \
-            else e.strerror or first_line(e)
+        why = "the disk is full" if full else e.strerror or first_line(e)
         raise UserError(f"cannot write {path} ({why}; {free:.0f} MiB free); free some space or choose a writable "
                         f"folder{then}") from None
 
@@ -170,14 +172,34 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def check_saved_model(folder):
+    """A saved model folder (train.py's final/, push.py's exports) holds what from_pretrained reads,
+    each file whole: names the file that is missing or cut short before anything slow runs
+    (safetensors refuses a file shorter than its header's offsets)."""
+    for needed in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if not os.path.isfile(os.path.join(folder, needed)):
+            raise UserError(f"{folder} has no {needed}: the model folder is incomplete; copy it again, or save it "
+                            "again (train.py writes final/, push.py --local-dir an export)")
+    weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not weights:
+        raise UserError(f"{folder} has no model weights (*.safetensors): the model folder is incomplete")
+    for name in weights:
+        path = os.path.join(folder, name)
+        with reading(path, "copy or save the checkpoint again"), safe_open(path, "pt"):
+            pass
+
+
 def check_weights_match(folder, loading_info):
-    """from_pretrained(..., output_loading_info=True)'s report on FOLDER: a weight the config's model
-    has and the files lack would start random (an untrained connector answers nonsense), one the
-    files hold that no module takes is lost. Either means the weights are not this config's."""
+    """from_pretrained(..., output_loading_info=True, ignore_mismatched_sizes=True)'s report on FOLDER:
+    a weight the config's model has and the files lack would start random (an untrained connector
+    answers nonsense), one the files hold that no module takes is lost, one of another shape cannot
+    be loaded. Each means the weights are not this config's."""
+    mismatched = [f"{key} {list(saved)} in the files, {list(expected)} in config.json"
+                  for key, saved, expected in loading_info["mismatched_keys"]]
     found = [f"{len(keys)} {what} ({', '.join(sorted(map(str, keys))[:4])}{', ...' if len(keys) > 4 else ''})"
              for what, keys in (("missing from the weight files", loading_info["missing_keys"]),
                                 ("in the files that the model has no place for", loading_info["unexpected_keys"]),
-                                ("of another shape", loading_info["mismatched_keys"])) if keys]
+                                ("of another shape", mismatched)) if keys]
     if found:
         raise UserError(f"the weights in {folder} do not match its config.json: {'; '.join(found)}; save or copy "
                         "the model again (config.json and its .safetensors files together)")
@@ -306,19 +328,34 @@ def load_config(argv, description="Train a small-vlm."):
                      and type(v).__name__ != "module"]
     for arg in opts.args:
         key, sep, text = arg.partition("=")
+        if not sep and os.path.isfile(arg):
+            raise UserError(f"{arg!r} is a file, and a config file is Python whose name ends in .py (given first, "
+                            "before any key=value); rename it, or give its settings as key=value")
         if not sep:
             raise UserError(f"override {arg!r} is not key=value")
         check_key(key, "the command line")
         settings.append((key, parse_value(key, text, getattr(Config, key)), "the command line"))
     for key, value, where in settings:
         check_key(key, where)
-        default = getattr(Config, key)
-        if type(default) is float and type(value) is int:
-            value = float(value)
-        if type(value) is not type(default):
-            raise UserError(f"{key}={value!r} in {where}: expected {type(default).__name__}")
-        setattr(cfg, key, value)
+        setattr(cfg, key, setting_of_its_type(key, value, where))
     return cfg, opts.dry_run
+
+
+def setting_of_its_type(key, value, where):
+    """A config file's value as its field's type: a number of any kind (numpy's too) for a number, an
+    int for a float; a list where a text is expected is refused with the comma-separated form."""
+    default = getattr(Config, key)
+    kind = type(default)
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if kind is str and isinstance(value, (list, tuple)):
+        raise UserError(f"{key}={value!r} in {where}: expected one text; write a list as one comma-separated string "
+                        "(e.g. image_grid_pinpoints='336x672,672x336', data_path='a.json,b.json')")
+    if type(value) is not kind:
+        raise UserError(f"{key}={value!r} in {where}: expected {kind.__name__} (default {default!r})")
+    return value
 
 
 CHOICES = {"template": ("plain", "vicuna_v1", "chat"), "image_aspect": ("pad", "resize", "anyres"),
@@ -418,14 +455,19 @@ def check_qlora(cfg):
         raise UserError("qlora=True needs bitsandbytes: pip install bitsandbytes==0.50.2") from None
 
 
-def lora_targets_in(module, cfg, key):
-    """The names of the layers of MODULE (cfg.KEY's model) that get adapters; none is a user error."""
-    names = lora_target_names(module, cfg.lora_targets)
-    if not names:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise UserError(f"lora_targets={cfg.lora_targets!r} matches no linear layer of {key}={getattr(cfg, key)!r}; "
-                        f"its linear layers are named {', '.join(linear)} (all-linear takes all but the LM head)")
-    return names
+def lora_layers(parts, cfg):
+    """{key: the names of the layers of parts[key] (cfg.KEY's model) that get adapters}. A model with
+    none, or a lora_targets name that matches no layer of any (a typo in a list), is a user error."""
+    chosen = {key: lora_target_names(module, cfg.lora_targets) for key, module in parts.items()}
+    targets = [] if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    unmatched = [t for t in targets if not lora_target_names(torch.nn.ModuleDict(parts), t)]
+    for key, names in chosen.items():
+        if not names or unmatched:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in parts[key].named_modules() if isinstance(m, torch.nn.Linear)})
+            what = f"has {', '.join(map(repr, unmatched))}, which matches" if names else "matches"
+            raise UserError(f"lora_targets={cfg.lora_targets!r} {what} no linear layer of {key}={getattr(cfg, key)!r}; "
+                            f"its linear layers are named {', '.join(linear)} (all-linear takes all but the LM head)")
+    return chosen
 
 
 def check_model_fits(cfg, model, processor):
@@ -818,11 +860,20 @@ def write_universal_checkpoint(folder):
     shutil.rmtree(partial_dir, ignore_errors=True)
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
                "--output_folder", partial_dir, "--inject_missing_state"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+    # The converter and its worker processes form a process group of their own, so a terminal's
+    # Ctrl-C does not cut them off mid-task, and the whole group ends with this rank however it ends.
+    converter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+    try:
+        output = converter.communicate()[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # none left
+            os.killpg(converter.pid, signal.SIGKILL)
+    if converter.returncode != 0:
+        last = (output.strip() or "no output").splitlines()[-1] if converter.returncode > 0 else \
+            f"stopped by {signal.Signals(-converter.returncode).name}"
         raise UserError(f"cannot convert {folder} for another number of processes ({last}); resume on the "
-                        f"{ranks_that_wrote(folder)} processes that wrote it")
+                        f"{ranks_that_wrote(folder)} processes that wrote it, or resume again to convert it")
     os.replace(partial_dir, target)
     with contextlib.suppress(FileNotFoundError):  # the converter's pointer to its output: unused here
         os.remove(os.path.join(folder, "latest_universal"))

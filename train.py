@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 import run
 from data import LengthGroupedSampler, VLMDataset, chat_template_for, check_chat_template, collate, make_demo_files
-from model import add_lora, build_processor, build_vlm, inference_folder, merge_lora, parse_pinpoints
+from model import SettingError, add_lora, build_processor, build_vlm, inference_folder, merge_lora, parse_pinpoints
 from run import UserError, first_line, full_numel, full_shape, log_rank0
 
 
@@ -46,6 +46,8 @@ def build_training_model(cfg, device):
                                      cfg.image_aspect, dtype=dtype, attn_implementation=attention_for(cfg, device),
                                      image_grid_pinpoints=pinpoints,
                                      llm_quantization=four_bit_loading(cfg))
+    except SettingError as e:  # the backbones load, and a setting does not fit them
+        raise UserError(first_line(e)) from None
     except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
         raise UserError(f"cannot build the model from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
                         f"{first_line(e)}") from None
@@ -107,8 +109,8 @@ def add_adapters(model, cfg):
     if not cfg.lora_r:
         return
     parts = {"llm": model.language_model, "vision_model": model.vision_tower}
-    for key in ["llm", "vision_model"] if cfg.lora_vision else ["llm"]:
-        names = run.lora_targets_in(parts[key], cfg, key)
+    parts = {key: parts[key] for key in (["llm", "vision_model"] if cfg.lora_vision else ["llm"])}
+    for key, names in run.lora_layers(parts, cfg).items():
         add_lora(parts[key], names, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
 
 

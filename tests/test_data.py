@@ -236,7 +236,10 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
 
 
 BAD_RECORDS = [
-    ({"id": "no-conv"}, "no conversations"),
+    ({"id": "no-conv"}, "'conversations' is missing"),
+    ({"id": "empty-conv", "image": "red.png", "conversations": []}, "'conversations' is empty; it must be a list"),
+    ({"id": "text-conv", "image": "red.png", "conversations": "<image>\nWhat?"}, "'conversations' is a str; it must"),
+    ({"id": "empty-path", "image": "", "conversations": ONE_TURN}, "its image path is empty"),
     ({"id": "bad-role", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]},
      "unknown role from='robot'"),
     ({"id": "empty-answer", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]},

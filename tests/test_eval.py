@@ -2,6 +2,7 @@
 the command line end to end on a tiny saved model, and one clear error per kind of bad input."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -358,10 +359,31 @@ def test_skip_missing_counts_missing_images(run_dir, image_folder, tmp_path, cap
     assert "skipped 1 records" in capsys.readouterr().out
 
 
-def test_default_out_dir_is_next_to_the_data(run_dir, image_folder, tmp_path):
+def test_default_out_dir_is_next_to_the_data_and_never_takes_another_checkpoints_results(run_dir, image_folder,
+                                                                                          tmp_path):
+    """bench/x.jsonl + out/run (or out/run/final) -> bench/x-run/; a re-run of the same model writes there
+    again, and another model of the same name (elsewhere/run) is refused instead of replacing the results."""
     data = write_json(tmp_path / "bench.jsonl", [{"id": "1", "image": "red.png", "question": "Q?", "answer": "a"}])
-    main([run_dir, "--data", data, "--image_folder", image_folder, "--max_new_tokens", "2"])
-    assert (tmp_path / "bench-run" / "results.json").is_file()
+    for ckpt in (run_dir, os.path.join(run_dir, "final")):
+        main([ckpt, "--data", data, "--image_folder", image_folder, "--max_new_tokens", "2"])
+        results = json.loads((tmp_path / "bench-run" / "results.json").read_text())
+        assert results["settings"]["ckpt"] == os.path.realpath(os.path.join(run_dir, "final"))
+    other = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run_dir, other)
+    with pytest.raises(UserError, match=r"bench-run holds the results of another checkpoint, .*; pass --out"):
+        main([str(other), "--data", data, "--image_folder", image_folder, "--max_new_tokens", "2"])
+    assert json.loads((tmp_path / "bench-run" / "results.json").read_text()) == results
+
+
+def test_a_prompt_longer_than_the_models_positions_is_refused_naming_it(run_dir, image_folder, tmp_path):
+    """RoPE answers past max_position_embeddings (2,048 here) without a word: refused, with the record."""
+    long_question = "What colour is the shape? " * 400  # ~2,000 words: more than 2,048 tokens
+    data = write_json(tmp_path / "bench.jsonl", [GOOD, {**GOOD, "id": "long", "question": long_question}])
+    with pytest.raises(UserError, match=r"line 2 \(id 'long'\): the prompt is \d+ tokens .* passes the model's 2048 "
+                                        "positions; shorten the question or lower --max_new_tokens"):
+        main([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(tmp_path / "out")])
+    with pytest.raises(UserError, match=r"^--prompt: the prompt is \d+ tokens"):
+        main([run_dir, "--prompt", long_question])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,6 +399,11 @@ GOOD = {"id": "ok", "image": "red.png", "question": "Color?", "answer": "red"}
     ([GOOD, {"id": "q4", "image": "red.png", "question": "Color?"}], ["q4", "'answer'"]),
     ([{**GOOD, "id": "q5", "choices": ["x", "y"], "answer": "purple"}], ["q5", "'purple'", "option"]),
     ([], ["holds no records"]),
+    ([GOOD, {**GOOD, "question": "Colour?"}], ["line 2 (id 'ok')", "also the id of", "line 1"]),
+    ([{**GOOD, "question": " "}], ["line 1", "'question' must be a non-empty string"]),
+    ([{**GOOD, "answer": ""}], ["line 1", "'answer' must be a non-empty string"]),
+    ([json.dumps([GOOD])], ["line 1: expected a JSON object, got list", "not a JSON list"]),
+    (["[", json.dumps(GOOD), "]"], ["line 1: not valid JSON", "an indented JSON list is not"]),
 ])
 def test_bad_data_is_one_error_line(run_dir, image_folder, tmp_path, capsys, lines, expected):
     data = tmp_path / "bench.jsonl"
@@ -398,6 +425,8 @@ def test_bad_checkpoint_and_arguments(run_dir, image_folder, tmp_path):
         ([str(tmp_path / "no" / "such" / "run"), "--prompt", "Hi?"], ["checkpoint not found", "run"]),
         ([run_dir], ["--data", "--prompt"]),
         ([run_dir, "--prompt", "Hi?", "--image", str(tmp_path / "nope.png")], ["image not found", "nope.png"]),
+        ([run_dir, "--prompt", "Hi?", "--image", str(tmp_path)], ["is a folder; give one image file"]),
+        ([run_dir, "--prompt", " "], ["--prompt is empty"]),
     ]
     for argv, expected in cases:
         with pytest.raises(UserError) as error:
@@ -443,7 +472,7 @@ def test_image_marker_in_a_question_is_where_the_image_goes(run_dir, image_folde
     """LLaVA users type <image>; the chat template places the image, so the marker is dropped."""
     import eval as eval_module
 
-    data = write_json(tmp_path / "bench.jsonl", [{**GOOD, "question": "<image>\nColor?"}, GOOD])
+    data = write_json(tmp_path / "bench.jsonl", [{**GOOD, "id": "marked", "question": "<image>\nColor?"}, GOOD])
     main([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(tmp_path / "out")])
     rows = [json.loads(line) for line in open(tmp_path / "out" / "answers.jsonl")]
     assert rows[0]["prompt"] == rows[1]["prompt"] and rows[0]["prompt"].count("<image>") == 1
@@ -468,9 +497,18 @@ def test_arguments_checked_before_the_model_loads(run_dir, image_folder, tmp_pat
     (tmp_path / "taken").write_text("a file")
     cases = [([run_dir, "--data", data, "--image_folder", image_folder, "--out", str(tmp_path / "taken")],
               "--out " + str(tmp_path / "taken") + " is a file"),
-             ([run_dir, "--prompt", "Hi?", "--device", "nonsense"], "is not a device name")]
-    if not torch.cuda.is_available():
-        cases.append(([run_dir, "--prompt", "Hi?", "--device", "cuda"], "this machine has no CUDA GPU"))
+             ([run_dir, "--prompt", "Hi?", "--device", "nonsense"], "is not a device name"),
+             ([run_dir, "--prompt", "Hi?", "--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
+             ([run_dir, "--prompt", "Hi?", "--temperature", "nan"], "--temperature nan: must be 0"),
+             ([run_dir, "--prompt", "Hi?", "--temperature", "1", "--top_p", "-3"], "--top_p -3.0: must be above 0"),
+             ([run_dir, "--prompt", "Hi?", "--top_p", "0"], "--top_p 0.0: must be above 0 and at most 1"),
+             ([run_dir, "--prompt", "Hi?", "--device", "meta"], "this machine has no meta device")]
+    if not torch.accelerator.is_available():  # each accelerator a machine does not have is named
+        cases += [([run_dir, "--prompt", "Hi?", "--device", kind], f"this machine has no {kind} device; use --device cpu")
+                  for kind in ("cuda", "mps", "xpu")]
+    else:
+        have = torch.accelerator.current_accelerator().type
+        cases.append(([run_dir, "--prompt", "Hi?", "--device", f"{have}:99"], "devices, numbered from 0"))
     for argv, expected in cases:
         with pytest.raises(UserError) as error:
             main(argv)
@@ -491,7 +529,8 @@ def test_remote_code_runs_only_when_trusted(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("damage, expected", [
-    ("cut_weights", r"cannot read .*final \(SafetensorError: .*\); copy or save the checkpoint again"),
+    ("cut_weights", r"cannot read .*final/model.safetensors \(SafetensorError: .*\); copy or save the checkpoint again"),
+    ("no_processor_config", r"final has no processor_config.json: the model folder is incomplete; copy it again"),
     ("cut_tokenizer_json", r"cannot read .*final \(JSONDecodeError: .*\); copy or save the checkpoint again"),
     ("unknown_connector", r"cannot build the model in .*final \(unknown connector 'mlp2x_nope'.*\); fix that "
                           r"setting in its config.json"),
@@ -504,6 +543,8 @@ def test_a_damaged_folder_is_told_from_a_setting_the_model_cannot_take(run_dir, 
         with open(os.path.join(final, "config.json")) as f:
             config = json.load(f)
         write_json(os.path.join(final, "config.json"), {**config, "connector": "mlp2x_nope"})
+    elif damage == "no_processor_config":
+        os.remove(os.path.join(final, "processor_config.json"))
     else:
         path = os.path.join(final, "model.safetensors" if damage == "cut_weights" else "tokenizer.json")
         with open(path, "rb") as f:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import eval as evaluation
 import push
 import run
 import train
@@ -208,6 +209,11 @@ def test_a_lora_target_that_matches_nothing_names_the_layers_there_are(tiny_vlm)
     with pytest.raises(UserError, match=r"lora_targets='query,value' matches no linear layer of llm='tiny-llama'; "
                                         r"its linear layers are named down_proj, gate_proj, .*q_proj"):
         train.add_adapters(model, cfg)
+    cfg.lora_targets = "q_proj,vproj"  # one typo in a list: refused, not silently left out
+    with pytest.raises(UserError, match=r"lora_targets='q_proj,vproj' has 'vproj', which matches no linear layer of "
+                                        r"llm='tiny-llama'; its linear layers are named .*v_proj"):
+        train.add_adapters(model, cfg)
+    assert not any(".lora_A." in name for name, _ in model.named_parameters())
 
 
 def test_bad_lora_setting_from_the_command_line_is_one_error_line(demo_dir, tmp_path, capsys):
@@ -230,6 +236,8 @@ def test_push_publishes_the_adapters_alone_and_refuses_a_run_without_them(lora_r
                                           "connector.safetensors"]
     assert json.load(open(folder / "adapter_config.json"))["base_model_name_or_path"] == "tiny-llama"  # no local path
     assert "library_name: peft" in (folder / "README.md").read_text()
+    with pytest.raises(UserError, match="holds LoRA adapters .*, not a whole model; evaluate the run they came from"):
+        evaluation.load_model(str(folder))  # the adapters folder given where a model is expected
 
     plain = tmp_path / "plain"
     shutil.copytree(out / "final", plain, ignore=shutil.ignore_patterns("adapters"))

@@ -250,6 +250,13 @@ def test_full_clip_checkpoint_yields_its_vision_tower(tiny_backbones):
         load_vision_tower(llm_dir)
 
 
+def test_a_vision_tower_given_as_the_llm_is_named(tiny_backbones):
+    """(An LLM as the vision tower is the test above.) The message names the model type it is."""
+    vision_dir, _ = tiny_backbones
+    with pytest.raises(ValueError, match=r"llm='.*tiny-clip' is a 'clip' model, not a causal language model"):
+        build_vlm(vision_dir, vision_dir)
+
+
 def test_siglip_has_one_token_per_patch(siglip_backbones):
     model, processor = build_vlm(*siglip_backbones)
     assert model.config.num_image_tokens == processor.num_image_tokens == (32 // 8) ** 2

@@ -2,6 +2,7 @@
 Kills and stop signals go to real `deepspeed` launcher jobs (2 CPU ranks), as two ranks agreeing on
 a bad record does; every other run is train.main in this process (conftest.train_in_process: a
 one-rank gloo group, the real Lockstep), so a refusal costs a second, not a launcher's start-up."""
+import contextlib
 import json
 import os
 import re
@@ -69,11 +70,48 @@ def test_sigkill_mid_run_under_zero2_then_resume_on_one_rank_through_a_universal
     killed(args, signal.SIGKILL, lambda: last_step(out) >= 5)
     tag = (out / "checkpoints" / "latest").read_text()
     assert tag in ("step00000004", "step00000006")
+    ctrl_c_while_converting(args + ["resume=true"])
     output = train_in_process(args + ["resume=true"])
     assert f"resumed from {out}/checkpoints/{tag}" in output and "1 processes x 4 samples" in output
     assert (out / "checkpoints" / tag / "universal").is_dir()
     assert_same_run(out, reference_run(*RUN, "zero_stage=2"), tolerance=OTHER_RANKS)
     assert_each_record_trained_once(out, demo_dir)
+
+
+def ctrl_c_while_converting(args):
+    """`python train.py ARGS` (a resume that must convert its checkpoint) gets a terminal's Ctrl-C
+    (SIGINT to its whole process group) while DeepSpeed's converter and its worker processes run, all
+    held stopped so that none can finish or exit first: the run exits with 130 and every one of them
+    ends with it (stopped processes of the old code's converter stayed, orphaned, forever)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    resume = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    converter, workers = [], []
+    try:
+        def started():
+            converter[:] = [c for c in psutil.Process(resume.pid).children()
+                            if any("ds_to_universal" in part for part in c.cmdline())]
+            return converter
+        wait_for(started, resume)
+        converter[0].suspend()
+        while not workers:  # let it run in 10 ms slices until it has started its worker processes
+            converter[0].resume()
+            time.sleep(0.01)
+            converter[0].suspend()
+            workers = converter[0].children(recursive=True)
+        for worker in workers:
+            worker.suspend()
+        os.killpg(resume.pid, signal.SIGINT)
+        assert resume.wait(timeout=60) == 130, resume.communicate()[0][-3000:]
+        assert psutil.wait_procs(converter + workers, timeout=10)[1] == [], "the converter outlived its run"
+    finally:
+        for process in [resume, *converter, *workers]:
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+                process.kill()
 
 
 def assert_each_record_trained_once(out, demo_dir):
@@ -340,10 +378,11 @@ def test_damaged_or_unwritable_files_are_one_error_line(tiny_vlm, tmp_path, caps
     with pytest.raises(UserError, match=r"cannot read .*model.safetensors \(SafetensorError: .*header too large.*copy or "
                                         "save the checkpoint again"):
         push.resolve_checkpoint(str(final))
-    with pytest.raises(UserError, match="cannot read .*final .*header too large.*save the checkpoint again"):
+    with pytest.raises(UserError, match="cannot read .*final/model.safetensors .*header too large.*save the checkpoint "
+                                        "again"):
         evaluation.load_model(str(final))
     (final / "model.safetensors").write_bytes(weights[:len(weights) // 2])
-    with pytest.raises(UserError, match="cannot read .*final .*copy or save the checkpoint again"):
+    with pytest.raises(UserError, match="cannot read .*final/model.safetensors .*copy or save the checkpoint again"):
         evaluation.load_model(str(final))
 
     # a full disk while eval writes its answers: answers.jsonl is a link to /dev/full
@@ -551,7 +590,8 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(demo_dir, tmp_pa
 
 
 def test_weights_that_do_not_match_their_config_are_refused(tiny_vlm, tmp_path, capsys):
-    """Cause 4: eval.py used to answer with a random connector, push.py to export one."""
+    """Cause 4: eval.py used to answer with a random connector, push.py to export one; a tensor of
+    another shape was a traceback from transformers."""
     from safetensors.torch import load_file, save_file
 
     import eval as evaluation
@@ -567,6 +607,17 @@ def test_weights_that_do_not_match_their_config_are_refused(tiny_vlm, tmp_path, 
     assert exit_code(push.main, [str(final), "--repo", "user/name", "--local-dir", str(tmp_path / "export")]) == 2
     assert re.search("error: " + message, capsys.readouterr().err)
     assert not os.listdir(tmp_path / "export")
+    # a tensor of another shape (a connector for another LLM width): named, never a traceback
+    weights["connector.0.weight"] = torch.zeros(weights["connector.0.weight"].shape[0] + 1,
+                                                weights["connector.0.weight"].shape[1])
+    save_file(weights, final / "model.safetensors", metadata={"format": "pt"})
+    shape = list(weights["connector.0.weight"].shape)
+    message = (r"the weights in .*final do not match its config.json: 1 of another shape \(connector.0.weight "
+               + re.escape(f"{shape} in the files, {[shape[0] - 1, shape[1]]} in config.json)"))
+    with pytest.raises(UserError, match=message):
+        evaluation.load_model(str(final))
+    assert exit_code(push.main, [str(final), "--repo", "user/name", "--local-dir", str(tmp_path / "export")]) == 2
+    assert re.search("error: " + message, capsys.readouterr().err)
 
 
 def test_two_starts_at_once_and_a_config_that_exits(tmp_path, monkeypatch):

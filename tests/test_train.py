@@ -58,6 +58,25 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "type.py").write_text("batch_size = '8'\n")
     with pytest.raises(UserError, match="batch_size='8' in .*type.py: expected int"):
         load_config([str(tmp_path / "type.py")])
+    (tmp_path / "pins.py").write_text("image_grid_pinpoints = ['336x672', '672x336']\n")
+    with pytest.raises(UserError, match="expected one text; write a list as one comma-separated string "
+                                        r"\(e.g. image_grid_pinpoints='336x672,672x336'"):
+        load_config([str(tmp_path / "pins.py")])
+    (tmp_path / "settings.txt").write_text("lr_lm = 1e-5\n")
+    with pytest.raises(UserError, match=r"settings.txt' is a file, and a config file is Python whose name ends in .py"):
+        load_config([str(tmp_path / "settings.txt"), "lr_lm=1e-5"])
+
+
+def test_a_config_file_may_compute_its_numbers_with_numpy(tmp_path):
+    """numpy's numbers are numbers: np.float64 for a float, np.int64 for an int (as Python's own)."""
+    (tmp_path / "np.py").write_text("import numpy as np\nlr_lm = np.float64(2e-5)\nlr_vision = np.float32(0.5)\n"
+                                    "max_steps = np.int64(10)\nwarmup_ratio = 0\n")
+    cfg, _ = load_config([str(tmp_path / "np.py")])
+    assert (cfg.lr_lm, cfg.lr_vision, cfg.max_steps, cfg.warmup_ratio) == (2e-5, 0.5, 10, 0.0)
+    assert [type(v) for v in (cfg.lr_lm, cfg.lr_vision, cfg.max_steps, cfg.warmup_ratio)] == [float, float, int, float]
+    (tmp_path / "bool.py").write_text("max_steps = True\n")
+    with pytest.raises(UserError, match="max_steps=True in .*bool.py: expected int"):
+        load_config([str(tmp_path / "bool.py")])
 
 
 def test_value_checks():
@@ -81,10 +100,12 @@ def test_anyres_settings_are_checked(tiny_backbones):
         run.check_config(Config(image_grid_pinpoints="336x672", data_path="x"), 1)
     assert model.parse_pinpoints(" 64x32,32x96") == [[64, 32], [32, 96]]
     vision, llm = tiny_backbones
-    for settings, message in [({"image_grid_pinpoints": "32x48"}, r"\[32, 48\] is not a whole number of .* 32x32 tiles"),
-                              ({"drop_cls": False}, "anyres.* needs drop_cls=True")]:
+    # a setting the loaded backbones cannot take is named as that setting, not as a model that cannot be built
+    for settings, message in [({"image_grid_pinpoints": "32x48"},
+                               r"image_grid_pinpoints entry \[32, 48\] is not a whole number of .* 32x32 tiles"),
+                              ({"drop_cls": False}, "image_aspect='anyres' .* needs drop_cls=True")]:
         cfg = Config(vision_model=vision, llm=llm, image_aspect="anyres", precision="fp32", **settings)
-        with pytest.raises(UserError, match="cannot build the model .*" + message):
+        with pytest.raises(UserError, match="^" + message):
             train.build_training_model(cfg, torch.device("cpu"))
 
 
@@ -486,6 +507,8 @@ def test_micro_batch_with_every_sample_skipped_on_one_rank(demo_dir, tmp_path):
 def test_disk_full_while_saving_says_so(tmp_path):
     import errno
 
+    from safetensors import SafetensorError
+
     partial = str(tmp_path / "checkpoints" / "step00000004.partial")
     with pytest.raises(UserError, match=r"cannot write .*step00000004\.partial \(the disk is full; .* MiB free\)"):
         with run.writing(partial):
@@ -493,6 +516,9 @@ def test_disk_full_while_saving_says_so(tmp_path):
     with pytest.raises(UserError, match="the disk is full"):  # how torch.save reports it
         with run.writing(partial):
             raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+    with pytest.raises(UserError, match="the disk is full"):  # how safetensors reports it (push.py's exports)
+        with run.writing(partial):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     with pytest.raises(RuntimeError, match="something else"):  # other errors are not disguised
         with run.writing(partial):
             raise RuntimeError("something else")
