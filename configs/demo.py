@@ -1,5 +1,5 @@
 # The demo: a tiny VLM learns a synthetic visual task (coloured shapes at positions) on 2 CPU cores
-# in about 3 minutes. Data and tiny random backbones are created on first use (make_demo).
+# in about 2.5 minutes. Data and tiny random backbones are created on first use (make_demo).
 #   deepspeed train.py configs/demo.py      then      python eval.py out/demo --data data/demo/eval.jsonl
 make_demo = True
 data_path = "data/demo/finetune.json"
@@ -13,9 +13,10 @@ max_seq_len = 256
 train_vision = True
 train_connector = True
 train_lm = True
-# One lr for all three parts: in trials on 16,000 samples 7e-4 learned the shapes on more seeds
-# than 1e-3 or 2e-3 (the commit message has the figures); seed 2 still reaches only 77% (README)
-lr_vision = 7e-4
+# The random tower's features already tell the shapes apart (a linear probe on them: 99.8%); at the
+# LLM's lr it trains them away (96.8% after training) and circles pass for squares. At 3e-5 it still
+# trains but keeps them: seeds 0-4 gave 92-99% (were 77-92% at 7e-4; the commit message has the figures)
+lr_vision = 3e-5
 lr_connector = 7e-4
 lr_lm = 7e-4
 wd_lm = 0.01
