@@ -162,13 +162,13 @@ def generate_answers(model, processor, prompts, images, batch_size=8, max_new_to
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     tokenizer = processor.tokenizer
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    names = names or [f"prompt {i}" for i in range(len(prompts))]
     answers = []
     for start in range(0, len(prompts), batch_size):
         batch_images = [open_image(im) for im in images[start:start + batch_size] if im is not None]
         inputs = processor(text=prompts[start:start + batch_size], images=batch_images or None,
                            return_tensors="pt", padding=True, padding_side="left")
-        check_prompt_lengths(model, inputs["attention_mask"].sum(1), max_new_tokens,
-                             (names or [f"prompt {i}" for i in range(len(prompts))])[start:start + batch_size])
+        check_prompt_lengths(model, inputs["attention_mask"].sum(1), max_new_tokens, names[start:start + batch_size])
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
