@@ -310,18 +310,37 @@ CHAT_PREAMBLE = r"""{%- set vlm = namespace(messages=[]) -%}
 
 def chat_template_for(template, tokenizer):
     """A Jinja chat template that renders, with add_generation_prompt=True, exactly the training
-    prompt of render_pieces up to the answer. Stored on the final processor for eval and the Hub."""
+    prompt of render_pieces up to the answer, BOS included (with_bos). Stored on the final processor
+    for eval and the Hub."""
     macro = f"{{%- set SEP = {json.dumps(image_text_separator(tokenizer))} -%}}" + CONTENT_MACRO  # Jinja literal
     if template == "plain":
-        return macro + PLAIN_TEMPLATE
+        return with_bos(macro + PLAIN_TEMPLATE, tokenizer)
     if template == "vicuna_v1":
         system, eos = json.dumps(VICUNA_SYSTEM), json.dumps(tokenizer.eos_token)
-        return macro + f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}" + VICUNA_TEMPLATE
+        return with_bos(macro + f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}" + VICUNA_TEMPLATE, tokenizer)
     if template == "chat":
         if not tokenizer.chat_template:
             raise ValueError(NO_CHAT_TEMPLATE)
-        return macro + CHAT_PREAMBLE + tokenizer.chat_template
+        return with_bos(macro + CHAT_PREAMBLE + tokenizer.chat_template, tokenizer)
     raise unknown_template(template)
+
+
+def with_bos(chat_template, tokenizer):
+    """The chat template, made to write first the BOS that the tokenizer adds to every training
+    sample (Llama's <s>; Qwen's tokenizer adds none). Clients that tokenize a rendered prompt without
+    special tokens (vLLM's chat, apply_chat_template(tokenize=True), llama.cpp) then get training's
+    ids, and the exported tokenizer adds none (push.py), so that no client gets two. A SentencePiece
+    tokenizer needs a space after it before text: "<s>A chat" gives `<s> A`, training `<s> ▁A` (the
+    same rule as image_text_separator). A template that writes the BOS itself (Llama-3's) is kept."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                           add_generation_prompt=True)
+    training = tokenizer(prompt, add_special_tokens=not writes_own_bos(tokenizer, prompt))["input_ids"]
+    for bos in ["", tokenizer.bos_token, tokenizer.bos_token + " "] if tokenizer.bos_token else [""]:
+        if tokenizer(bos + prompt, add_special_tokens=False)["input_ids"] == training:
+            return "{{- " + json.dumps(bos) + " -}}" + chat_template if bos else chat_template
+    raise ValueError(f"the tokenizer adds {tokenizer.decode(training[:2])!r}... to a prompt, which a chat template "
+                     f"cannot write in front of it ({prompt!r}); use an LLM whose tokenizer adds at most a BOS")
 
 
 # Two turns, an image, and text a template may treat specially (a system-like opening, a second question):

@@ -41,7 +41,7 @@ from transformers import (
 )
 
 import run
-from data import HUB_REPO_ID, is_hub_repo_id
+from data import HUB_REPO_ID, is_hub_repo_id, with_bos
 from model import VLMConfig, VLMForCausalLM, VLMProcessor, inference_folder, vision_has_cls
 from run import UserError, first_line
 
@@ -177,6 +177,14 @@ def export_llava(src, dst):
     blocker = llava_blocker(model.config)
     if blocker:
         raise UserError(f"cannot export as llava: {blocker}; use --format remote")
+    # The chat template writes the BOS training's tokenizer added (as train.py saves it; a checkpoint saved
+    # before did not), and the exported tokenizer adds none: vLLM's chat and apply_chat_template(tokenize=True)
+    # add no special tokens, LlavaProcessor(text=...) and vLLM's generate do; each then gets one BOS.
+    # Without a chat template, the tokenizer keeps adding it.
+    template_writes_bos = bool(processor.chat_template)
+    if template_writes_bos:
+        processor.chat_template = with_bos(processor.chat_template, processor.tokenizer)
+        processor.tokenizer.add_bos_token = False  # rebuilds tokenizer.json's post-processor without it
     # from_config builds LlavaForConditionalGeneration directly in config.dtype (bf16 stays bf16).
     llava = AutoModelForImageTextToText.from_config(llava_config(model.config))
     llava.load_state_dict(rename_to_llava(model.state_dict()), strict=True)
@@ -188,6 +196,13 @@ def export_llava(src, dst):
     # (save_pretrained writes padding_side only when the tokenizer was created with it).
     tokenizer_config = read_json(os.path.join(dst, "tokenizer_config.json"))
     tokenizer_config["padding_side"] = "left"
+    if template_writes_bos:
+        tokenizer_config["add_bos_token"] = False  # transformers 4's LlamaTokenizerFast adds one unless told
+    # transformers 5's generic TokenizersBackend is PreTrainedTokenizerFast in 4.x (which has no class of that
+    # name) and in 5; without token_type_ids, which 4.x's tokenizer returns and its generate() refuses.
+    if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
+        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
     # transformers 5 writes extra_special_tokens as a list; transformers 4 takes that key for a dict (name ->
     # token) and fails to load the tokenizer. additional_special_tokens is the list that both read.
     if isinstance(tokenizer_config.get("extra_special_tokens"), list):

@@ -113,21 +113,44 @@ def test_chat_template_reproduces_the_training_prompt(processor, template):
     chat_template = chat_template_for(template, processor.tokenizer)
     as_items = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
     as_string = [{"role": "user", "content": "What colour is it?\n<image>"}]
+    bos = processor.tokenizer.bos_token  # the tokenizer adds it to training's text; the template writes it
     for messages in (as_items, as_string):
         rendered = processor.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True)
-        assert rendered == prompt
+        assert rendered == bos + prompt
 
     # A whole conversation renders the full training text (answers included).
     full = [{"role": "user" if turn["from"] == "human" else "assistant", "content": turn["value"]}
             for turn in conversation]
-    assert processor.apply_chat_template(full, chat_template=chat_template) == "".join(p for p, _ in pieces)
+    assert processor.apply_chat_template(full, chat_template=chat_template) == bos + "".join(p for p, _ in pieces)
+
+
+@pytest.mark.parametrize("bos", ["added by the tokenizer", "none", "written by the LLM's template"])
+def test_chat_template_writes_the_bos_training_had_once(tiny_backbones, bos):
+    """Clients that tokenize the rendered prompt without special tokens (vLLM's chat,
+    apply_chat_template(tokenize=True)) get training's ids, BOS and all; a tokenizer that adds none
+    (Qwen's) gets none, and a template that writes its own (Llama-3's) is not given a second one."""
+    processor = build_vlm(*tiny_backbones)[1]
+    tokenizer = processor.tokenizer
+    if bos == "none":
+        tokenizer.add_bos_token = False  # rebuilds its post-processor without the BOS
+    if bos == "written by the LLM's template":
+        tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    conversation = [{"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "red"}]
+    for template in ("vicuna_v1", "chat"):
+        input_ids, labels = tokenize_conversation(conversation, template, processor)
+        first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "What colour is it?"}],
+                                                   chat_template=chat_template_for(template, tokenizer),
+                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert prompt_ids == input_ids[:first_answer], template
+        assert prompt_ids.count(tokenizer.bos_token_id) == (bos != "none"), template
 
 
 def test_vicuna_chat_template_takes_a_system_message(processor):
     chat_template = chat_template_for("vicuna_v1", processor.tokenizer)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     rendered = processor.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True)
-    assert rendered == "Be brief. USER: Hi ASSISTANT:"
+    assert rendered == "<s>Be brief. USER: Hi ASSISTANT:"
 
 
 def test_chat_template_that_is_not_prefix_stable_is_refused(processor):
@@ -626,6 +649,10 @@ def test_inference_prompt_ids_equal_the_training_prompt_ids(vicuna_processor, te
                                                       chat_template=chat_template, add_generation_prompt=True)
         ids = vicuna_processor(text=prompt, images=[Image.new("RGB", (8, 8))])["input_ids"][0].tolist()
         assert ids == input_ids[:first_answer]
+        # vLLM's chat adds no special tokens: the template's "<s> " (a space before text) gives training's `<s> ▁A`
+        image_id = vicuna_processor.image_token_id
+        one_image_id = [t for i, t in enumerate(ids) if t != image_id or ids[i - 1] != image_id]
+        assert vicuna_processor.tokenizer(prompt, add_special_tokens=False)["input_ids"] == one_image_id
 
 
 # ----------------------------------------------------------------------------------------------
