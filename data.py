@@ -266,9 +266,9 @@ def truncate(input_ids, labels, image_id, max_seq_len):
 # content (a string, or a list of {"type": "image"} / {"type": "text"} items) -> the turn text training used:
 # every image as "<image>\n" at the start of the turn (move_images_to_front), an image-only turn as "<image>",
 # and SEP after each image (separate_images). Plain Jinja only (filters, operators, no Python string methods
-# such as .count or .strip), so that renderers that are not Python (llama.cpp's) give the same prompt.
+# such as .count or .strip, and no // operator), so that renderers that are not Python (llama.cpp's) give the same prompt.
 CONTENT_MACRO = r"""{%- macro image_count(text) -%}
-{{ ((text | length) - (text | replace('<image>', '') | length)) // ('<image>' | length) }}
+{{ (((text | length) - (text | replace('<image>', '') | length)) / ('<image>' | length)) | int }}
 {%- endmacro -%}
 {%- macro vlm_content(content) -%}
 {%- if content is string -%}{%- set text = content -%}

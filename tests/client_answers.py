@@ -7,14 +7,11 @@ per client, each in that client's own venv, so this file imports only what the c
     python tests/client_answers.py report DIR
 
 CLIENT is transformers (processor(text=apply_chat_template(...)) and generate, in whatever transformers
-the venv has), pipeline (pipeline("image-text-to-text")), vllm (LLM.generate on the rendered prompt),
-vllm-chat (LLM.chat), vllm-server (its OpenAI server, a default /v1/chat/completions request) or
-llamacpp (a GGUF pair, through xllamacpp's OpenAI-style server). Each writes DIR/<client>.jsonl: per
-question its answer and, where the client shows them, the prompt ids it fed the model, with each run
-of image tokens written as one (clients expand an image to its features differently)."""
+the venv has) or pipeline (pipeline("image-text-to-text")); tests/client_vllm.py and
+tests/client_llamacpp.py do the same for vLLM and llama.cpp. Each writes DIR/<client>.jsonl: per
+question its answer and, where the client shows them, the prompt ids it fed the model; `report`
+compares them with each run of image tokens as one (clients expand an image differently)."""
 import argparse
-import base64
-import io
 import json
 import os
 import sys
@@ -38,11 +35,6 @@ def messages_for(question, image=None):
     """One user turn, image first, as eval.py builds it (image=None: the template's image placeholder)."""
     item = {"type": "image"} if image is None else {"type": "image", "image": image}
     return [{"role": "user", "content": [item, {"type": "text", "text": question}]}]
-
-
-def data_url(path):
-    with open(path, "rb") as f:
-        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
 def one_image_token(ids, image_id):
@@ -126,6 +118,8 @@ CLIENTS = {"transformers": transformers_answers, "pipeline": pipeline_answers}
 def report(folder):
     """One line per client: its answers equal to eval.py's, accuracy, prompt ids equal to training's."""
     reference = {r["id"]: r for r in read_jsonl(os.path.join(folder, "eval", "answers.jsonl"))}
+    with open(os.path.join(folder, "export", "config.json")) as f:
+        image_id = json.load(f)["image_token_id"]
     training = {r["id"]: r["prompt_ids"] for r in read_jsonl(os.path.join(folder, "training.jsonl"))}
     print(f"{'client':<28} {'same answers as eval.py':>24} {'accuracy':>9} {'prompt ids = training':>22}")
     for name in sorted(os.listdir(folder)):
@@ -135,7 +129,8 @@ def report(folder):
         same = sum(r["prediction"] == reference[r["id"]]["prediction"] for r in rows)
         correct = sum(r["prediction"] == reference[r["id"]]["answer"] for r in rows)
         with_ids = [r for r in rows if r.get("prompt_ids")]
-        ids = f"{sum(r['prompt_ids'] == training[r['id']] for r in with_ids)}/{len(rows)}" if with_ids else "not shown"
+        same_ids = sum(one_image_token(r["prompt_ids"], image_id) == training[r["id"]] for r in with_ids)
+        ids = f"{same_ids}/{len(rows)}" if with_ids else "not shown"
         print(f"{name[:-6]:<28} {f'{same}/{len(reference)}':>24} {correct / len(rows):>9.2%} {ids:>22}")
 
 
@@ -149,7 +144,8 @@ def main():
     args = parser.parse_args()
     if args.client == "report":
         return report(args.folder)
-    rows = training_ids(args.folder, args.data) if args.client == "training" else CLIENTS[args.client](args.folder, args.data)
+    ask = training_ids if args.client == "training" else CLIENTS[args.client]
+    rows = ask(args.folder, args.data)
     with open(os.path.join(args.out, f"{args.name or args.client}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 

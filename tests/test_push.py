@@ -184,12 +184,20 @@ def test_llava_folder_matches_project_model(run, tmp_path, capsys):
     assert llava.config.vision_config.vision_feature_layer == model.config.vision_feature_layer  # for llama.cpp
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)  # transformers 4 fails on a list
+    # transformers 4 has no TokenizersBackend class, and its generate() refuses token_type_ids
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "token_type_ids" not in llava_processor(text="Hi")
 
     image = make_image()
     prompt = llava_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
     llava_inputs = llava_processor(images=image, text=prompt, return_tensors="pt")
     inputs, logits, generated = project_outputs(model, processor, image)
     assert torch.equal(llava_inputs["input_ids"], inputs["input_ids"])
+    # vLLM's chat tokenizes the rendered prompt without special tokens: the template's BOS is the one BOS
+    ids, image_id = inputs["input_ids"][0].tolist(), processor.image_token_id
+    one_image_id = [t for i, t in enumerate(ids) if t != image_id or ids[i - 1] != image_id]
+    assert llava_processor.tokenizer(prompt, add_special_tokens=False)["input_ids"] == one_image_id
+    assert ids.count(processor.tokenizer.bos_token_id) == 1
     torch.testing.assert_close(llava_inputs["pixel_values"], inputs["pixel_values"], atol=ONE_LEVEL, rtol=0)
     llava_inputs["pixel_values"] = inputs["pixel_values"]  # the models compared on the very same pixels
     with torch.no_grad():
@@ -355,6 +363,7 @@ def test_shipped_chat_templates_render_alike_without_python_methods(template, to
     else:
         tokenizer = tiny_vlm[1].tokenizer
     chat_template = chat_template_for(template, tokenizer)
+    assert "//" not in chat_template  # llama.cpp's Jinja has no floor division: its parser refuses the template
     renderer = NoPythonMethods()
     for messages in SHIPPED_MESSAGES[:3] if template == "plain" else SHIPPED_MESSAGES:  # plain: one exchange
         first_turn = messages[:2] if messages[0]["role"] == "system" else messages[:1]
