@@ -119,7 +119,7 @@ def report(folder):
     """One line per client: its answers equal to eval.py's, accuracy, prompt ids equal to training's."""
     reference = {r["id"]: r for r in read_jsonl(os.path.join(folder, "eval", "answers.jsonl"))}
     with open(os.path.join(folder, "export", "config.json")) as f:
-        image_id = json.load(f)["image_token_id"]
+        image_id = json.load(f)["image_token_index"]  # LlavaConfig saves image_token_id under this name
     training = {r["id"]: r["prompt_ids"] for r in read_jsonl(os.path.join(folder, "training.jsonl"))}
     print(f"{'client':<28} {'same answers as eval.py':>24} {'accuracy':>9} {'prompt ids = training':>22}")
     for name in sorted(os.listdir(folder)):
