@@ -266,7 +266,8 @@ def truncate(input_ids, labels, image_id, max_seq_len):
 # content (a string, or a list of {"type": "image"} / {"type": "text"} items) -> the turn text training used:
 # every image as "<image>\n" at the start of the turn (move_images_to_front), an image-only turn as "<image>",
 # and SEP after each image (separate_images). Plain Jinja only (filters, operators, no Python string methods
-# such as .count or .strip, and no // operator), so that renderers that are not Python (llama.cpp's) give the same prompt.
+# such as .count or .strip, no // operator), so that renderers that are not Python (llama.cpp's) give the same
+# prompt.
 CONTENT_MACRO = r"""{%- macro image_count(text) -%}
 {{ (((text | length) - (text | replace('<image>', '') | length)) / ('<image>' | length)) | int }}
 {%- endmacro -%}
@@ -314,15 +315,17 @@ def chat_template_for(template, tokenizer):
     for eval and the Hub."""
     macro = f"{{%- set SEP = {json.dumps(image_text_separator(tokenizer))} -%}}" + CONTENT_MACRO  # Jinja literal
     if template == "plain":
-        return with_bos(macro + PLAIN_TEMPLATE, tokenizer)
-    if template == "vicuna_v1":
+        body = PLAIN_TEMPLATE
+    elif template == "vicuna_v1":
         system, eos = json.dumps(VICUNA_SYSTEM), json.dumps(tokenizer.eos_token)
-        return with_bos(macro + f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}" + VICUNA_TEMPLATE, tokenizer)
-    if template == "chat":
+        body = f"{{%- set SYSTEM = {system} -%}}{{%- set EOS = {eos} -%}}" + VICUNA_TEMPLATE
+    elif template == "chat":
         if not tokenizer.chat_template:
             raise ValueError(NO_CHAT_TEMPLATE)
-        return with_bos(macro + CHAT_PREAMBLE + tokenizer.chat_template, tokenizer)
-    raise unknown_template(template)
+        body = CHAT_PREAMBLE + tokenizer.chat_template
+    else:
+        raise unknown_template(template)
+    return with_bos(macro + body, tokenizer)
 
 
 def with_bos(chat_template, tokenizer):
