@@ -12,8 +12,10 @@ tests/client_llamacpp.py do the same for vLLM and llama.cpp. Each writes DIR/<cl
 question its answer and, where the client shows them, the prompt ids it fed the model; `report`
 compares them with each run of image tokens as one (clients expand an image differently)."""
 import argparse
+import base64
 import json
 import os
+import re
 import sys
 
 SUFFIX = "\nAnswer the question using a single word or phrase."  # eval.py's, as LLaVA's VQA evals
@@ -35,6 +37,22 @@ def messages_for(question, image=None):
     """One user turn, image first, as eval.py builds it (image=None: the template's image placeholder)."""
     item = {"type": "image"} if image is None else {"type": "image", "image": image}
     return [{"role": "user", "content": [item, {"type": "text", "text": question}]}]
+
+
+def data_url(path):
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+
+
+def normalize_answer(text):
+    """eval.py's normalize_answer (its `exact` metric), here so that the clients' venvs need no project code."""
+    text = text.lower().strip()
+    text = re.sub(r"(?<=\d),(?=\d)", "", text).replace("'", "")
+    text = re.sub(r"[^\w\s.]|_|\.(?!\d)|(?<!\d)\.", " ", text)
+    return " ".join(NUMBER_WORDS.get(w, w) for w in text.split() if w not in {"a", "an", "the"})
 
 
 def one_image_token(ids, image_id):
@@ -127,7 +145,7 @@ def report(folder):
             continue
         rows = read_jsonl(os.path.join(folder, name))
         same = sum(r["prediction"] == reference[r["id"]]["prediction"] for r in rows)
-        correct = sum(r["prediction"] == reference[r["id"]]["answer"] for r in rows)
+        correct = sum(normalize_answer(r["prediction"]) == normalize_answer(reference[r["id"]]["answer"]) for r in rows)
         with_ids = [r for r in rows if r.get("prompt_ids")]
         same_ids = sum(one_image_token(r["prompt_ids"], image_id) == training[r["id"]] for r in with_ids)
         ids = f"{same_ids}/{len(rows)}" if with_ids else "not shown"

@@ -14,28 +14,15 @@ Set LLAMA_MEDIA_MARKER='<image>': llama.cpp's server writes each image as a rand
 (<__media_...__>) into the message text, where the chat template cannot recognise it as an image.
 """
 import argparse
-import base64
 import json
 import re
 import urllib.request
 from pathlib import Path
 
 import xllamacpp as xlc
+from client_answers import SUFFIX, data_url, normalize_answer
 from PIL import Image
 from transformers import AutoProcessor
-
-SUFFIX = "\nAnswer the question using a single word or phrase."  # eval.py's SHORT_ANSWER_SUFFIX
-NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-
-
-def normalize_answer(text):
-    """eval.py's normalize_answer (VQA normalization), copied so this runs without the project."""
-    text = text.lower().strip()
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)
-    text = text.replace("'", "")
-    text = re.sub(r"[^\w\s.]|_|\.(?!\d)|(?<!\d)\.", " ", text)
-    return " ".join(NUMBER_WORDS.get(w, w) for w in text.split() if w not in {"a", "an", "the"})
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -80,7 +67,7 @@ def main():
     rows = []
     for rec in records:
         image_path = data_dir / rec["image"]
-        url = "data:image/png;base64," + base64.b64encode(image_path.read_bytes()).decode()
+        url = data_url(image_path)
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                  {"type": "text", "text": rec["question"] + SUFFIX}]}]
         result = server.handle_chat_completions({"messages": messages, "max_tokens": 16, "temperature": 0})

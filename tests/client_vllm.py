@@ -13,10 +13,8 @@ prompts start with exactly one BOS, and how many prompt ids equal the export's o
 """
 
 import argparse
-import base64
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -25,30 +23,16 @@ import urllib.request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the export is a local folder: never ask the Hub
 
+from client_answers import SUFFIX, data_url, normalize_answer, one_image_token
 from PIL import Image
 from transformers import AutoProcessor
 
-SUFFIX = "\nAnswer the question using a single word or phrase."  # eval.py's short-answer suffix
 MODES = ("generate", "chat", "server")
-
-
-def normalize(text):
-    """eval.py's normalize_answer (its `exact` metric, the one for single-string answers)."""
-    text = text.lower().strip()
-    text = re.sub(r"(?<=\d),(?=\d)", "", text).replace("'", "")
-    text = re.sub(r"[^\w\s.]|_|\.(?!\d)|(?<!\d)\.", " ", text)
-    numbers = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-    return " ".join(numbers.get(w, w) for w in text.split() if w not in {"a", "an", "the"})
 
 
 def user_message(question, image):
     """One user turn, image first, as eval.py asks; `image` is the image's content part."""
     return [{"role": "user", "content": [image, {"type": "text", "text": question + SUFFIX}]}]
-
-
-def data_url(path):
-    with open(path, "rb") as f:
-        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
 def run_offline(args, records, images, prompts, params):
@@ -123,12 +107,6 @@ def run_server(args, records, image_paths):
         log.close()
 
 
-def collapse(ids, token):
-    """`ids` with each run of `token` cut to one: the processor writes the image's 64 tokens, and
-    this compares prompts whatever way a client expands the single <image>."""
-    return [t for i, t in enumerate(ids) if t != token or i == 0 or ids[i - 1] != token]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export", help="a native export folder (LlavaForConditionalGeneration + LlavaProcessor)")
@@ -178,12 +156,12 @@ def main():
             for record, want, (text, prompt, ids) in zip(records, expected, results[mode]):
                 prediction = text.strip()  # eval.py strips its decoded answers
                 same += prediction == reference[record["id"]]["prediction"]
-                correct += normalize(prediction) == normalize(record["answer"])
+                correct += normalize_answer(prediction) == normalize_answer(record["answer"])
                 if ids is not None:
                     ids = list(ids)
                     one_bos += ids[:1] == [bos] and ids.count(bos) == 1
                     same_ids += ids == want
-                    same_collapsed += collapse(ids, image_token) == collapse(want, image_token)
+                    same_collapsed += one_image_token(ids, image_token) == one_image_token(want, image_token)
                 f.write(json.dumps({"id": record["id"], "prediction": prediction, "prompt": prompt,
                                     "prompt_ids": ids}) + "\n")
         ids_exposed = all(ids is not None for _, _, ids in results[mode])
