@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 
+import av
 import datasets
 import numpy as np
 import torch
@@ -214,11 +215,13 @@ class SampleTooLong(ValueError):
     """The record does not fit max_seq_len without cutting through image tokens (or its answers)."""
 
 
-def tokenize_conversation(conversations, template, processor, max_seq_len=None, image_token_counts=None):
+def tokenize_conversation(conversations, template, processor, max_seq_len=None, image_token_counts=None,
+                          media_id=None):
     """(input_ids, labels) as lists of ints. The full prompt is tokenized once; a token is supervised
     when its characters lie inside a supervised piece, so ids and labels cannot disagree (LLaVA's
     "tokenization mismatch"). The k-th <image> id then becomes image_token_counts[k] image ids
-    (label -100): processor.num_image_tokens each unless given (anyres: each image's own count)."""
+    (label -100): processor.num_image_tokens each unless given (anyres: each image's own count).
+    media_id: the id they become instead, processor.video_token_id when the record's marker is its video."""
     tokenizer = processor.tokenizer
     if not tokenizer.is_fast:
         raise ValueError("tokenize_conversation needs a fast tokenizer (for character offsets)")
@@ -232,19 +235,20 @@ def tokenize_conversation(conversations, template, processor, max_seq_len=None, 
     encoding = tokenizer(text, add_special_tokens=not writes_own_bos(tokenizer, text), return_offsets_mapping=True)
 
     image_id = processor.image_token_id
+    media_id = image_id if media_id is None else media_id
     counts = iter(image_token_counts) if image_token_counts else itertools.repeat(processor.num_image_tokens)
     input_ids, labels = [], []
     for token_id, (begin, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
         if token_id == image_id:
             count = next(counts)
-            input_ids += [image_id] * count
+            input_ids += [media_id] * count
             labels += [IGNORE_INDEX] * count
         else:
             input_ids.append(token_id)  # added tokens such as BOS have an empty span: never supervised
             labels.append(token_id if end > begin and supervised_chars[begin:end].all() else IGNORE_INDEX)
     if all(label == IGNORE_INDEX for label in labels):  # a silent all-masked sample would train on nothing
         raise ValueError(f"no token lies inside an answer (every answer token straddles prompt text): {text!r}")
-    return truncate(input_ids, labels, image_id, max_seq_len)
+    return truncate(input_ids, labels, media_id, max_seq_len)
 
 
 def truncate(input_ids, labels, image_id, max_seq_len):
@@ -263,29 +267,31 @@ def truncate(input_ids, labels, image_id, max_seq_len):
 # ----------------------------------------------------------------------------------------------
 # 3. The same prompt format as a chat template, for inference
 
-# content (a string, or a list of {"type": "image"} / {"type": "text"} items) -> the turn text training used:
-# every image as "<image>\n" at the start of the turn (move_images_to_front), an image-only turn as "<image>",
-# and SEP after each image (separate_images). Plain Jinja only (filters, operators, no Python string methods
+# content (a string, or a list of {"type": "image"} / {"type": "video"} / {"type": "text"} items) -> the turn
+# text training used: every image as "<image>\n" at the start of the turn (move_images_to_front), an image-only
+# turn as "<image>", and SEP after each image (separate_images); a video the same way as "<video>". Plain Jinja only (filters, operators, no Python string methods
 # such as .count or .strip, no // operator), so that renderers that are not Python (llama.cpp's) give the same
 # prompt.
-CONTENT_MACRO = r"""{%- macro image_count(text) -%}
-{{ (((text | length) - (text | replace('<image>', '') | length)) / ('<image>' | length)) | int }}
+CONTENT_MACRO = r"""{%- macro marker(text) -%}{{ '<video>' if '<video>' in text else '<image>' }}{%- endmacro -%}
+{%- macro media_count(text) -%}
+{{ (((text | length) - (text | replace(marker(text), '') | length)) / (marker(text) | length)) | int }}
 {%- endmacro -%}
 {%- macro vlm_content(content) -%}
 {%- if content is string -%}{%- set text = content -%}
 {%- else -%}{%- set text = '<image>' * (content | selectattr('type', 'equalto', 'image') | list | length)
+ + '<video>' * (content | selectattr('type', 'equalto', 'video') | list | length)
  + (content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}
 {%- endif -%}
-{%- set n = image_count(text) | int -%}
-{%- set rest = text | replace('<image>', '') | trim -%}
+{%- set n = media_count(text) | int -%}
+{%- set rest = text | replace(marker(text), '') | trim -%}
 {%- if n == 0 -%}{{ text }}
-{%- elif rest -%}{{ ('<image>' + SEP + '\n') * n + rest }}
-{%- else -%}{{ ('<image>' + SEP + '\n') * (n - 1) + '<image>' + SEP }}{%- endif -%}
+{%- elif rest -%}{{ (marker(text) + SEP + '\n') * n + rest }}
+{%- else -%}{{ (marker(text) + SEP + '\n') * (n - 1) + marker(text) + SEP }}{%- endif -%}
 {%- endmacro -%}
 """
 
 PLAIN_TEMPLATE = r"""{%- for m in messages -%}
-{%- if m['role'] == 'user' -%}{{ '<image>' * (image_count(vlm_content(m['content'])) | int) }}
+{%- if m['role'] == 'user' -%}{%- set text = vlm_content(m['content']) -%}{{ marker(text) * (media_count(text) | int) }}
 {%- elif m['role'] == 'assistant' -%}{{ vlm_content(m['content']) + '\n' }}{%- endif -%}
 {%- endfor -%}"""
 
@@ -372,16 +378,17 @@ def check_chat_template(processor, llm):
 
 
 class VLMDataset(torch.utils.data.Dataset):
-    """Records -> training samples. Records stay in Arrow; images are decoded in __getitem__."""
+    """Records -> training samples. Records stay in Arrow; images and clips are decoded in __getitem__
+    (in the DataLoader's workers). video_frames: frames sampled from each clip (0: no video)."""
 
     def __init__(self, data_path, image_folder, processor, template, max_seq_len=2048, skip_bad_samples=False,
-                 image_paths_outside=False):
+                 image_paths_outside=False, video_frames=0):
         if template not in TEMPLATES:
             raise unknown_template(template)
         self.records = load_records(data_path)
         self.image_folder, self.processor, self.template = image_folder, processor, template
         self.max_seq_len, self.skip_bad_samples = max_seq_len, skip_bad_samples
-        self.image_paths_outside = image_paths_outside
+        self.image_paths_outside, self.video_frames = image_paths_outside, video_frames
         # LLaVA's modality_lengths: words + image tokens, no tokenizing or image decoding (cached by
         # datasets). With anyres an image's token count depends on its size: read from the file's header.
         # Plain values, not the processor, go to map(): datasets hashes them into its cache key.
@@ -390,11 +397,17 @@ class VLMDataset(torch.utils.data.Dataset):
             "image_folder": image_folder, "paths_outside": image_paths_outside,
             "pinpoints": image_processor.image_grid_pinpoints,
             "tile": image_processor.size, "patch": processor.patch_size}
+        video_tokens = processor.video_token_count(video_frames)  # a clip's count is known before decoding
         estimates = self.records.map(estimate_lengths, batched=True, remove_columns=self.records.column_names,
-                                     fn_kwargs={"num_image_tokens": processor.num_image_tokens, "anyres": anyres})
+                                     fn_kwargs={"num_image_tokens": processor.num_image_tokens, "anyres": anyres,
+                                                "video_tokens": video_tokens})
         estimates = estimates.with_format("numpy")[:]  # {"length": (N,), "n_images": (N,)} arrays
         self.lengths = estimates["length"].tolist()
-        self.has_image = (estimates["n_images"] > 0).tolist()
+        self.has_image = (estimates["n_images"] > 0).tolist()  # an image or a video: one modality for grouping
+        n_videos = sum(1 for video in self.records["video"] if video)
+        if n_videos and (not video_frames or processor.video_token_id < 0):
+            raise ValueError(f"{n_videos} records have a 'video', and video_frames={video_frames}; set video_frames "
+                             "(frames sampled from each clip; LLaVA-NeXT-Video uses 32) for a model built with it")
 
     def __len__(self):
         return len(self.records)
@@ -414,6 +427,11 @@ class VLMDataset(torch.utils.data.Dataset):
         if record["problem"]:
             raise ValueError(record["problem"])
         n_markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in record["conversations"])
+        if record["video"] and n_markers != 1:
+            raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers in the conversation of a video record; "
+                             f"it needs one, where the clip goes")
+        if record["video"]:
+            return self.build_video_sample(record)
         if n_markers != len(record["image"]):
             raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers in the conversation but "
                              f"{len(record['image'])} images {record['image']}")
@@ -430,6 +448,25 @@ class VLMDataset(torch.utils.data.Dataset):
             "pixel_values": torch.cat(tiles) if tiles else torch.zeros(0, 3, size, size),  # (tiles, 3, S, S)
             "image_sizes": torch.tensor([[image.height, image.width] for image in images],
                                         dtype=torch.long).view(-1, 2),  # (n, 2)
+            "pixel_values_videos": torch.zeros(0, self.video_frames, 3, size, size),
+        }
+
+    def build_video_sample(self, record):
+        """A video record: its one <image> marker stands for the clip, which becomes
+        video_token_count(video_frames) <video> tokens, and its frames pixel_values_videos (1, F, 3, S, S)."""
+        path = image_file(self.image_folder, record["video"], self.image_paths_outside, what="video")
+        frames = load_video(path, self.video_frames)
+        input_ids, labels = tokenize_conversation(record["conversations"], self.template, self.processor,
+                                                  self.max_seq_len, [self.processor.video_token_count(len(frames))],
+                                                  self.processor.video_token_id)
+        size = self.processor.image_processor.size
+        return {
+            "id": record["id"],
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": torch.zeros(0, 3, size, size),
+            "image_sizes": torch.zeros(0, 2, dtype=torch.long),
+            "pixel_values_videos": self.processor.image_processor.transform_clip(frames)[None],
         }
 
     def load_image(self, path):
@@ -443,7 +480,8 @@ class VLMDataset(torch.utils.data.Dataset):
             raise ValueError(f"image_folder={self.image_folder!r} is not a folder, and the data has image records")
         missing = []
         for i in indices:
-            for path in self.records[i]["image"]:
+            record = self.records[i]
+            for path in record["image"] + ([record["video"]] if record["video"] else []):
                 try:
                     image_file(self.image_folder, path, self.image_paths_outside)
                 except ValueError as e:
@@ -455,16 +493,19 @@ class VLMDataset(torch.utils.data.Dataset):
                              "image_folder or the records, or set skip_bad_samples=True to skip such records")
 
 
-def estimate_lengths(batch, num_image_tokens, anyres=None):
-    """{"length": words + image tokens, "n_images"} per record. anyres: {image_folder, paths_outside,
+def estimate_lengths(batch, num_image_tokens, anyres=None, video_tokens=0):
+    """{"length": words + image (or video_tokens) tokens, "n_images"} per record (a video counts as
+    an image). anyres: {image_folder, paths_outside,
     pinpoints, tile, patch}; each image's tokens are counted from its size, read from the file
     header (PIL opens lazily: no pixel is decoded). An unreadable file counts num_image_tokens
     here; loading the sample reports it. datasets caches these lengths per data file: an image
     replaced by one of another size keeps its old estimate (only the length grouping uses it)."""
-    n_images = [len(images) for images in batch["image"]]
-    words = [sum(len(turn["value"].split()) for turn in turns) for turns in batch["conversations"]]
+    n_images = [len(images) + bool(video) for images, video in zip(batch["image"], batch["video"])]
+    words = [sum(len(turn["value"].split()) for turn in turns) + video_tokens * bool(video)
+             for turns, video in zip(batch["conversations"], batch["video"])]
     if anyres is None:
-        return {"length": [w + n * num_image_tokens for w, n in zip(words, n_images)], "n_images": n_images}
+        return {"length": [w + len(paths) * num_image_tokens for w, paths in zip(words, batch["image"])],
+                "n_images": n_images}
     lengths = []
     for w, paths in zip(words, batch["image"]):
         for path in paths:
@@ -521,15 +562,18 @@ def collate(samples, pad_token_id, pack_length=0, one_row=False):
             position_ids[r, begin:begin + n] = torch.arange(n)
             begin += n
         position_ids[r, begin:] = torch.arange(width - begin)  # the padding: a segment of its own
-    images = [kept[i]["pixel_values"] for row in rows for i in row if len(kept[i]["pixel_values"])]
-    image_sizes = [kept[i]["image_sizes"] for row in rows for i in row if len(kept[i]["image_sizes"])]
+
+    def in_row_order(key):  # the samples' KEY tensors (a sample without any has none) in row order, or None
+        parts = [kept[i][key] for row in rows for i in row if len(kept[i].get(key, ()))]
+        return torch.cat(parts) if parts else None
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": None if pack_length else attention_mask,
         "position_ids": position_ids,
-        "pixel_values": torch.cat(images) if images else None,
-        "image_sizes": torch.cat(image_sizes) if image_sizes else None,
+        "pixel_values": in_row_order("pixel_values"),  # (tiles, 3, S, S)
+        "image_sizes": in_row_order("image_sizes"),  # (N, 2)
+        "pixel_values_videos": in_row_order("pixel_values_videos"),  # (V, F, 3, S, S)
         "num_tokens": sum(lengths),
         "ids": [kept[i]["id"] for row in rows for i in row],
         "skipped": [(s["id"], s["skipped"]) for s in samples if "skipped" in s],
@@ -651,6 +695,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 RECORD_FEATURES = datasets.Features({
     "id": datasets.Value("string"),
     "image": datasets.List(datasets.Value("string")),  # relative paths, [] for text-only records
+    "video": datasets.Value("string"),  # a clip's path relative to the image folder, "" for none
     "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
     "problem": datasets.Value("string"),  # why the record cannot train ("" when it can): VLMDataset reports it
 })
@@ -757,8 +802,8 @@ def decode_json(text, where):
 
 
 def normalise_record(record, default_id):
-    """{"id": str, "image": [str, ...], "conversations": [{"from": str, "value": str}, ...], "problem":
-    str}. Missing or odd fields become empty values, and "problem" says what is wrong; VLMDataset
+    """{"id": str, "image": [str, ...], "video": str, "conversations": [{"from": str, "value": str}, ...],
+    "problem": str}. Missing or odd fields become empty values, and "problem" says what is wrong; VLMDataset
     reports it per record, with the id (or skips it with skip_bad_samples=True)."""
     image = record.get("image")
     images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
@@ -766,7 +811,11 @@ def normalise_record(record, default_id):
         raise ValueError(f"record {record.get('id', default_id)!r}: 'image' must be a relative path or a list "
                          f"of them, got {type(images[0]).__name__}; save the images to a folder and list their paths")
     turns = record.get("conversations")
-    problem = ""
+    video, problem = record.get("video") or "", ""
+    if not isinstance(video, str):
+        video, problem = "", f"'video' is a {type(video).__name__}; it must be one clip's path (under image_folder)"
+    if video and images:
+        problem = "it has both 'image' and 'video'; a record holds images or one video (split it in two)"
     if not (isinstance(turns, list) and turns):
         what = "missing" if turns is None else "empty" if turns == [] else f"a {type(turns).__name__}"
         problem = f"'conversations' is {what}; it must be a list of turns: [{{\"from\": \"human\", \"value\": ...}}, ...]"
@@ -780,7 +829,8 @@ def normalise_record(record, default_id):
             problem = problem or f"turn {i}: 'value' is a {type(t['value']).__name__}; it must be text"
     turns = [{"from": str(t.get("from", "")), "value": "" if t.get("value") is None else str(t["value"])}
              for t in turns]
-    return {"id": str(record.get("id", default_id)), "image": images, "conversations": turns, "problem": problem}
+    return {"id": str(record.get("id", default_id)), "image": images, "video": video, "conversations": turns,
+            "problem": problem}
 
 
 def normalise_batch(batch, rows, source):
@@ -791,18 +841,18 @@ def normalise_batch(batch, rows, source):
     return {key: [row[key] for row in rows] for key in RECORD_FEATURES}
 
 
-def image_file(image_folder, path, paths_outside=False):
-    """The file a record's image path names, inside image_folder unless paths_outside."""
+def image_file(image_folder, path, paths_outside=False, what="image"):
+    """The file a record's image (or video) path names, inside image_folder unless paths_outside."""
     if not path.strip():  # joined to the folder it would name the folder itself
-        raise ValueError("its image path is empty; name the image file (relative to image_folder), or drop 'image'")
+        raise ValueError(f"its {what} path is empty; name the {what} file (relative to image_folder) or drop it")
     full_path = os.path.normpath(os.path.join(image_folder, path))
     folder = os.path.abspath(image_folder)
     if not paths_outside and os.path.commonpath([os.path.abspath(full_path), folder]) != folder:
         # data may come from a Hub data set someone else wrote: it reads files of image_folder only
-        raise ValueError(f"image path {path!r} leads outside image_folder={image_folder!r}; set "
+        raise ValueError(f"{what} path {path!r} leads outside image_folder={image_folder!r}; set "
                          "image_paths_outside=True if you trust this data")
     if not os.path.isfile(full_path):
-        raise ValueError(f"image {full_path} not found (image_folder={image_folder!r})")
+        raise ValueError(f"{what} {full_path} not found (image_folder={image_folder!r})")
     return full_path
 
 
@@ -827,19 +877,55 @@ def load_image(path):
         raise ValueError(str(e) if str(path) in str(e) else f"image {path}: {e}") from None
 
 
+def load_video(path, n_frames):
+    """n_frames RGB frames (PIL) of the clip at `path`, sampled uniformly: frame i * total // n_frames,
+    as transformers' video processors sample, so its own processor picks the same frames. Frames are
+    decoded one at a time and only the chosen ones kept: a long clip never sits in memory. A clip with
+    fewer frames than n_frames is refused, not padded with repeats (transformers refuses it too); a
+    still image, a damaged or truncated file, or frames over MAX_IMAGE_PIXELS raise ValueError naming it."""
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError(f"video {path} holds no video frames (no video stream)")
+            if container.format.name.endswith("_pipe") or container.format.name == "image2":
+                raise ValueError(f"video {path} is a still image ({container.format.name}); list it under 'image'")
+            stream = container.streams.video[0]
+            if stream.width * stream.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"video {path} has {stream.width}x{stream.height} frames, more than the "
+                                 f"{MAX_IMAGE_PIXELS:,} pixels small-vlm decodes (data.MAX_IMAGE_PIXELS); downscale it")
+            # the header's frame count; some containers (webm, mkv) leave it 0: count the packets (no decoding)
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            if total < n_frames:
+                raise ValueError(f"video {path} has {total} frames, fewer than video_frames={n_frames}; lower "
+                                 "video_frames or drop the clip (frames are not repeated)")
+            chosen = [i * total // n_frames for i in range(n_frames)]
+            container.seek(0)
+            frames = []
+            for i, frame in enumerate(container.decode(stream)):
+                if i in chosen:
+                    frames.append(frame.to_image())
+                if i == chosen[-1]:
+                    break
+    except av.FFmpegError as e:
+        raise ValueError(f"video {path} cannot be read: {e}") from None
+    if len(frames) < n_frames:
+        raise ValueError(f"video {path}: only {len(frames)} of its {total} frames decode (damaged or truncated)")
+    return frames
+
+
 DEMO_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo", "prepare.py")
 
 
-def make_demo_files(data_path, vision_model, llm):
-    """make_demo=True: the demo's data and tiny backbones where the config names them, made by
-    data/demo/prepare.py on first use (there is no download); nothing when they exist."""
+def make_demo_files(data_path, vision_model, llm, video=False):
+    """make_demo=True: the demo's data (its video demo with video) and tiny backbones where the config
+    names them, made by data/demo/prepare.py on first use (there is no download); nothing when they exist."""
     wanted = {"data_path": data_path.split(",")[0], "vision_model": vision_model, "llm": llm}
     missing = [(key, path) for key, path in wanted.items() if not os.path.exists(path)]
     if not missing:
         return
     data_dir, backbones_dir = os.path.dirname(wanted["data_path"]), os.path.dirname(llm)
-    done = subprocess.run([sys.executable, DEMO_SCRIPT, "--out", data_dir, "--backbones", backbones_dir],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, DEMO_SCRIPT, "--out", data_dir, "--backbones", backbones_dir]
+                          + (["--video"] if video else []), capture_output=True, text=True)
     if done.returncode != 0:
         why = (done.stderr.strip() or "no output").splitlines()[-1].removeprefix("error: ")
         raise UserError(f"make_demo=True: {missing[0][1]} does not exist, and {why}")
@@ -994,10 +1080,10 @@ def show_samples(config, overrides, n=1, record_id=None):
     if n < 1:
         raise UserError(f"--n {n}: show at least 1 record")
     if cfg.make_demo:
-        make_demo_files(cfg.data_path, cfg.vision_model, cfg.llm)
+        make_demo_files(cfg.data_path, cfg.vision_model, cfg.llm, video=cfg.video_frames > 0)
     try:
         processor = build_processor(cfg.vision_model, cfg.llm, cfg.image_aspect, cfg.drop_cls,
-                                    parse_pinpoints(cfg.image_grid_pinpoints))
+                                    parse_pinpoints(cfg.image_grid_pinpoints), video_frames=cfg.video_frames)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot build the processor from vision_model={cfg.vision_model!r}, llm={cfg.llm!r}: "
                         f"{first_line(e)}") from None
@@ -1006,7 +1092,7 @@ def show_samples(config, overrides, n=1, record_id=None):
     datasets.disable_progress_bars()
     try:
         dataset = VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
-                             image_paths_outside=cfg.image_paths_outside)
+                             image_paths_outside=cfg.image_paths_outside, video_frames=cfg.video_frames)
     except (ValueError, FileNotFoundError) as e:  # the messages name the file (and line)
         raise UserError(str(e)) from None
     if record_id is None:

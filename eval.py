@@ -1,8 +1,9 @@
-"""Ask a trained VLM about images, and score it on a benchmark file.
+"""Ask a trained VLM about images and videos, and score it on a benchmark file.
 
 One question:
     python eval.py out/run1 --image photo.jpg --prompt "What is in the image?"
-A benchmark (one JSON object per line: {"id", "image", "question", "answer", "choices"?, "category"?}):
+    python eval.py out/video --video clip.mp4 --prompt "Which way does the shape move?"
+A benchmark (one JSON object per line: {"id", "image" or "video", "question", "answer", "choices"?, "category"?}):
     python eval.py out/run1 --data bench/gqa.jsonl --image_folder bench/images --batch_size 16
 
 Read top to bottom, this is the path of a record from the JSONL file to its score:
@@ -30,7 +31,7 @@ import torch
 from jinja2 import TemplateError
 
 import run
-from data import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, is_hub_repo_id, load_image
+from data import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, is_hub_repo_id, load_image, load_video
 from model import IMAGE_TOKEN, VLMForCausalLM, VLMProcessor, inference_folder, to_rgb
 from run import UserError, first_line
 
@@ -68,7 +69,8 @@ def read_checkpoint_config(ckpt):
 
 
 # Native folders (push.py --format llava) -> transformers' class for them, by config model_type.
-NATIVE_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+NATIVE_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                  "llava_next_video": "LlavaNextVideoForConditionalGeneration"}
 
 
 def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
@@ -95,7 +97,11 @@ def load_model(ckpt, device=None, dtype=None, trust_remote_code=False):
         with run.loading(source):
             model, loading_info = getattr(transformers, NATIVE_CLASSES[model_type]).from_pretrained(
                 source, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
-            processor = AutoProcessor.from_pretrained(source)  # LlavaProcessor / LlavaNextProcessor
+            try:
+                processor = AutoProcessor.from_pretrained(source)  # LlavaProcessor / LlavaNext(Video)Processor
+            except ImportError as e:  # transformers' video processors need torchvision
+                raise UserError(f"{ckpt}: {first_line(e)} (LlavaNextVideoProcessor's video processor needs it); "
+                                "install the torchvision build that matches your torch") from None
     elif "auto_map" in config:
         if not trust_remote_code:
             raise UserError(f"{ckpt} is a remote-code model: loading it runs the Python files it ships "
@@ -132,15 +138,15 @@ def format_question(record, suffix=True):
     return text + (SHORT_ANSWER_SUFFIX if suffix else "")
 
 
-def build_prompt(processor, question, has_image=True):
-    """One user turn (image first, llava-hf style) rendered by the checkpoint's chat template,
-    ending where the assistant's answer starts."""
+def build_prompt(processor, question, media="image"):
+    """One user turn (its image or video first, llava-hf style; media None: text only) rendered by the
+    checkpoint's chat template, ending where the assistant's answer starts."""
     if not getattr(processor, "chat_template", None):
         raise UserError(
             "the checkpoint's processor has no chat template, so the training prompt is unknown; "
             "save the processor with its chat_template (train.py and push.py do)"
         )
-    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+    content = ([{"type": media}] if media else []) + [{"type": "text", "text": question}]
     messages = [{"role": "user", "content": content}]
     try:
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -154,10 +160,12 @@ def build_prompt(processor, question, has_image=True):
 
 
 def generate_answers(model, processor, prompts, images, batch_size=8, max_new_tokens=32, temperature=0.0,
-                     top_p=1.0, names=None):
-    """One answer per prompt. images[i] is a PIL image, an image path, or None (text-only prompt).
+                     top_p=1.0, names=None, still_frame=False):
+    """One answer per prompt. images[i] is a PIL image, an image path, {"video": path} (a clip, decoded
+    here into the frames the model was trained with) or None (text-only prompt).
     Prompts are left-padded so that every row's answer starts at the same column, which lets one
-    generate() call decode the whole batch with a KV cache. A prompt whose tokens (its image's
+    generate() call decode the whole batch with a KV cache. still_frame: each clip is its middle
+    frame repeated (the control: a question that needs motion falls to chance). A prompt whose tokens (its image's
     included) and answer would pass the LLM's positions is refused, named by names[i]."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     tokenizer = processor.tokenizer
@@ -165,13 +173,18 @@ def generate_answers(model, processor, prompts, images, batch_size=8, max_new_to
     names = names or [f"prompt {i}" for i in range(len(prompts))]
     answers = []
     for start in range(0, len(prompts), batch_size):
-        batch_images = [open_image(im) for im in images[start:start + batch_size] if im is not None]
+        media = [(item, name) for item, name in zip(images[start:start + batch_size], names[start:start + batch_size])
+                 if item is not None]
+        batch_images = [open_image(item) for item, _ in media if not isinstance(item, dict)]
+        videos = [open_clip(item["video"], clip_frames(processor), name, still_frame) for item, name in media
+                  if isinstance(item, dict)]
         inputs = processor(text=prompts[start:start + batch_size], images=batch_images or None,
-                           return_tensors="pt", padding=True, padding_side="left")
+                           videos=videos or None, return_tensors="pt", padding=True, padding_side="left")
         check_prompt_lengths(model, inputs["attention_mask"].sum(1), max_new_tokens, names[start:start + batch_size])
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(model.dtype)
         with torch.no_grad():  # the model's generation_config suppresses <image> (build_vlm sets it)
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
                                     pad_token_id=pad_token_id, **sampling)  # (B, T + new)
@@ -188,6 +201,25 @@ def check_prompt_lengths(model, lengths, max_new_tokens, names):
         raise UserError(f"{names[longest]}: the prompt is {int(lengths[longest])} tokens (its image's included), and with "
                         f"--max_new_tokens {max_new_tokens} it passes the model's {positions} positions; shorten the "
                         "question or lower --max_new_tokens")
+
+
+def clip_frames(processor):
+    """Frames a clip is sampled to: as the model trained (ours: video_frames; LlavaNextVideo's: num_frames)."""
+    frames = getattr(processor, "video_frames", 0) or getattr(getattr(processor, "video_processor", None),
+                                                              "num_frames", 0)
+    if not frames:
+        raise UserError("this model takes no video (it was trained without video_frames)")
+    return frames
+
+
+def open_clip(path, n_frames, name, still_frame=False):
+    """The clip's n_frames frames (data.load_video's sampling, as in training), or with still_frame
+    its middle one n_frames times; a clip that cannot give them (too short, damaged) is a UserError."""
+    try:
+        frames = load_video(path, n_frames)
+    except ValueError as e:
+        raise UserError(f"{name}: {e}") from None
+    return [frames[n_frames // 2]] * n_frames if still_frame else frames
 
 
 def open_image(image):
@@ -323,9 +355,13 @@ def check_record(record, metric):
             raise UserError(f"{at}: record has no {key!r}; each record needs 'id', 'question' and 'answer'")
     if not isinstance(record["question"], str) or not record["question"].strip():
         raise UserError(f"{at}: 'question' must be a non-empty string")
-    if record.get("image") is not None and not isinstance(record["image"], str):
-        raise UserError(f"{at}: 'image' must be one path (a string), got {type(record['image']).__name__}")
-    record["question"] = strip_image_marker(record["question"], record.get("image") is not None, at)
+    for key in ("image", "video"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise UserError(f"{at}: '{key}' must be one path (a string), got {type(record[key]).__name__}")
+    if record.get("image") is not None and record.get("video") is not None:
+        raise UserError(f"{at}: the record has both 'image' and 'video'; ask about one of them per record")
+    has_media = record.get("image") is not None or record.get("video") is not None
+    record["question"] = strip_image_marker(record["question"], has_media, at)
     answer = record["answer"]
     if not (isinstance(answer, str) and answer.strip() or is_string_list(answer)):
         raise UserError(f"{at}: 'answer' must be a non-empty string or a non-empty list of strings")
@@ -350,9 +386,10 @@ def strip_image_marker(text, has_image, at):
 
 def check_image(record, path):
     """Fails early, naming the record, when an image cannot be used: unreadable, truncated, too large
-    or floating-point (data.load_image decodes it whole, as training does)."""
+    or floating-point (data.load_image decodes it whole, as training does). A clip ({"video": path})
+    is opened and its first frame decoded (its frame count is checked once the model is known)."""
     try:
-        load_image(path)
+        load_video(path["video"], 1) if isinstance(path, dict) else load_image(path)
     except ValueError as e:
         raise UserError(f"{where(record)}: {e}") from None
 
@@ -369,13 +406,16 @@ def select_records(records, image_folder, metric="auto", skip_missing=False):
         if earlier != where(record):
             raise UserError(f"{where(record)}: its id is also the id of {earlier}; give each record its own id "
                             "(answers.jsonl and the scores name records by it)")
-        path = None if record.get("image") is None else os.path.join(image_folder, record["image"])
+        kind = "video" if record.get("video") is not None else "image"
+        path = None if record.get(kind) is None else os.path.join(image_folder, record[kind])
         if path is not None and not os.path.isfile(path):
             if not skip_missing:
-                raise UserError(f"{where(record)}: image not found: {path} (set --image_folder, or pass "
+                raise UserError(f"{where(record)}: {kind} not found: {path} (set --image_folder, or pass "
                                 "--skip_missing to leave such records out)")
             missing.append(record["id"])
             continue
+        if kind == "video":
+            path = {"video": path}
         if path is not None:
             check_image(record, path)
         asked.append(record)
@@ -390,20 +430,19 @@ def select_records(records, image_folder, metric="auto", skip_missing=False):
 
 
 def evaluate(model, processor, asked, paths, missing=(), metric="auto", suffix=True, batch_size=8,
-             max_new_tokens=32, temperature=0.0, top_p=1.0, progress=False, answers_file=None):
+             max_new_tokens=32, temperature=0.0, top_p=1.0, progress=False, answers_file=None, still_frame=False):
     """Answers and scores the records select_records chose (`asked`, their image `paths`, the
     `missing` ids it left out). Returns {"overall": {"count", "accuracy"}, "categories": {name:
     {"count", "accuracy"}}, "missing": [ids], "answers": one row per answered record: {"id",
     "prompt", "prediction", "answer", "correct"}}. Accuracy is the mean of `correct` (a VQA soft
     score can be 0.3, 0.6 or 0.9). Each batch's rows go to `answers_file` (JSON lines) once scored, so
     an interrupted run keeps every answer it computed."""
-    prompts = [build_prompt(processor, format_question(r, suffix), has_image=p is not None)
-               for r, p in zip(asked, paths)]
+    prompts = [build_prompt(processor, format_question(r, suffix), media_kind(p)) for r, p in zip(asked, paths)]
     rows = []
     for start in range(0, len(prompts), batch_size):
         batch = slice(start, start + batch_size)
         predictions = generate_answers(model, processor, prompts[batch], paths[batch], batch_size, max_new_tokens,
-                                       temperature, top_p, names=[where(r) for r in asked[batch]])
+                                       temperature, top_p, [where(r) for r in asked[batch]], still_frame)
         for record, prompt, prediction in zip(asked[batch], prompts[batch], predictions):
             rows.append({"id": record["id"], "prompt": prompt, "prediction": prediction, "answer": record["answer"],
                          "correct": score(prediction, record, metric)})
@@ -426,6 +465,11 @@ def evaluate(model, processor, asked, paths, missing=(), metric="auto", suffix=T
         "missing": list(missing),
         "answers": rows,
     }
+
+
+def media_kind(item):
+    """What build_prompt puts before the question for a paths entry: "video", "image" or None."""
+    return None if item is None else "video" if isinstance(item, dict) else "image"
 
 
 def summarize(scores):
@@ -459,6 +503,9 @@ def parse_args(argv):
     parser.add_argument("ckpt", help="training output folder (uses its final/), a saved model folder "
                                      "(small-vlm, native LLaVA / LLaVA-NeXT or remote code), or a Hub repo id")
     parser.add_argument("--image", help="one image to ask about (with --prompt)")
+    parser.add_argument("--video", help="one clip to ask about (with --prompt)")
+    parser.add_argument("--still_frame", action="store_true", help="show each clip as its middle frame, repeated: "
+                        "the control for questions that need motion (they should fall to chance)")
     parser.add_argument("--prompt", help="one question; prints the answer (no suffix is added)")
     parser.add_argument("--data", help="JSONL benchmark file: {id, image, question, answer, choices?, category?}")
     parser.add_argument("--image_folder", help="folder the records' image paths are relative to "
@@ -535,24 +582,30 @@ def main(argv=None):
     logging.disable_progress_bar()
     args = parse_args(argv)
     if (args.data is None) == (args.prompt is None):
-        raise UserError("pass either --data FILE (a benchmark) or --prompt TEXT (one question, with --image)")
+        raise UserError("pass either --data FILE (a benchmark) or --prompt TEXT (one question, with --image or "
+                        "--video)")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch_size and --max_new_tokens must be at least 1")
     if not args.temperature >= 0:  # also NaN
         raise UserError(f"--temperature {args.temperature}: must be 0 (greedy) or more (sampling)")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top_p {args.top_p}: must be above 0 and at most 1 (1 = no nucleus cut)")
-    if args.image is not None and args.prompt is None:
-        raise UserError("--image goes with --prompt (a benchmark's images come from its --data records)")
-    if args.image is not None and not os.path.isfile(args.image):
-        raise UserError(f"--image {args.image} is a folder; give one image file" if os.path.isdir(args.image)
-                        else f"image not found: {args.image}")
+    if args.image is not None and args.video is not None:
+        raise UserError("pass --image or --video, not both: a question is about one of them")
+    media = None if args.image is None and args.video is None else "image" if args.image is not None else "video"
+    path = args.image if media == "image" else args.video
+    if media and args.prompt is None:
+        raise UserError(f"--{media} goes with --prompt (a benchmark's {media}s come from its --data records)")
+    if media and not os.path.isfile(path):
+        raise UserError(f"--{media} {path} is a folder; give one {media} file" if os.path.isdir(path)
+                        else f"{media} not found: {path}")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; give the question to ask")
-    if args.image is not None:
-        check_image({"id": "--image"}, args.image)
+    item = {"video": path} if media == "video" else path
+    if media:
+        check_image({"id": f"--{media}"}, item)
     if args.prompt is not None:
-        args.prompt = strip_image_marker(args.prompt, args.image is not None, "--prompt")
+        args.prompt = strip_image_marker(args.prompt, media is not None, "--prompt")
     check_device(args.device)
     if args.data is not None:  # everything is checked before the model loads
         records = load_questions(args.data)
@@ -564,11 +617,12 @@ def main(argv=None):
         check_results_folder(out_dir, args.ckpt)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, processor = load_model(args.ckpt, device=args.device, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      still_frame=args.still_frame)
 
     if args.prompt is not None:
-        prompt = build_prompt(processor, args.prompt, has_image=args.image is not None)
-        print(generate_answers(model, processor, [prompt], [args.image], names=["--prompt"], **generation)[0])
+        prompt = build_prompt(processor, args.prompt, media)
+        print(generate_answers(model, processor, [prompt], [item], names=["--prompt"], **generation)[0])
         return
 
     with run.writing(out_dir):

@@ -18,6 +18,8 @@ AnyRes (LLaVA-NeXT's high-resolution option) adds one idea at three places: the 
 an image into tower-sized tiles (section 7, `anyres_tiles`), the model lays the tiles' features back
 on their grid (section 4, `lay_out_anyres`), and both take the geometry from one function
 (section 1, `anyres_layout`).
+Video (LLaVA-NeXT-Video's way) adds one idea: a clip is its frames, each an image through the tower,
+pooled 2x2 to a quarter of the tokens (section 4, `get_video_features`), spliced at <video> tokens.
 
 This file imports only torch, transformers (with its tokenizers), PIL and numpy, so push.py can ship it verbatim as
 the remote code of a Hub repo (`trust_remote_code=True`).
@@ -55,6 +57,7 @@ from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # the processor's marker for a clip (records mark it with <image>, as LLaVA-NeXT-Video's)
 IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and padding positions)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -86,6 +89,7 @@ class VLMConfig(PretrainedConfig):
     # AnyRes (LLaVA-NeXT): [[H, W], ...] pixel sizes an image may be tiled to, each a whole number of
     # tower tiles; None = one tile per image (LLaVA-1.5). With it the model has an image_newline vector.
     image_grid_pinpoints: list | None = None
+    video_token_id: int = -1  # id of <video>; -1 = the model takes no video (no video_frames when it was built)
     tie_word_embeddings: bool = False  # the LLM ties (or not) its own embeddings
 
 
@@ -103,6 +107,12 @@ def count_image_tokens(vision_config, drop_cls):
     """Tokens one image becomes: one per patch (+ CLS when the tower has it and we keep it)."""
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     return patches + int(vision_has_cls(vision_config) and not drop_cls)
+
+
+def count_frame_tokens(image_size, patch_size):
+    """Tokens one video frame becomes: its g x g patch grid average-pooled 2x2 (LLaVA-NeXT-Video),
+    (g // 2)^2: 576 -> 144 at 336 px with 14 px patches. A clip of F frames: F times that."""
+    return (image_size // patch_size // 2) ** 2
 
 
 # AnyRes geometry: which tiles an image is cut into, and which of their features show the image.
@@ -288,6 +298,10 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def encode_tiles(self, pixel_values):
         """(N, 3, S, S) tower-sized images -> (N, P, D_llm) LLM-space features, P = config.num_image_tokens."""
+        return self.connector(self.vision_features(pixel_values))
+
+    def vision_features(self, pixel_values):
+        """(N, 3, S, S) -> (N, P, D_vision): the tower's hidden states at vision_feature_layer."""
         frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # no graph when frozen
             pixel_values = pixel_values.to(self.vision_tower.dtype)
@@ -295,7 +309,18 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
             features = out.hidden_states[self.config.vision_feature_layer]  # (N, P(+1), D_vision)
         if self.config.drop_cls and vision_has_cls(self.config.vision_config):
             features = features[:, 1:]
-        return self.connector(features)  # (N, P, D_llm)
+        return features
+
+    def get_video_features(self, pixel_values_videos):
+        """(V, F, 3, S, S) clips -> (V * F * p, D_llm) tokens, frame by frame, clip by clip. Each frame
+        goes through the tower like an image; its g x g feature grid is average-pooled 2x2 before the
+        connector, p = (g // 2)^2 tokens a frame (LLaVA-NeXT-Video's pooling: 32 frames x 576 patches
+        would be 18,432 tokens a clip, pooled 4,608). The model sees time only as the frames' order."""
+        features = self.vision_features(pixel_values_videos.flatten(0, 1))  # (V * F, g * g, D_vision)
+        g = math.isqrt(features.shape[1])
+        grid = features.transpose(1, 2).unflatten(2, (g, g))  # (V * F, D_vision, g, g)
+        pooled = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # (V * F, p, D_vision)
+        return self.connector(pooled).flatten(0, 1)
 
     def get_image_features(self, pixel_values, image_sizes=None):
         """The visual tokens of all images, in order: (K, D_llm). One tile per image: K = N * P.
@@ -341,33 +366,42 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, -1)  # (h, 1, D)
         return torch.cat([base, torch.cat([grid, newline], dim=1).flatten(0, 1)])  # (P + h * (w + 1), D)
 
-    def merge_image_features(self, input_ids, inputs_embeds, image_features):
+    def merge_image_features(self, input_ids, inputs_embeds, image_features, token_id=None, media="image"):
         """The splice. The processor wrote one image-token id per visual token, so position k of
         the image tokens (row-major over the batch) receives visual token k of the images in
-        order. input_ids (B, T), inputs_embeds (B, T, D), image_features (K, D) -> (B, T, D)."""
-        image_positions = input_ids == self.config.image_token_id  # (B, T)
+        order. input_ids (B, T), inputs_embeds (B, T, D), image_features (K, D) -> (B, T, D).
+        Videos the same way, at their own token: token_id=config.video_token_id, media="video"."""
+        token_id = self.config.image_token_id if token_id is None else token_id
+        image_positions = input_ids == token_id  # (B, T)
         n_tokens = int(image_positions.sum())
         n_features = 0 if image_features is None else image_features.shape[0]
         if n_tokens != n_features:
             per_image = ("as many as anyres_layout counts for each image's size" if self.config.image_grid_pinpoints
                          else f"{self.config.num_image_tokens} per image")
+            if media == "video":
+                vision = self.config.vision_config
+                per_image = f"{count_frame_tokens(vision.image_size, vision.patch_size)} per frame"
             raise ValueError(
-                f"image tokens and image features do not match: {n_tokens} <image> tokens in input_ids, "
-                f"{n_features} features from the images. Build inputs with the processor, which writes {per_image}."
+                f"{media} tokens and {media} features do not match: {n_tokens} <{media}> tokens in input_ids, "
+                f"{n_features} features from the {media}s. Build inputs with the processor, which writes {per_image}."
             )
         if n_tokens == 0:
             return inputs_embeds
         return inputs_embeds.masked_scatter(image_positions.unsqueeze(-1), image_features.to(inputs_embeds.dtype))
 
-    def embed_inputs(self, input_ids, pixel_values, image_sizes=None):
-        """Token embeddings with image features spliced in: (B, T) -> (B, T, D)."""
+    def embed_inputs(self, input_ids, pixel_values, image_sizes=None, pixel_values_videos=None):
+        """Token embeddings with image and video features spliced in: (B, T) -> (B, T, D)."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
         image_features = self.get_image_features(pixel_values, image_sizes) if pixel_values is not None else None
         inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        if self.config.video_token_id >= 0 or pixel_values_videos is not None:
+            video_features = None if pixel_values_videos is None else self.get_video_features(pixel_values_videos)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, video_features,
+                                                      self.config.video_token_id, "video")
         if pixel_values is None and self.training:
-            # A text-only batch still runs the vision tower and connector (and image_newline) on one
-            # blank image with weight 0: every rank then runs the same modules, so ZeRO-3's
-            # parameter gathers (and DDP's gradient reductions) never wait on a rank that skipped them.
+            # A batch without images (text-only, or videos only) still runs the vision tower and connector
+            # (and image_newline) on one blank image with weight 0: every rank then runs the same modules,
+            # so ZeRO-3's parameter gathers (and DDP's gradient reductions) never wait on a rank that skipped them.
             size = self.config.vision_config.image_size
             unused = self.encode_tiles(inputs_embeds.new_zeros(1, 3, size, size)).sum()
             if self.config.image_grid_pinpoints:
@@ -387,12 +421,13 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep=0,
         image_sizes=None,
+        pixel_values_videos=None,
         **kwargs,
     ):
         """With `labels`: loss over supervised positions only (logits only there, too).
         Without: logits of the last `logits_to_keep` positions (0 = all), for generation."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, pixel_values_videos)
         if labels is None:
             out = self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -469,17 +504,29 @@ class VLMImageProcessor(ImageProcessingMixin):
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             pixels = resize(torch.from_numpy(np.array(canvas)), self.size, self.size)[None]  # (1, 3, S, S)
         elif self.aspect == "resize":
-            image = bound_resize_strip(image, self.size)  # a very long strip is cut first (section 10)
-            # the long side = int(size * long / short), as CLIPImageProcessor computes it
-            short = min(image.size)
-            w, h = int(self.size * image.width / short), int(self.size * image.height / short)
-            top, left = (h - self.size) // 2, (w - self.size) // 2
-            pixels = resize(torch.from_numpy(np.array(image)), h, w)[None, :, top:top + self.size, left:left + self.size]
+            pixels = self.resize_and_crop(image)
         else:
             pixels = self.anyres_tiles(image)  # (1 + rows * cols, 3, S, S)
-        # (pixels / 255 - mean) / std as one multiply-add in place
+        return self.normalize(pixels)
+
+    def normalize(self, pixels):
+        """uint8 (..., 3, S, S) -> (pixels / 255 - mean) / std, as one multiply-add in place."""
         std, mean = torch.tensor(self.image_std).view(3, 1, 1), torch.tensor(self.image_mean).view(3, 1, 1)
         return pixels.float().mul_(1 / (255 * std)).sub_(mean / std)
+
+    def resize_and_crop(self, image):
+        """(1, 3, S, S) uint8: the short side resized to S, the centre kept (aspect `resize`, and every video frame)."""
+        image = bound_resize_strip(image, self.size)  # a very long strip is cut first (section 10)
+        # the long side = int(size * long / short), as CLIPImageProcessor computes it
+        short = min(image.size)
+        w, h = int(self.size * image.width / short), int(self.size * image.height / short)
+        top, left = (h - self.size) // 2, (w - self.size) // 2
+        return resize(torch.from_numpy(np.array(image)), h, w)[None, :, top:top + self.size, left:left + self.size]
+
+    def transform_clip(self, frames):
+        """A clip's frames (PIL images) -> (F, 3, S, S) normalized. Frames are never tiled or padded:
+        each is resized and centre-cropped, as transformers' LlavaNextVideoVideoProcessor does."""
+        return self.normalize(torch.cat([self.resize_and_crop(to_rgb(frame)) for frame in frames]))
 
     def anyres_tiles(self, image):
         """LLaVA-NeXT's AnyRes: (1 + rows * cols, 3, S, S) uint8 tiles of one image.
@@ -503,13 +550,18 @@ class VLMImageProcessor(ImageProcessingMixin):
         grid = canvas.view(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, size, size)
         return torch.cat([resize(pixels, size, size)[None], grid])
 
-    def __call__(self, images, return_tensors="pt", **kwargs):
+    def __call__(self, images=None, return_tensors="pt", videos=None, **kwargs):
         """pixel_values (tiles of all images, 3, S, S); with anyres also image_sizes (N, 2), each
-        image's (height, width), which the model needs to lay its tiles out again."""
-        images = [images] if isinstance(images, Image.Image) else list(images)
-        data = {"pixel_values": torch.cat([self.transform(im) for im in images])}
-        if self.aspect == "anyres":
-            data["image_sizes"] = torch.tensor([[im.height, im.width] for im in images])
+        image's (height, width), which the model needs to lay its tiles out again. videos (clips of
+        equal frame counts, each a list of PIL frames) -> pixel_values_videos (V, F, 3, S, S)."""
+        data = {}
+        if images is not None:
+            images = [images] if isinstance(images, Image.Image) else list(images)
+            data["pixel_values"] = torch.cat([self.transform(im) for im in images])
+            if self.aspect == "anyres":
+                data["image_sizes"] = torch.tensor([[im.height, im.width] for im in images])
+        if videos:
+            data["pixel_values_videos"] = torch.stack([self.transform_clip(clip) for clip in videos])
         return BatchFeature(data)
 
 
@@ -533,15 +585,25 @@ class VLMProcessor(ProcessorMixin):
     the order their <image> markers appear (a flat list, or one list per text)."""
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=0, image_token=IMAGE_TOKEN,
-                 patch_size=0, chat_template=None, **kwargs):
+                 patch_size=0, chat_template=None, video_frames=0, **kwargs):
         self.num_image_tokens = num_image_tokens
-        self.image_token = image_token
+        self.image_token, self.video_token = image_token, VIDEO_TOKEN
+        self.video_frames = video_frames  # frames sampled from a clip (data.load_video); 0 = the model takes no video
         self.patch_size = patch_size  # the tower's patch side in pixels: with anyres, the token count needs it
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @property
     def image_token_id(self):
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @property
+    def video_token_id(self):
+        """The id of <video>, or -1 when the tokenizer has none (a model built without video_frames)."""
+        return self.tokenizer.get_vocab().get(self.video_token, -1)
+
+    def video_token_count(self, n_frames):
+        """Video tokens a clip of n_frames frames becomes (count_frame_tokens each), known before any decoding."""
+        return n_frames * count_frame_tokens(self.image_processor.size, self.patch_size)
 
     def image_token_count(self, height, width):
         """Image tokens an image of height x width pixels becomes, from its size alone."""
@@ -559,28 +621,35 @@ class VLMProcessor(ProcessorMixin):
             AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
         ]
 
-    def __call__(self, text=None, images=None, return_tensors="pt", padding=True, padding_side="left", **kwargs):
+    def __call__(self, text=None, images=None, return_tensors="pt", padding=True, padding_side="left", videos=None,
+                 **kwargs):
         if text is None:
-            raise ValueError("VLMProcessor needs text (use '<image>' where each image goes)")
+            raise ValueError("VLMProcessor needs text (use '<image>' where each image goes, '<video>' for a clip)")
         texts = [text] if isinstance(text, str) else list(text)
         if images is None:
             images = []
         elif isinstance(images, Image.Image):
             images = [images]
         images = [im for item in images for im in (item if isinstance(item, (list, tuple)) else [item])]
-        n_markers = sum(t.count(self.image_token) for t in texts)
-        if n_markers != len(images):
-            raise ValueError(f"{n_markers} '{self.image_token}' markers in the text but {len(images)} images given")
-        counts = iter([self.image_token_count(im.height, im.width) for im in images])
-        marker = re.escape(self.image_token)
-        expanded = [re.sub(marker, lambda _: self.image_token * next(counts), t) for t in texts]
+        videos = list(videos or [])  # each clip a list of PIL frames
+        for marker, given in ((self.image_token, images), (self.video_token, videos)):
+            n_markers = sum(t.count(marker) for t in texts)
+            if n_markers != len(given):
+                raise ValueError(f"{n_markers} '{marker}' markers in the text but {len(given)} "
+                                 f"{'images' if marker == self.image_token else 'videos'} given")
+        if videos and self.video_token_id < 0:
+            raise ValueError("this model takes no video: it was built without video_frames (no <video> token)")
+        counts = {self.image_token: iter([self.image_token_count(im.height, im.width) for im in images]),
+                  self.video_token: iter([self.video_token_count(len(clip)) for clip in videos])}
+        markers = re.escape(self.image_token) + "|" + re.escape(self.video_token)
+        expanded = [re.sub(markers, lambda m: m[0] * next(counts[m[0]]), t) for t in texts]
         kwargs.setdefault("add_special_tokens", not any(writes_own_bos(self.tokenizer, t) for t in texts))
         encoding = self.tokenizer(
             expanded, return_tensors=return_tensors, padding=padding, padding_side=padding_side, **kwargs
         )
         data = dict(encoding)
-        if images:
-            data.update(self.image_processor(images))
+        if images or videos:
+            data.update(self.image_processor(images or None, videos=videos))
         return BatchFeature(data, tensor_type=return_tensors)
 
 
@@ -613,14 +682,15 @@ def image_text_separator(tokenizer):
 
 def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2, drop_cls=True,
               image_aspect="pad", dtype=None, attn_implementation=None, image_grid_pinpoints=None,
-              llm_quantization=None):
+              llm_quantization=None, video_frames=0):
     """A new VLM: pretrained encoder + pretrained LLM + fresh connector (+ image_newline with
     image_aspect='anyres'). Returns (model, processor). dtype=None loads the LLM in its saved dtype
     (Vicuna: fp16, Qwen2.5: bf16) and the rest in that dtype too: the image features must reach
     the LLM in the dtype of its embeddings. image_grid_pinpoints: anyres only; None = LLaVA-NeXT's
     five grids (default_pinpoints). llm_quantization: transformers' quantization settings for the
-    LLM (QLoRA's 4-bit loading, train.py's four_bit_loading)."""
-    processor = build_processor(vision_model, llm, image_aspect, drop_cls, image_grid_pinpoints)
+    LLM (QLoRA's 4-bit loading, train.py's four_bit_loading). video_frames > 0: the model takes clips of
+    that many frames, at <video> tokens."""
+    processor = build_processor(vision_model, llm, image_aspect, drop_cls, image_grid_pinpoints, video_frames)
     load = {"attn_implementation": attn_implementation} if attn_implementation else {}
     # Loading draws from the random generator in some set-ups (ZeRO-3's partitioned loading) and not
     # in others: on a generator of its own, the new parts below start the same way in every set-up.
@@ -649,13 +719,15 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
         image_token_id=processor.image_token_id,
         num_image_tokens=processor.num_image_tokens,
         image_grid_pinpoints=processor.image_processor.image_grid_pinpoints,
+        video_token_id=processor.video_token_id,
         attn_implementation=attn_implementation,  # None = transformers' default (sdpa)
     )
     model = VLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
     # The LLM's generation_config may list several end tokens (Qwen2.5: <|im_end|> and <|endoftext|>)
     # that its config.json does not; generation must stop at them too.
     model.generation_config.eos_token_id = language_model.generation_config.eos_token_id
-    model.generation_config.suppress_tokens = [processor.image_token_id]  # a generated <image> has no image behind it
+    # a generated <image> (or <video>) has no image behind it
+    model.generation_config.suppress_tokens = [processor.image_token_id] + ([config.video_token_id] if video_frames else [])
     # The new parts in the LLM's dtype (the loaded ones already are; under ZeRO-3 they are already
     # partitioned, and must not be moved as a whole)
     model.connector.to(language_model.dtype)
@@ -664,13 +736,18 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
     return model, processor
 
 
-def build_processor(vision_model, llm, image_aspect="pad", drop_cls=True, image_grid_pinpoints=None):
+def build_processor(vision_model, llm, image_aspect="pad", drop_cls=True, image_grid_pinpoints=None, video_frames=0):
     """The processor of a VLM built from these parts, from files alone (no weights are read): the
-    LLM's tokenizer with <image>, our image transform with the encoder's own normalization
-    constants, and the image token counts from the tower's config."""
+    LLM's tokenizer with <image> (and <video>), our image transform with the encoder's own
+    normalization constants, and the image token counts from the tower's config."""
     tokenizer = load_tokenizer(llm)
     add_image_token(tokenizer)
     vision_config = load_vision_config(vision_model)
+    if video_frames:
+        if vision_has_cls(vision_config) and not drop_cls:
+            raise SettingError("video pools each frame's patch grid 2x2, so it needs drop_cls=True (a CLS token has "
+                               "no place on the grid), as LLaVA-NeXT-Video")
+        add_image_token(tokenizer, VIDEO_TOKEN)
     pinpoints = None
     if image_aspect == "anyres":
         if vision_has_cls(vision_config) and not drop_cls:
@@ -687,7 +764,7 @@ def build_processor(vision_model, llm, image_aspect="pad", drop_cls=True, image_
                                         aspect=image_aspect, image_grid_pinpoints=pinpoints)
     return VLMProcessor(image_processor, tokenizer, num_image_tokens=count_image_tokens(vision_config, drop_cls),
                         image_token=IMAGE_TOKEN, patch_size=vision_config.patch_size,
-                        chat_template=tokenizer.chat_template)
+                        chat_template=tokenizer.chat_template, video_frames=video_frames)
 
 
 # ----------------------------------------------------------------------------------------------

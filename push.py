@@ -8,7 +8,8 @@ Read top to bottom, this is the path from a checkpoint to the Hub:
   1. the checkpoint  - out/<run>/final (save_pretrained of VLMForCausalLM + VLMProcessor) and the
                        optional train_config.json / train_summary.json next to it.
   2. the format      - `llava`: transformers' own LlavaForConditionalGeneration (an anyres model:
-                       LlavaNextForConditionalGeneration) under llava-hf's weight names, loads with
+                       LlavaNextForConditionalGeneration; a video model: LlavaNextVideoForConditionalGeneration)
+                       under llava-hf's weight names, loads with
                        no remote code (transformers 5 and 4.57, pipelines, lmms-eval); `remote`: our
                        model + model.py shipped as remote code (`trust_remote_code=True`), for what
                        Llava cannot express; `adapters`: a LoRA run's adapters alone, in peft's layout
@@ -37,12 +38,13 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
     LlavaProcessor,
 )
 
 import run
 from data import HUB_REPO_ID, is_hub_repo_id, with_bos
-from model import VLMConfig, VLMForCausalLM, VLMProcessor, inference_folder, vision_has_cls
+from model import VIDEO_TOKEN, VLMConfig, VLMForCausalLM, VLMProcessor, inference_folder, vision_has_cls
 from run import UserError, first_line
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -112,6 +114,12 @@ def llava_blocker(config):
                 f"Linear, activation, Linear: one of {sorted(LLAVA_PROJECTOR_ACT)})")
     if config.vision_config.model_type not in LLAVA_VISION_TOWERS:
         return f"vision tower {config.vision_config.model_type!r} is not one of {LLAVA_VISION_TOWERS}"
+    if config.video_token_id >= 0 and not config.image_grid_pinpoints:
+        return ("a video model exports as LlavaNextVideoForConditionalGeneration, which takes images only as AnyRes "
+                "tiles, and this model trained with image_aspect pad or resize (train with image_aspect=anyres)")
+    if config.video_token_id >= 0 and (config.vision_config.image_size // config.vision_config.patch_size) % 2:
+        return ("the frames' patch grid has an odd side, which LlavaNextVideoProcessor counts as g*g // 4 tokens "
+                "and its 2x2 pooling makes (g // 2)^2")
     return None
 
 
@@ -191,6 +199,8 @@ def export_llava(src, dst):
     llava.generation_config = model.generation_config
     llava.save_pretrained(dst, state_dict=with_vision_model_level(llava.state_dict()))
     llava_processor(processor, model.config).save_pretrained(dst)
+    if model.config.video_token_id >= 0:
+        add_video_processor(dst, processor)
     copy_sentencepiece_model(model.config.llm, src, dst)
     # Pad on the left as our processor does, so batched generation continues every row at its end
     # (save_pretrained writes padding_side only when the tokenizer was created with it).
@@ -269,6 +279,10 @@ def llava_config(config):
         vision_feature_select_strategy="default" if drops_cls else "full",
         dtype=config.dtype,
     )
+    if config.video_token_id >= 0:  # average pooling, stride 2: what get_video_features does
+        return LlavaNextVideoConfig(**common, image_grid_pinpoints=config.image_grid_pinpoints,
+                                    video_token_id=config.video_token_id, spatial_pool_mode="average",
+                                    spatial_pool_stride=2)
     if config.image_grid_pinpoints:
         return LlavaNextConfig(**common, image_grid_pinpoints=config.image_grid_pinpoints)
     return LlavaConfig(**common, image_seq_length=config.num_image_tokens)
@@ -314,6 +328,24 @@ def llava_processor(processor, config):
         image_token=config.image_token,
         chat_template=processor.chat_template,
     )
+
+
+def add_video_processor(folder, processor):
+    """Makes the saved LlavaNextProcessor a LlavaNextVideoProcessor: its video processor resizes the
+    short side and centre-crops each frame as transform_clip does, and samples video_frames frames
+    of a clip as data.load_video does. Written as processor_config.json entries because transformers'
+    video processors need torchvision to be built, which the CPU build of torch here cannot import."""
+    ours = processor.image_processor
+    path = os.path.join(folder, "processor_config.json")
+    config = read_json(path)
+    config.update(processor_class="LlavaNextVideoProcessor", video_token=VIDEO_TOKEN, video_processor={
+        "video_processor_type": "LlavaNextVideoVideoProcessor",
+        "do_resize": True, "size": {"shortest_edge": ours.size}, "resample": int(Image.Resampling.BICUBIC),
+        "do_center_crop": True, "crop_size": {"height": ours.size, "width": ours.size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": ours.image_mean, "image_std": ours.image_std, "do_convert_rgb": True,
+        "do_sample_frames": True, "num_frames": processor.video_frames})
+    run.write_json(path, config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +465,9 @@ def write_model_card(folder, config, fmt, repo_id, train_config, train_summary):
     if scalars:
         lines += ["", "## Training configuration", "", "| setting | value |", "|---|---|"]
         lines += [f"| {key} | `{public_name(value)}` |" for key, value in scalars.items()]
-    llava_class = "LlavaNextForConditionalGeneration" if config.image_grid_pinpoints else "LlavaForConditionalGeneration"
+    llava_class = ("LlavaNextVideoForConditionalGeneration" if config.video_token_id >= 0
+                   else "LlavaNextForConditionalGeneration" if config.image_grid_pinpoints
+                   else "LlavaForConditionalGeneration")
     llama_cpp = LLAMA_CPP["llava_next" if config.image_grid_pinpoints else "llava"].format(
         repo=repo_id, name=repo_id.split("/")[-1])
     lines += ["", "## Usage", "", USAGE[fmt].format(repo=repo_id, llava_class=llava_class, llama_cpp=llama_cpp,
@@ -450,7 +484,12 @@ import sys, torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 folder, remote = sys.argv[1], sys.argv[2] == "remote"
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+try:
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+except ImportError as e:  # LlavaNextVideoProcessor: transformers' video processors need torchvision
+    from transformers import LlavaNextProcessor
+    processor = LlavaNextProcessor.from_pretrained(folder)
+    print(f"note: its video processor was not loaded ({str(e).split(chr(10))[1]}): the image path was checked")
 model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=remote).eval()
 image = Image.new("RGB", (64, 48), (120, 60, 30))
 inputs = processor(text=processor.image_token + "\\nWhat is in the image?", images=image, return_tensors="pt")

@@ -225,6 +225,7 @@ class Config:
     image_aspect: str = "pad"  # pad (square canvas in the mean colour) | resize (resize + centre crop) | anyres (LLaVA-NeXT tiles)
     image_grid_pinpoints: str = ""  # anyres: "HxW,HxW,..." sizes an image is tiled to; "" = LLaVA-NeXT's 1x2,2x1,2x2,3x1,1x3 tiles
     max_seq_len: int = 2048  # tokens per sample, image tokens included
+    video_frames: int = 0  # frames sampled uniformly from each "video" record's clip; 0 = no video (LLaVA-NeXT-Video: 32)
     skip_bad_samples: bool = False  # skip and count bad records instead of stopping
     group_by_length: bool = True  # LLaVA's modality-aware length grouping (less padding)
     pack_samples: bool = False  # pack each micro-batch into rows of up to max_seq_len tokens (attention stays per sample)
@@ -369,7 +370,7 @@ RANGES = {"lr_vision": (0, None), "lr_connector": (0, None), "lr_lm": (0, None),
           "epochs": (0, None), "max_steps": (0, None), "warmup_ratio": (0, 1), "min_lr_ratio": (0, 1),
           "grad_clip": (0, None), "max_seq_len": (2, None), "num_workers": (0, None), "seed": (0, 2**32 - 1),
           "log_every": (1, None), "save_every": (0, None), "keep_checkpoints": (1, None), "lora_r": (0, None),
-          "lora_alpha": (0, None), "lora_dropout": (0, 0.99)}
+          "lora_alpha": (0, None), "lora_dropout": (0, 0.99), "video_frames": (0, None)}
 
 
 def check_config(cfg, world_size):
@@ -480,6 +481,10 @@ def check_model_fits(cfg, model, processor):
     if cfg.max_seq_len <= model.config.num_image_tokens:
         raise UserError(f"max_seq_len={cfg.max_seq_len} leaves no room for text after one image's "
                         f"{model.config.num_image_tokens} image tokens; raise it (LLaVA: 2048)")
+    if cfg.max_seq_len <= processor.video_token_count(cfg.video_frames):
+        raise UserError(f"max_seq_len={cfg.max_seq_len} leaves no room for text after one clip's "
+                        f"{processor.video_token_count(cfg.video_frames)} video tokens ({cfg.video_frames} frames); "
+                        "raise it or lower video_frames")
     if model.config.image_grid_pinpoints:
         most = max(processor.image_token_count(pin_h, pin_w) for pin_h, pin_w in model.config.image_grid_pinpoints)
         if cfg.max_seq_len < most:

@@ -40,12 +40,12 @@ def build_training_model(cfg, device):
     pinpoints = parse_pinpoints(cfg.image_grid_pinpoints)
     try:
         if cfg.template == "chat":  # the tokenizer's own template: one that cannot render fails here, not in a worker
-            check_chat_template(build_processor(cfg.vision_model, cfg.llm, cfg.image_aspect, cfg.drop_cls, pinpoints),
-                                cfg.llm)
+            check_chat_template(build_processor(cfg.vision_model, cfg.llm, cfg.image_aspect, cfg.drop_cls, pinpoints,
+                                                cfg.video_frames), cfg.llm)
         model, processor = build_vlm(cfg.vision_model, cfg.llm, cfg.connector, cfg.vision_layer, cfg.drop_cls,
                                      cfg.image_aspect, dtype=dtype, attn_implementation=attention_for(cfg, device),
                                      image_grid_pinpoints=pinpoints,
-                                     llm_quantization=four_bit_loading(cfg))
+                                     llm_quantization=four_bit_loading(cfg), video_frames=cfg.video_frames)
     except SettingError as e:  # the backbones load, and a setting does not fit them
         raise UserError(first_line(e)) from None
     except (OSError, ValueError) as e:  # a wrong path or name, or an unsupported vision tower
@@ -282,7 +282,8 @@ def build_data(cfg, processor, device, world_size, rank):
     def load():
         try:
             dataset = VLMDataset(cfg.data_path, cfg.image_folder, processor, cfg.template, cfg.max_seq_len,
-                                 skip_bad_samples=True, image_paths_outside=cfg.image_paths_outside)
+                                 skip_bad_samples=True, image_paths_outside=cfg.image_paths_outside,
+                                 video_frames=cfg.video_frames)
             dataset.check_first_images(every_one=not cfg.skip_bad_samples)
             return dataset
         except (ValueError, FileNotFoundError) as e:  # data.py's messages name the file / record
@@ -320,7 +321,8 @@ def make_collate(cfg, pad_token_id, attn_implementation):
 
 def on_device(batch, device):
     return {k: batch[k].to(device, non_blocking=True) if batch[k] is not None else None
-            for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_sizes")}
+            for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_sizes",
+                      "pixel_values_videos")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +345,8 @@ def main(argv=None):
     # --- processes, model, data, engine
     device = run.start_processes(cfg)
     if cfg.make_demo:  # the demo's data and tiny backbones, made on first use (there is no download)
-        run.rank0_first(lambda: make_demo_files(cfg.data_path, cfg.vision_model, cfg.llm), rank, then_the_others=False)
+        run.rank0_first(lambda: make_demo_files(cfg.data_path, cfg.vision_model, cfg.llm, cfg.video_frames > 0), rank,
+                        then_the_others=False)
     zero3_loading = partitioned_loading(cfg, accumulation)  # kept for the run: transformers looks it up
     model, processor = build_training_model(cfg, device)  # pretrained encoder + LLM + a fresh (or stage-1) connector
     dataset, sampler, loader = build_data(cfg, processor, device, world_size, rank)

@@ -225,14 +225,17 @@ def test_load_records_normalises_mixed_records(tmp_path):
         {"id": "text", "conversations": TWO_TURNS},
         {"id": "one", "image": "a.png", "conversations": ONE_TURN, "extra": 1},
         {"id": "two", "image": ["a.png", "b.png"], "conversations": ONE_TURN},
+        {"id": "clip", "video": "c.mp4", "conversations": ONE_TURN},
     ]
     json_path = write_json(tmp_path / "a.json", records[:2])
     jsonl_path = tmp_path / "b.jsonl"
-    jsonl_path.write_text(json.dumps(records[2]) + "\n\n" + json.dumps({"conversations": ONE_TURN}) + "\n")
+    jsonl_path.write_text(json.dumps(records[2]) + "\n\n" + json.dumps({"conversations": ONE_TURN}) + "\n"
+                          + json.dumps(records[3]) + "\n")
     dataset = load_records(f"{json_path},{jsonl_path}")
-    assert dataset.column_names == ["id", "image", "conversations", "problem"]
-    assert dataset["id"][:] == ["text", "one", "two", "b.jsonl:1"]  # a record without id gets file:index
-    assert dataset["image"][:] == [[], ["a.png"], ["a.png", "b.png"], []]
+    assert dataset.column_names == ["id", "image", "video", "conversations", "problem"]
+    assert dataset["id"][:] == ["text", "one", "two", "b.jsonl:1", "clip"]  # a record without id gets file:index
+    assert dataset["image"][:] == [[], ["a.png"], ["a.png", "b.png"], [], []]
+    assert dataset["video"][:] == ["", "", "", "", "c.mp4"]
     assert dataset[0]["conversations"] == TWO_TURNS
     assert dataset.cache_files  # memory-mapped Arrow, not Python objects
     assert load_records([json_path])["id"][:] == ["text", "one"]

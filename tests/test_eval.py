@@ -169,14 +169,14 @@ def test_load_model_reads_final_and_builds_the_training_prompt(run_dir):
     assert type(model).__name__ == "VLMForCausalLM" and not model.training
     assert model.dtype == torch.float32 and model.device.type == "cpu"
     assert build_prompt(processor, "Hi?") == "USER: <image>\nHi? ASSISTANT:"
-    assert build_prompt(processor, "Hi?", has_image=False) == "USER: Hi? ASSISTANT:"
+    assert build_prompt(processor, "Hi?", None) == "USER: Hi? ASSISTANT:"
 
 
 def test_batched_generation_equals_one_by_one(run_dir, image_folder):
     model, processor = load_model(run_dir)
     questions = ["What color?", "How many dogs are in the photo?", "Describe it.", "Is it wide?", "Say hi."]
     images = [os.path.join(image_folder, name) for name in COLORS] + [None]  # the last is text-only
-    prompts = [build_prompt(processor, q, has_image=im is not None) for q, im in zip(questions, images)]
+    prompts = [build_prompt(processor, q, "image" if im is not None else None) for q, im in zip(questions, images)]
     lengths = {len(processor.tokenizer(p).input_ids) for p in prompts}
     assert len(lengths) > 1  # prompts differ in length, so a batch needs left padding
 
@@ -194,7 +194,7 @@ def test_anyres_batched_generation_equals_one_by_one(tiny_backbones, tmp_path, i
     processor.save_pretrained(tmp_path / "run" / "final")
     model, processor = load_model(str(tmp_path / "run"))
     images = [os.path.join(image_folder, name) for name in ("red.png", "wide.png", "blue.png")] + [None]
-    prompts = [build_prompt(processor, q, has_image=im is not None)
+    prompts = [build_prompt(processor, q, "image" if im is not None else None)
                for q, im in zip(["What?", "What color is it?", "Describe.", "Say hi."], images)]
     tiles = processor.image_processor([Image.open(path) for path in images[:3]])["pixel_values"]
     assert len(tiles) == 5 + 3 + 5  # 40x40: base + 2x2 tiles; 64x24: base + 1x2
@@ -287,7 +287,7 @@ def test_image_token_is_never_generated_as_the_saved_generation_config_says(tiny
 
     monkeypatch.setattr(model, "generate", recording_generate)
     images = [os.path.join(image_folder, "red.png"), None]
-    prompts = [build_prompt(processor, "What?"), build_prompt(processor, "Say hi.", has_image=False)]
+    prompts = [build_prompt(processor, "What?"), build_prompt(processor, "Say hi.", None)]
     torch.manual_seed(0)
     for temperature in (0.0, 1.0):  # greedy, sampled
         generate_answers(model, processor, prompts, images, batch_size=2, max_new_tokens=4, temperature=temperature)

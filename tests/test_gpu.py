@@ -7,7 +7,7 @@ device machine installs the wheels first and keeps the log and figures):
    a CPU tensor all-reduced over NCCL). 2. `deepspeed --num_gpus 1` trains under ZeRO-2 and ZeRO-3.
 3. SIGTERM, then resume=True under ZeRO-2, gives the uninterrupted run's per-step losses. 4. A packed
 micro-batch gives the padded loss with sdpa, flex_attention and flash_attention_2. 5. Gradient
-checkpointing lowers peak GPU memory. 6. AnyRes at the real tile size (336 px, patch 14). 7. eval.py
+checkpointing lowers peak GPU memory. 6. AnyRes at the real tile size (336 px, patch 14), and a 32-frame clip at it. 7. eval.py
 and push.py --format llava on a GPU-trained model. 8. One bench.py pretrain measurement. 9. LoRA under
 ZeRO-3; QLoRA trains, its bf16 final/ computes what the 4-bit model did, and its memory against LoRA
 and the full finetune (tests/lora_memory.py).
@@ -279,6 +279,29 @@ def test_anyres_at_the_real_tile_size(tmp_path):
            dtype=str(DTYPE), loss=loss.item())
     assert math.isfinite(loss.item())
     assert torch.isfinite(model.image_newline.grad).all() and model.image_newline.grad.abs().sum() > 0
+
+
+def test_video_at_the_real_frame_size(tmp_path):
+    """LLaVA-NeXT-Video's clip (32 frames of 336 px, 14 px patches; a tiny-width tower and LLM): 32 x 144
+    = 4,608 video tokens, pooled in the model's dtype; forward + backward, and the pooled features
+    within bf16 rounding of an fp32 run's."""
+    vision, llm = make_tiny_backbones(str(tmp_path), image_size=336, patch_size=14, vision_width=32, llm_width=64)
+    model, processor = build_vlm(vision, llm, image_aspect="anyres", dtype=DTYPE, video_frames=32)
+    model.to(DEVICE).train()
+    frames = [smooth_image(480, 360, seed=i) for i in range(32)]
+    batch = processor(text=["<video>\nWhich way does it move? Smooth bands of colour."], videos=[frames])
+    video_tokens = int((batch["input_ids"] == model.config.video_token_id).sum())
+    assert video_tokens == 4608 and tuple(batch["pixel_values_videos"].shape) == (1, 32, 3, 336, 336)
+    labels = supervise_text(batch, model.config.video_token_id)
+    loss = model(**{k: v.to(DEVICE) for k, v in batch.items()}, labels=labels.to(DEVICE)).loss
+    loss.backward()
+    with torch.no_grad():
+        ours = model.get_video_features(batch["pixel_values_videos"].to(DEVICE, DTYPE)).float()
+        exact = model.float().get_video_features(batch["pixel_values_videos"].to(DEVICE))
+    report("video 32 frames at 336/14", video_tokens=video_tokens, dtype=str(DTYPE), loss=loss.item(),
+           pooled_max_abs_diff_vs_fp32=(ours - exact).abs().max().item())
+    assert math.isfinite(loss.item()) and model.connector[0].weight.grad.abs().sum() > 0
+    torch.testing.assert_close(ours, exact, atol=0.1 if CUDA else 1e-6, rtol=0.05 if CUDA else 0)
 
 
 # ---------------------------------------------------------------------------------------------

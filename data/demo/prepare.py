@@ -3,13 +3,15 @@ downloaded (nanoGPT's data/shakespeare_char/prepare.py convention).
 
     python data/demo/prepare.py                # data/demo/{images/, pretrain.json, finetune.json, eval.jsonl}
                                                # and data/demo/backbones/{tiny-clip, tiny-llama}
+    python data/demo/prepare.py --video --out data/demo/video   # clips/*.mp4, finetune.json, eval.jsonl
 
 `deepspeed train.py configs/demo.py` runs this on first use (make_demo=True). The data: one coloured
 circle, square or triangle on the left, right, top or bottom of a 64x64 image, with captions
 (pretrain.json, the plain template) and three-question conversations (finetune.json, half with
 LLaVA's short-answer suffix, ~5% text-only), and balanced held-out questions (eval.jsonl). The
 backbones: a small random CLIP tower and Llama with a byte-level BPE tokenizer trained on the demo
-texts; the tests build theirs here too.
+texts; the tests build theirs here too. The video demo: one shape moving left, right, up or down
+across 16 frames, asked its colour, shape and direction (LLaVA-NeXT-Video's "video" records).
 """
 import argparse
 import json
@@ -17,6 +19,7 @@ import os
 import random
 import sys
 
+import av
 import torch
 from PIL import Image, ImageDraw
 
@@ -37,6 +40,11 @@ ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": tuple(POSITION
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?", "position": "Where is the shape?"}
 DESCRIBE = ("Describe the image.", "What is in the picture?", "Describe the shape.")
 DEMO_IMAGE_SIZE = 64
+# The video demo: the same shapes, moving in one direction across the clip
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) per unit of travel
+VIDEO_ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": tuple(DIRECTIONS)}
+VIDEO_QUESTIONS = {"colour": QUESTIONS["colour"], "shape": QUESTIONS["shape"],
+                   "direction": "Which way does the shape move?"}
 
 
 def caption(colour, shape, position):
@@ -48,22 +56,28 @@ def text_only_question(word):
     return f"Is {word} a colour or a shape?"
 
 
-def demo_corpus():
-    """Every text the demo data can contain, plus the vicuna_v1 prompt words (to train the tiny tokenizer)."""
+def demo_corpus(video=False):
+    """Every text the demo data can contain, plus the vicuna_v1 prompt words (to train the tiny
+    tokenizer); with video, the video demo's direction question and answers too."""
     captions = [caption(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
     words = [text_only_question(w) for w in (*COLOURS, *SHAPES)] + ["colour", "shape"]
     answers = [a for values in ANSWERS.values() for a in values]
+    video_texts = [VIDEO_QUESTIONS["direction"], *DIRECTIONS] if video else []
     return [VICUNA_SYSTEM, "USER: ASSISTANT:", IMAGE_TOKEN, SHORT_ANSWER_SUFFIX.strip(), *DESCRIBE,
-            *QUESTIONS.values(), *answers, *words, *captions]
+            *QUESTIONS.values(), *answers, *words, *captions, *video_texts]
 
 
-def draw_shape(rng, colour, shape, position):
-    """A 64x64 RGB image: a jittered shape of the given colour centred near `position`."""
+def grey_canvas(rng):
     grey = rng.randint(190, 250)
-    image = Image.new("RGB", (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), (grey, grey, grey))
-    x, y = POSITIONS[position]
-    x, y, r = x + rng.randint(-3, 3), y + rng.randint(-3, 3), rng.randint(10, 13)
-    fill = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLOURS[colour])
+    return Image.new("RGB", (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), (grey, grey, grey))
+
+
+def jittered(rng, colour):
+    return tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLOURS[colour])
+
+
+def paint_shape(image, shape, fill, x, y, r):
+    """Draws `shape` of radius r centred at (x, y) onto `image`, in place."""
     draw = ImageDraw.Draw(image)
     if shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
@@ -71,18 +85,58 @@ def draw_shape(rng, colour, shape, position):
         draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
     else:
         draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+
+
+def draw_shape(rng, colour, shape, position):
+    """A 64x64 RGB image: a jittered shape of the given colour centred near `position`."""
+    image = grey_canvas(rng)
+    x, y = POSITIONS[position]
+    x, y, r = x + rng.randint(-3, 3), y + rng.randint(-3, 3), rng.randint(10, 13)
+    paint_shape(image, shape, jittered(rng, colour), x, y, r)
     return image
 
 
-def random_scene(rng, **fixed):
-    """(colour, shape, position), random except where given in `fixed`."""
-    return (fixed.get("colour") or rng.choice(ANSWERS["colour"]), fixed.get("shape") or rng.choice(SHAPES),
-            fixed.get("position") or rng.choice(ANSWERS["position"]))
+def random_scene(rng, answers=ANSWERS, **fixed):
+    """One value per category of `answers` (colour, shape, position), random except where given in `fixed`."""
+    return tuple(fixed.get(category) or rng.choice(values) for category, values in answers.items())
 
 
 def save_scene(rng, image_dir, name, scene):
     draw_shape(rng, *scene).save(os.path.join(image_dir, name))
     return name
+
+
+def text_only_record(rng, record_id):
+    word = rng.choice((*COLOURS, *SHAPES))
+    answer = "colour" if word in COLOURS else "shape"
+    return {"id": record_id, "conversations": [{"from": "human", "value": text_only_question(word)},
+                                               {"from": "gpt", "value": answer}]}
+
+
+def question_turns(rng, questions, scene):
+    """All of `questions` about `scene` (one answer per question, in order), asked in a random order:
+    several answers to learn from per image. Half the records ask with LLaVA's short-answer suffix
+    (its VQA data) and half plainly (its conversations), so that a question typed without the suffix
+    gets the same answer."""
+    suffix = SHORT_ANSWER_SUFFIX if rng.random() < 0.5 else ""
+    turns = []
+    for category in rng.sample(tuple(questions), k=len(questions)):
+        turns += [{"from": "human", "value": questions[category] + suffix},
+                  {"from": "gpt", "value": scene[tuple(questions).index(category)]}]
+    turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
+    return turns
+
+
+def balanced_answer(answers, i):
+    """The i-th eval question's (category, answer): categories take turns, and each cycles through
+    its answers, so answers are balanced."""
+    category = tuple(answers)[i % len(answers)]
+    return category, answers[category][(i // len(answers)) % len(answers[category])]
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0):
@@ -105,29 +159,16 @@ def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0
     finetune = []
     for i in range(n_finetune):
         if rng.random() < 0.05:
-            word = rng.choice((*COLOURS, *SHAPES))
-            answer = "colour" if word in COLOURS else "shape"
-            finetune.append({"id": f"finetune-{i}", "conversations": [
-                {"from": "human", "value": text_only_question(word)}, {"from": "gpt", "value": answer}]})
+            finetune.append(text_only_record(rng, f"finetune-{i}"))
             continue
         scene = random_scene(rng)
-        # All three questions, in a random order: three answers to learn from per image. Half the
-        # records ask with LLaVA's short-answer suffix (its VQA data) and half plainly (its
-        # conversations), so that a question typed without the suffix gets the same answer.
-        suffix = SHORT_ANSWER_SUFFIX if rng.random() < 0.5 else ""
-        turns = []
-        for category in rng.sample(tuple(QUESTIONS), k=len(QUESTIONS)):
-            turns += [{"from": "human", "value": QUESTIONS[category] + suffix},
-                      {"from": "gpt", "value": scene[tuple(ANSWERS).index(category)]}]
-        turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
+        turns = question_turns(rng, QUESTIONS, scene)
         finetune.append({"id": f"finetune-{i}", "image": save_scene(rng, image_dir, f"finetune_{i:05d}.png", scene),
                          "conversations": turns})
 
     evaluation = []
     for i in range(n_eval):
-        # Categories take turns, and each cycles through its answers: answers are balanced.
-        category = tuple(ANSWERS)[i % 3]
-        answer = ANSWERS[category][(i // 3) % len(ANSWERS[category])]
+        category, answer = balanced_answer(ANSWERS, i)
         scene = random_scene(rng, **{category: answer})
         # eval.jsonl names images relative to its own folder, eval.py's default --image_folder
         image = "images/" + save_scene(rng, image_dir, f"eval_{i:05d}.png", scene)
@@ -138,8 +179,82 @@ def make_demo_data(out_dir, n_pretrain=2000, n_finetune=8000, n_eval=144, seed=0
              "finetune": os.path.join(out_dir, "finetune.json"), "eval": os.path.join(out_dir, "eval.jsonl")}
     for key, records in (("pretrain", pretrain), ("finetune", finetune)):
         write_json(paths[key], records)
-    with open(paths["eval"], "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in evaluation)
+    write_jsonl(paths["eval"], evaluation)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The video demo: one coloured shape moving left, right, up or down across the clip
+
+TRAVEL = 40  # pixels from the first frame to the last
+
+
+def save_clip(path, frames, fps=8):
+    """Writes PIL RGB frames (all one even size) to an .mp4: MPEG-4 part 2, yuv420p, at qscale 2, so
+    frames decode back within a few levels of the originals."""
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps, options={"qscale": "2"})
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())  # flush the encoder's buffered frames
+
+
+def draw_clip(rng, colour, shape, direction, n_frames):
+    """n_frames 64x64 frames of one jittered shape moving TRAVEL pixels in `direction`. The path's
+    midpoint is uniform over one square whatever the direction, so the middle of the clip alone does
+    not tell the direction (its first and last frames do: they sit TRAVEL/2 before and after it)."""
+    background, r, fill = grey_canvas(rng), rng.randint(8, 9), jittered(rng, colour)
+    low, high = r + TRAVEL // 2, DEMO_IMAGE_SIZE - 1 - r - TRAVEL // 2  # the whole shape stays in every frame
+    mid_x, mid_y = rng.randint(low, high), rng.randint(low, high)
+    dx, dy = DIRECTIONS[direction]
+    frames = []
+    for t in range(n_frames):
+        travelled = TRAVEL * (t / (n_frames - 1) - 0.5)  # -TRAVEL/2 at the first frame, +TRAVEL/2 at the last
+        frame = background.copy()
+        paint_shape(frame, shape, fill, round(mid_x + dx * travelled), round(mid_y + dy * travelled), r)
+        frames.append(frame)
+    return frames
+
+
+def save_clip_scene(rng, clip_dir, name, scene, n_frames):
+    save_clip(os.path.join(clip_dir, name), draw_clip(rng, *scene, n_frames))
+    return name
+
+
+def make_demo_video_data(out_dir, n_finetune=4000, n_eval=144, seed=0, n_frames=16):
+    """Writes clips/, finetune.json (three questions per clip, ~5% text-only) and eval.jsonl (questions
+    balanced over answers) under out_dir; returns their paths. Deterministic for a seed."""
+    if n_frames < 2:
+        raise ValueError(f"n_frames={n_frames}: a direction needs at least 2 frames")
+    clip_dir = os.path.join(out_dir, "clips")
+    os.makedirs(clip_dir, exist_ok=True)
+    rng = random.Random(seed)
+
+    finetune = []
+    for i in range(n_finetune):
+        if rng.random() < 0.05:
+            finetune.append(text_only_record(rng, f"video-{i}"))
+            continue
+        scene = random_scene(rng, VIDEO_ANSWERS)
+        turns = question_turns(rng, VIDEO_QUESTIONS, scene)
+        clip = save_clip_scene(rng, clip_dir, f"clip_{i:05d}.mp4", scene, n_frames)
+        finetune.append({"id": f"video-{i}", "video": clip, "conversations": turns})
+
+    evaluation = []
+    for i in range(n_eval):
+        category, answer = balanced_answer(VIDEO_ANSWERS, i)
+        scene = random_scene(rng, VIDEO_ANSWERS, **{category: answer})
+        # eval.jsonl names clips relative to its own folder, as the image demo's eval.jsonl does
+        clip = "clips/" + save_clip_scene(rng, clip_dir, f"eval_{i:05d}.mp4", scene, n_frames)
+        evaluation.append({"id": f"eval-{i}", "video": clip,
+                           "question": VIDEO_QUESTIONS[category], "answer": answer, "category": category})
+
+    paths = {"video_folder": clip_dir, "image_folder": clip_dir, "finetune": os.path.join(out_dir, "finetune.json"),
+             "eval": os.path.join(out_dir, "eval.jsonl")}
+    write_json(paths["finetune"], finetune)
+    write_jsonl(paths["eval"], evaluation)
     return paths
 
 
@@ -223,6 +338,7 @@ def make_tiny_backbones(out_dir, vision="clip", llm="llama", image_size=32, patc
 
 
 DEMO_DATA = ("images", "pretrain.json", "finetune.json", "eval.jsonl")
+VIDEO_DEMO_DATA = ("clips", "finetune.json", "eval.jsonl")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -243,24 +359,31 @@ def main(argv=None):
     parser.add_argument("--out", default=HERE, help="the data's folder (default: data/demo)")
     parser.add_argument("--backbones", help="the backbones' folder (default: OUT/backbones)")
     parser.add_argument("--n-pretrain", type=int, default=2000, help="stage-1 caption records")
-    parser.add_argument("--n-finetune", type=int, default=8000, help="stage-2 QA records")
+    parser.add_argument("--video", action="store_true", help="write the video demo (clips/) instead of the image one")
+    parser.add_argument("--n-finetune", type=int, help="stage-2 QA records (default: 8000, or 4000 with --video)")
     parser.add_argument("--n-eval", type=int, default=144, help="eval questions (36k balances all answers)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     backbones = args.backbones or os.path.join(args.out, "backbones")
+    if args.n_finetune is None:
+        args.n_finetune = 4000 if args.video else 8000
     for flag, count in (("--n-pretrain", args.n_pretrain), ("--n-finetune", args.n_finetune),
                         ("--n-eval", args.n_eval)):
         if count < 1:
             raise UserError(f"{flag} {count}: the demo needs at least 1 such record")
-    if not all(os.path.exists(os.path.join(args.out, name)) for name in DEMO_DATA):
-        refuse_to_overwrite(args.out, DEMO_DATA, ours=(os.path.basename(__file__), "backbones"))
-        print("\n".join(f"{key}: {path}" for key, path in
-                        make_demo_data(args.out, args.n_pretrain, args.n_finetune, args.n_eval, args.seed).items()))
+    names = VIDEO_DEMO_DATA if args.video else DEMO_DATA
+    if not all(os.path.exists(os.path.join(args.out, name)) for name in names):
+        refuse_to_overwrite(args.out, names, ours=(os.path.basename(__file__), "backbones"))
+        paths = (make_demo_video_data(args.out, args.n_finetune, args.n_eval, args.seed) if args.video else
+                 make_demo_data(args.out, args.n_pretrain, args.n_finetune, args.n_eval, args.seed))
+        print("\n".join(f"{key}: {path}" for key, path in paths.items()))
     towers = ("tiny-clip", "tiny-llama")
     if not all(os.path.exists(os.path.join(backbones, name)) for name in towers):
         refuse_to_overwrite(backbones, towers)
-        paths = make_tiny_backbones(backbones, corpus=demo_corpus(), image_size=64, patch_size=8, vision_width=96,
-                                    llm_width=128, layers=2)
+        # The video demo's LLM must compare where the shape is across frames: with 2 layers it answered the
+        # direction at chance after 2000 steps (colour and shape learned); with 4 it learns it.
+        paths = make_tiny_backbones(backbones, corpus=demo_corpus(args.video), image_size=64, patch_size=8,
+                                    vision_width=96, llm_width=128, layers=4 if args.video else 2)
         print(f"vision_model: {paths[0]}\nllm: {paths[1]}")
 
 
