@@ -269,9 +269,9 @@ def truncate(input_ids, labels, image_id, max_seq_len):
 
 # content (a string, or a list of {"type": "image"} / {"type": "video"} / {"type": "text"} items) -> the turn
 # text training used: every image as "<image>\n" at the start of the turn (move_images_to_front), an image-only
-# turn as "<image>", and SEP after each image (separate_images); a video the same way as "<video>". Plain Jinja only (filters, operators, no Python string methods
-# such as .count or .strip, no // operator), so that renderers that are not Python (llama.cpp's) give the same
-# prompt.
+# turn as "<image>", and SEP after each image (separate_images); a video the same way as "<video>". Plain
+# Jinja only (filters, operators, no Python string methods such as .count or .strip, no // operator), so that
+# renderers that are not Python (llama.cpp's) give the same prompt.
 CONTENT_MACRO = r"""{%- macro marker(text) -%}{{ '<video>' if '<video>' in text else '<image>' }}{%- endmacro -%}
 {%- macro media_count(text) -%}
 {{ (((text | length) - (text | replace(marker(text), '') | length)) / (marker(text) | length)) | int }}

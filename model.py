@@ -727,7 +727,8 @@ def build_vlm(vision_model, llm, connector="mlp2x_gelu", vision_feature_layer=-2
     # that its config.json does not; generation must stop at them too.
     model.generation_config.eos_token_id = language_model.generation_config.eos_token_id
     # a generated <image> (or <video>) has no image behind it
-    model.generation_config.suppress_tokens = [processor.image_token_id] + ([config.video_token_id] if video_frames else [])
+    suppressed = [processor.image_token_id] + ([config.video_token_id] if video_frames else [])
+    model.generation_config.suppress_tokens = suppressed
     # The new parts in the LLM's dtype (the loaded ones already are; under ZeRO-3 they are already
     # partitioned, and must not be moved as a whole)
     model.connector.to(language_model.dtype)

@@ -489,7 +489,7 @@ try:
 except ImportError as e:  # LlavaNextVideoProcessor: transformers' video processors need torchvision
     from transformers import LlavaNextProcessor
     processor = LlavaNextProcessor.from_pretrained(folder)
-    print(f"note: its video processor was not loaded ({str(e).split(chr(10))[1]}): the image path was checked")
+    print("note: its video processor needs torchvision, which is not installed here: the image path was checked")
 model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=remote).eval()
 image = Image.new("RGB", (64, 48), (120, 60, 30))
 inputs = processor(text=processor.image_token + "\\nWhat is in the image?", images=image, return_tensors="pt")

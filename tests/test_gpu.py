@@ -7,8 +7,8 @@ device machine installs the wheels first and keeps the log and figures):
    a CPU tensor all-reduced over NCCL). 2. `deepspeed --num_gpus 1` trains under ZeRO-2 and ZeRO-3.
 3. SIGTERM, then resume=True under ZeRO-2, gives the uninterrupted run's per-step losses. 4. A packed
 micro-batch gives the padded loss with sdpa, flex_attention and flash_attention_2. 5. Gradient
-checkpointing lowers peak GPU memory. 6. AnyRes at the real tile size (336 px, patch 14), and a 32-frame clip at it. 7. eval.py
-and push.py --format llava on a GPU-trained model. 8. One bench.py pretrain measurement. 9. LoRA under
+checkpointing lowers peak GPU memory. 6. AnyRes at the real tile size (336 px, patch 14), and a
+32-frame clip at it. 7. eval.py and push.py --format llava on a GPU-trained model. 8. One bench.py pretrain measurement. 9. LoRA under
 ZeRO-3; QLoRA trains, its bf16 final/ computes what the 4-bit model did, and its memory against LoRA
 and the full finetune (tests/lora_memory.py).
 Every figure (losses, memory, samples/s) is printed as a JSON line and appended at once to
