@@ -751,7 +751,7 @@ class Lockstep:
         # one pad token and no label: every module still runs (the model sees to that)
         return {"input_ids": torch.tensor([[pad_token_id]]), "labels": torch.tensor([[IGNORE_INDEX]]),
                 "attention_mask": None, "position_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": None,
-                "image_sizes": None, "num_tokens": 0, "ids": [], "skipped": []}
+                "image_sizes": None, "pixel_values_videos": None, "num_tokens": 0, "ids": [], "skipped": []}
 
     def check_loss(self, loss_value, step, batch):
         if not math.isfinite(loss_value) and not self.failure:
