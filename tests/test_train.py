@@ -146,6 +146,8 @@ def test_shipped_configs_parse_and_check():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         cfg, _ = load_config([os.path.join(ROOT, "configs", name)])
         run.check_config(cfg, world_size=8 if "llava" in name or "qwen" in name else 1)
+        if name == "demo_video.py":  # the image demo's settings, imported, then its own
+            assert (cfg.lr_vision, cfg.max_steps, cfg.video_frames, cfg.out_dir) == (3e-5, 2000, 8, "out/demo_video")
 
 
 # ---------------------------------------------------------------------------------------------
