@@ -966,19 +966,22 @@ def decode(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def render_sample(input_ids, labels, processor, image_counts, colour):
+def render_sample(input_ids, labels, processor, image_counts, colour, media_id=None):
     """The sample's text with each image's tokens as one `<image xN>` and the supervised text marked.
     A run's text is the growth of the decoded prefix (a SentencePiece tokenizer decodes a run on its
-    own without its leading space), with each image decoded as its one <image> token."""
-    tokenizer, image_id = processor.tokenizer, processor.image_token_id
+    own without its leading space), with each image decoded as its one <image> token. media_id:
+    processor.video_token_id for a video sample (its clip shown as `<video xN>`)."""
+    tokenizer = processor.tokenizer
+    media_id = processor.image_token_id if media_id is None else media_id
+    marker = tokenizer.convert_ids_to_tokens(media_id)  # "<image>" or "<video>"
     counts, shown, prefix, decoded = iter(image_counts), [], [], ""
-    for kind, ids in token_runs(input_ids, labels, image_id):
+    for kind, ids in token_runs(input_ids, labels, media_id):
         if kind == "image":  # one run may hold several images back to back (plain, several <image>)
             left = len(ids)
             while left > 0:
                 count = next(counts)
-                shown.append(mark(f"<image x{count}>", kind, colour))
-                prefix.append(image_id)
+                shown.append(mark(f"{marker[:-1]} x{count}>", kind, colour))
+                prefix.append(media_id)
                 left -= count
             decoded = decode(tokenizer, prefix)
             continue
@@ -1112,14 +1115,20 @@ def show_samples(config, overrides, n=1, record_id=None):
         record, sample = dataset.records[i], dataset[i]  # dataset[i]: a bad record is one error naming it
         input_ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
         sizes = sample["image_sizes"].tolist()
-        n_image = input_ids.count(processor.image_token_id)
-        n_text, n_supervised = len(input_ids) - n_image, sum(label != IGNORE_INDEX for label in labels)
+        media = "video" if record["video"] else "image"
+        media_id = processor.video_token_id if record["video"] else processor.image_token_id
+        n_media = input_ids.count(media_id)
+        n_text, n_supervised = len(input_ids) - n_media, sum(label != IGNORE_INDEX for label in labels)
+        counts = [n_media] if record["video"] else [processor.image_token_count(h, w) for h, w in sizes]
         print(f"\n--- record {record['id']!r} (index {i})")
-        print(render_sample(input_ids, labels, processor,
-                            [processor.image_token_count(h, w) for h, w in sizes], colour))
+        print(render_sample(input_ids, labels, processor, counts, colour, media_id))
         for k, (height, width) in enumerate(sizes, start=1):
             print(describe_image(k, height, width, processor))
-        print(f"{len(input_ids)} tokens: {n_image} image + {n_text} text; {n_supervised} supervised = "
+        if record["video"]:
+            frames = sample["pixel_values_videos"].shape[1]
+            print(f"video {record['video']}: {frames} frames sampled, each pooled 2x2 to "
+                  f"{n_media // frames} tokens -> {n_media} tokens")
+        print(f"{len(input_ids)} tokens: {n_media} {media} + {n_text} text; {n_supervised} supervised = "
               f"{n_supervised / len(input_ids):.1%} of all tokens, {n_supervised / max(n_text, 1):.1%} of the text")
         cut = len(input_ids) >= cfg.max_seq_len
         if cut:

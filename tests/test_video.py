@@ -124,6 +124,18 @@ def test_mixed_file_of_videos_images_and_text_trains(video_vlm, tmp_path):
     assert asked == ids[:labels.index(next(label for label in labels if label != IGNORE_INDEX))]
 
 
+def test_show_prints_the_clip_as_one_run_of_its_video_tokens(tiny_backbones, tmp_path, capsys):
+    """python data.py --show on a video record: the clip as one `<video xN>` run, counted as video tokens."""
+    write_clip(tmp_path / "clip.mp4")
+    path = write_json(tmp_path / "d.json", [{"id": "v", "video": "clip.mp4", "conversations": QUESTION}])
+    argv = ["--show", "configs/demo.py", f"data_path={path}", f"image_folder={tmp_path}", "make_demo=false",
+            f"vision_model={tiny_backbones[0]}", f"llm={tiny_backbones[1]}", f"video_frames={FRAMES}"]
+    assert exit_code(data.main, argv) == 0
+    out = capsys.readouterr().out
+    assert f"USER: <video x{FRAMES * 4}>\nWhich way? ASSISTANT:[[ Up.</s>]]" in out
+    assert f"{FRAMES} frames sampled, each pooled 2x2 to 4 tokens" in out and f" {FRAMES * 4} video + " in out
+
+
 def test_records_that_cannot_be_videos_are_refused(video_vlm, tmp_path):
     _, processor = video_vlm
     write_clip(tmp_path / "clip.mp4")
