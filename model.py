@@ -366,21 +366,20 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, -1)  # (h, 1, D)
         return torch.cat([base, torch.cat([grid, newline], dim=1).flatten(0, 1)])  # (P + h * (w + 1), D)
 
-    def merge_image_features(self, input_ids, inputs_embeds, image_features, token_id=None, media="image"):
+    def merge_image_features(self, input_ids, inputs_embeds, image_features, media="image"):
         """The splice. The processor wrote one image-token id per visual token, so position k of
         the image tokens (row-major over the batch) receives visual token k of the images in
         order. input_ids (B, T), inputs_embeds (B, T, D), image_features (K, D) -> (B, T, D).
-        Videos the same way, at their own token: token_id=config.video_token_id, media="video"."""
-        token_id = self.config.image_token_id if token_id is None else token_id
+        media="video": the clips' features the same way, at the <video> tokens."""
+        token_id = self.config.video_token_id if media == "video" else self.config.image_token_id
         image_positions = input_ids == token_id  # (B, T)
         n_tokens = int(image_positions.sum())
         n_features = 0 if image_features is None else image_features.shape[0]
         if n_tokens != n_features:
-            per_image = ("as many as anyres_layout counts for each image's size" if self.config.image_grid_pinpoints
-                         else f"{self.config.num_image_tokens} per image")
-            if media == "video":
-                vision = self.config.vision_config
-                per_image = f"{count_frame_tokens(vision.image_size, vision.patch_size)} per frame"
+            vision = self.config.vision_config
+            per_image = (f"{count_frame_tokens(vision.image_size, vision.patch_size)} per frame" if media == "video"
+                         else "as many as anyres_layout counts for each image's size"
+                         if self.config.image_grid_pinpoints else f"{self.config.num_image_tokens} per image")
             raise ValueError(
                 f"{media} tokens and {media} features do not match: {n_tokens} <{media}> tokens in input_ids, "
                 f"{n_features} features from the {media}s. Build inputs with the processor, which writes {per_image}."
@@ -396,8 +395,7 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
         if self.config.video_token_id >= 0 or pixel_values_videos is not None:
             video_features = None if pixel_values_videos is None else self.get_video_features(pixel_values_videos)
-            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, video_features,
-                                                      self.config.video_token_id, "video")
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, video_features, "video")
         if pixel_values is None and self.training:
             # A batch without images (text-only, or videos only) still runs the vision tower and connector
             # (and image_newline) on one blank image with weight 0: every rank then runs the same modules,

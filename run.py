@@ -750,8 +750,7 @@ class Lockstep:
             return batch
         # one pad token and no label: every module still runs (the model sees to that)
         return {"input_ids": torch.tensor([[pad_token_id]]), "labels": torch.tensor([[IGNORE_INDEX]]),
-                "attention_mask": None, "position_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": None,
-                "image_sizes": None, "pixel_values_videos": None, "num_tokens": 0, "ids": [], "skipped": []}
+                "position_ids": torch.zeros(1, 1, dtype=torch.long), "num_tokens": 0, "ids": [], "skipped": []}
 
     def check_loss(self, loss_value, step, batch):
         if not math.isfinite(loss_value) and not self.failure:
@@ -987,7 +986,10 @@ class RunLog:
         self.step_ids += batch["ids"]
         self.step_loss, self.step_micro = self.step_loss + loss_value, self.step_micro + 1
         n_tokens = batch["num_tokens"]  # real tokens, not padding
-        n_tiles = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])  # anyres: several per image
+        # tower passes: anyres images several tiles each; a video frame counts as one (its connector
+        # runs on a quarter of the tokens: the count is a little high for video)
+        images, videos = batch.get("pixel_values"), batch.get("pixel_values_videos")
+        n_tiles = (0 if images is None else len(images)) + (0 if videos is None else videos.shape[0] * videos.shape[1])
         self.window["samples"] += len(batch["ids"])
         self.window["tokens"] += n_tokens
         self.window["positions"] += batch["input_ids"].numel()  # computed, padding included

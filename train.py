@@ -320,9 +320,10 @@ def make_collate(cfg, pad_token_id, attn_implementation):
 
 
 def on_device(batch, device):
-    return {k: batch[k].to(device, non_blocking=True) if batch[k] is not None else None
+    """The batch's model inputs on the device; one it lacks (no images, no videos, packed rows' mask) stays None."""
+    return {k: batch[k].to(device, non_blocking=True)
             for k in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_sizes",
-                      "pixel_values_videos")}
+                      "pixel_values_videos") if batch.get(k) is not None}
 
 
 # ----------------------------------------------------------------------------------------------

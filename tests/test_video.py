@@ -3,6 +3,7 @@ tower and spliced at <video> tokens (model.py), trained from LLaVA-NeXT-Video re
 exported as transformers' LlavaNextVideoForConditionalGeneration (push.py) and asked by eval.py. A bad
 clip is a bad record: one line naming it, or skipped."""
 import json
+import os
 
 import av
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 import data
 import eval as evaluation
 import push
-from conftest import exit_code, write_json
+from conftest import ROOT, exit_code, write_json
 from data import VLMDataset, chat_template_for, collate, load_video, tokenize_conversation
 from model import IGNORE_INDEX, build_vlm
 from prepare import save_clip
@@ -307,3 +308,29 @@ def test_frame_token_counts_at_real_scale_are_what_the_pooling_makes():
     for side in (24, 27):  # SigLIP-so400m at 384 px: 27 x 27, the last row and column dropped
         assert torch.nn.functional.avg_pool2d(torch.zeros(1, 1, side, side), 2).numel() == \
             count_frame_tokens(side * 14, 14)
+
+
+REAL = os.path.join(os.path.dirname(ROOT), "shared", "real")  # ../shared/real: the real tokenizers and configs
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/real (the real tokenizers) is not here")
+@pytest.mark.parametrize("llm, vision, template, tokens", [
+    ("vicuna-7b-v1.5", "clip-vit-large-patch14-336", "vicuna_v1", 32 * 144),
+    ("qwen2.5-instruct", "siglip-so400m-patch14-384", "chat", 32 * 169),  # 27 x 27 patches pool to 13 x 13
+    ("llama-3.1-instruct", "clip-vit-large-patch14-336", "chat", 32 * 144)])
+def test_real_tokenizers_train_on_the_ids_inference_asks_with(llm, vision, template, tokens):
+    """LLaVA-NeXT-Video's 32 frames on the real files: the clip's token count, and the training ids of a
+    video record up to its first answer equal the processor's ids for the chat template's prompt."""
+    from model import build_processor
+
+    processor = build_processor(f"{REAL}/configs/{vision}", f"{REAL}/tokenizers/{llm}", "anyres", video_frames=32)
+    processor.chat_template = chat_template_for(template, processor.tokenizer)
+    assert processor.video_token_count(32) == tokens
+    ids, labels = tokenize_conversation(QUESTION, template, processor, None, [tokens], processor.video_token_id)
+    assert ids.count(processor.video_token_id) == tokens and processor.image_token_id not in ids
+    frames = [Image.new("RGB", (480, 360), (9, 9, 9))] * 32
+    asked = processor(text=evaluation.build_prompt(processor, "Which way?", "video"), videos=[frames])
+    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert asked["input_ids"][0].tolist() == ids[:first_answer]
+    size = processor.image_processor.size
+    assert tuple(asked["pixel_values_videos"].shape) == (1, 32, 3, size, size)

@@ -251,7 +251,7 @@ def make_demo_video_data(out_dir, n_finetune=4000, n_eval=144, seed=0, n_frames=
         evaluation.append({"id": f"eval-{i}", "video": clip,
                            "question": VIDEO_QUESTIONS[category], "answer": answer, "category": category})
 
-    paths = {"video_folder": clip_dir, "image_folder": clip_dir, "finetune": os.path.join(out_dir, "finetune.json"),
+    paths = {"image_folder": clip_dir, "finetune": os.path.join(out_dir, "finetune.json"),
              "eval": os.path.join(out_dir, "eval.jsonl")}
     write_json(paths["finetune"], finetune)
     write_jsonl(paths["eval"], evaluation)
