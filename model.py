@@ -393,18 +393,26 @@ class VLMForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds = self.get_input_embeddings()(input_ids)
         image_features = self.get_image_features(pixel_values, image_sizes) if pixel_values is not None else None
         inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-        if self.config.video_token_id >= 0 or pixel_values_videos is not None:
+        takes_video = self.config.video_token_id >= 0
+        if takes_video or pixel_values_videos is not None:
             video_features = None if pixel_values_videos is None else self.get_video_features(pixel_values_videos)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, video_features, "video")
-        if pixel_values is None and self.training:
-            # A batch without images (text-only, or videos only) still runs the vision tower and connector
-            # (and image_newline) on one blank image with weight 0: every rank then runs the same modules,
-            # so ZeRO-3's parameter gathers (and DDP's gradient reductions) never wait on a rank that skipped them.
+        if self.training:
+            # Every rank runs the same modules in the same order, whatever its batch holds: ZeRO-3 gathers a
+            # module's parameters as it runs it (a rank that skipped one would leave the others waiting, or
+            # pair their gathers wrongly), and DDP reduces every gradient. So the image path with no image
+            # (and image_newline), and a video model's clip path with no clip, run on one blank image at weight 0.
             size = self.config.vision_config.image_size
-            unused = self.encode_tiles(inputs_embeds.new_zeros(1, 3, size, size)).sum()
-            if self.config.image_grid_pinpoints:
-                unused = unused + self.image_newline.sum()
-            inputs_embeds = inputs_embeds + 0.0 * unused
+            blank = inputs_embeds.new_zeros(1, 3, size, size)
+            unused = []
+            if pixel_values is None:
+                unused.append(self.encode_tiles(blank).sum())
+                if self.config.image_grid_pinpoints:
+                    unused.append(self.image_newline.sum())
+            if takes_video and pixel_values_videos is None:
+                unused.append(self.get_video_features(blank[None]).sum())  # a clip of one blank frame
+            if unused:
+                inputs_embeds = inputs_embeds + 0.0 * sum(unused)
         return inputs_embeds
 
     def forward(

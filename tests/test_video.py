@@ -3,7 +3,9 @@ tower and spliced at <video> tokens (model.py), trained from LLaVA-NeXT-Video re
 exported as transformers' LlavaNextVideoForConditionalGeneration (push.py) and asked by eval.py. A bad
 clip is a bad record: one line naming it, or skipped."""
 import json
+import math
 import os
+import shutil
 
 import av
 import numpy as np
@@ -14,7 +16,7 @@ from PIL import Image
 import data
 import eval as evaluation
 import push
-from conftest import ROOT, exit_code, write_json
+from conftest import ROOT, exit_code, launch, train_args, write_json
 from data import VLMDataset, chat_template_for, collate, load_video, tokenize_conversation
 from model import IGNORE_INDEX, build_vlm
 from prepare import save_clip
@@ -208,6 +210,33 @@ def test_bad_clips_are_bad_records(video_vlm, tmp_path, monkeypatch, kind):
     batch = collate([lenient[0], lenient[1]], processor.tokenizer.pad_token_id)
     assert batch["ids"] == ["good"] and batch["pixel_values_videos"].shape[0] == 1
     assert [skipped for skipped, _ in batch["skipped"]] == [kind]
+
+
+@pytest.mark.slow
+def test_two_ranks_under_zero3_train_on_clips_beside_images(demo_dir, tmp_path):
+    """deepspeed --num_gpus 2, ZeRO-3, a file of clips, AnyRes images and text: modality grouping gives
+    a rank clips while the other has images, and both must still gather the same tower, connector and
+    image_newline parameters in the same order (a rank that skipped one would hang the other)."""
+    folder = tmp_path / "media"
+    folder.mkdir()
+    image_records = [r for r in json.load(open(demo_dir / "finetune.json")) if r.get("image")][:8]
+    for record in image_records:
+        shutil.copy(demo_dir / "images" / record["image"], folder / record["image"])
+    clips = [{"id": f"clip-{i}", "video": os.path.basename(write_clip(folder / f"c{i}.mp4", size=(64, 48))),
+              "conversations": QUESTION} for i in range(8)]
+    data_path = write_json(tmp_path / "mixed.json", clips + image_records)
+    out = tmp_path / "run"
+    job = launch(train_args(demo_dir, out, f"data_path={data_path}", f"image_folder={folder}", "image_aspect=anyres",
+                            f"video_frames={FRAMES}", "max_seq_len=512", "zero_stage=3", "max_steps=2",
+                            "micro_batch_size=2", "train_lm=true", "log_sample_ids=true"), procs=2)
+    assert job.returncode == 0, job.out[-3000:]
+    assert "2 processes x 2 samples x 2 accumulation" in job.out
+    losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert json.loads((out / "final" / "config.json").read_text())["video_token_id"] >= 0
+    steps = [[json.loads(line)["ids"] for line in open(out / f"sample_ids_rank{rank}.jsonl")] for rank in (0, 1)]
+    clips_only = [[all(i.startswith("clip-") for i in ids) for ids in rank] for rank in steps]
+    assert any(a != b for a, b in zip(*clips_only)), steps  # a step where one rank had clips only, the other not
 
 
 def save_video_run(model, processor, folder):
